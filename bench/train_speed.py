@@ -1,0 +1,411 @@
+"""Speed and memory of the real training loop (`flux2_train.train.Trainer`) on real-size FLUX.2 transformers.
+
+What runs is the engine's own loop, unchanged: dataset scan, feature cache, PEFT
+LoRA injection, accelerate autocast, AdamW, gradient clipping, the LR schedule,
+checkpoint and LoRA files at the end. Only two things are stand-ins:
+
+* the transformer has the real architecture and size of the chosen family
+  (diffusers' `Flux2Transformer2DModel` built from the family's config), but
+  random weights (PyTorch's default init), built directly on the device in bf16;
+* the text encoder and VAE are replaced by `SyntheticEncoder`, which returns
+  random prompt embeddings of the family's context size (512 tokens) and random
+  latents of the right shape. The real encoders (Qwen3 4B/8B for [klein],
+  Mistral Small 3.1 24B for [dev]) only fill the cache once before training
+  and are freed before the first step, so the loop's speed does not depend on
+  them; this benchmark does not measure the caching phase.
+
+Per-step seconds come from the loop's own `StepEvent`s (wall time of one
+optimizer step, including the `loss.item()` synchronisation), the median is
+taken over the steps after the warm-up, and the peak memory is
+`torch.cuda.max_memory_allocated` (the loop resets it just before step 1, so
+it holds the frozen weights plus training).
+
+Examples:
+
+    python bench/train_speed.py --family tiny --device cpu --resolution 128 --steps 5
+    python bench/train_speed.py --family klein-4b --resolution 1024 --steps 25 --rank 16
+    python bench/train_speed.py --family dev --resolution 1024 --steps 20 --rank 16 --gradient-checkpointing
+
+Several `--family` values run one after another, each in its own subprocess,
+so one that runs out of memory leaves the others' results intact. A markdown
+row per run is printed; with the environment variable OUT set, the runs are
+also appended to $OUT/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Dense bf16 peak of one H100 SXM by the vendor's datasheet; KINDS.md measured
+# about 790-800 TFLOP/s for an 8192^3 bf16 matmul on this workplace's H100s.
+H100_BF16_PEAK = 989.4e12
+TEXT_TOKENS = 512
+
+FAMILY_EXTRA = dict(patch_size=1, in_channels=128, attention_head_dim=128, mlp_ratio=3.0,
+                    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, timestep_guidance_channels=256, eps=1e-6)
+
+
+def family_config(family: str) -> dict:
+    """diffusers `Flux2Transformer2DModel` config of a released FLUX.2 family (or the tiny test size)."""
+    if family == "tiny":
+        from flux2_train.tiny import TINY_TRANSFORMER
+
+        return dict(TINY_TRANSFORMER, guidance_embeds=False)
+    from flux2_train.model import KNOWN_FAMILIES
+
+    if family not in KNOWN_FAMILIES:
+        raise SystemExit(f"unknown --family {family!r}; choose tiny, " + ", ".join(KNOWN_FAMILIES))
+    return dict(KNOWN_FAMILIES[family], **FAMILY_EXTRA, guidance_embeds=family == "dev")
+
+
+def build_transformer(config: dict, device: torch.device, seed: int = 0):
+    """The real diffusers class with random weights, built directly on `device` in bf16 (no CPU copy)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Flux2Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(old)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class SyntheticEncoder:
+    """`FeatureEncoder` stand-in for FLUX.2's text encoder and VAE (random features of the right shapes).
+
+    It replaces the 4B-24B text encoders and the VAE, which only fill the cache
+    before training; the benchmark does not measure them.
+    """
+
+    def __init__(self, context_dim: int, seed: int = 0):
+        self.context_dim = context_dim
+        self.identity = f"synthetic-{context_dim}-{seed}"
+        self.g = torch.Generator().manual_seed(seed)
+
+    def encode_text(self, captions: list[str], max_sequence_length: int) -> torch.Tensor:
+        return torch.randn(len(captions), max_sequence_length, self.context_dim, generator=self.g).to(torch.bfloat16)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = pixels.shape
+        assert c == 3 and h % 16 == 0 and w % 16 == 0, pixels.shape
+        return torch.randn(b, 128, h // 16, w // 16, generator=self.g)
+
+
+def write_dataset(folder: Path, resolution: int, count: int, seed: int = 0) -> None:
+    """`count` random RGB PNGs of resolution x resolution with a caption file each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        # Smooth colour fields plus noise: realistic PNG sizes, quick to write.
+        small = rng.integers(0, 256, (resolution // 16, resolution // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((resolution, resolution), Image.BILINEAR)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (resolution, resolution, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(f"a photo of sks object number {i}, random test image", encoding="utf-8")
+
+
+class LinearFlopCounter:
+    """Counts 2*M*K*N of every nn.Linear call while `active` (one forward pass, recomputation excluded)."""
+
+    def __init__(self):
+        self.active = False
+        self.flops = 0
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active and isinstance(module, torch.nn.Linear) and inputs and torch.is_tensor(inputs[0]):
+            x = inputs[0]
+            self.flops += 2 * (x.numel() // module.in_features) * module.in_features * module.out_features
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def attention_forward_flops(config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
+    """QK^T and PV of the joint attention of every block, forward only."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    t = image_tokens + text_tokens
+    blocks = config["num_layers"] + config["num_single_layers"]
+    return 4 * batch * t * t * hidden * blocks
+
+
+def run_one(args, family: str) -> dict:
+    from flux2_train.config import resolve_config
+    from flux2_train.errors import OutOfMemory, TrainingDiverged
+    from flux2_train.events import EventBus, StepEvent
+    from flux2_train.model import DiffusersFlux2Backbone
+    from flux2_train.train import Trainer
+
+    device = torch.device(args.device)
+    config = family_config(family)
+    res = args.resolution
+    image_tokens = (res // 16) ** 2
+    rec = dict(family=family, resolution=res, steps=args.steps, rank=args.rank, targets=args.targets,
+               gradient_checkpointing=args.gradient_checkpointing, batch_size=1, dtype="bfloat16",
+               device=str(device), text_tokens=TEXT_TOKENS, image_tokens=image_tokens, warmup=args.warmup,
+               config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
+               status="ok", error="")
+    rec.update(env_info(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    work = Path(tempfile.mkdtemp(prefix=f"train_speed_{family}_"))
+    counter = None
+    try:
+        write_dataset(work / "data", res, args.images)
+        t0 = time.perf_counter()
+        try:
+            transformer = build_transformer(config, device, seed=args.seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError as e:
+            rec.update(status="oom", error=f"building the transformer: {str(e).splitlines()[0]}")
+            return rec
+        rec["build_seconds"] = time.perf_counter() - t0
+        rec["param_count"] = sum(p.numel() for p in transformer.parameters())
+        rec["weights_gib"] = rec["param_count"] * 2 / 2**30
+        backbone = DiffusersFlux2Backbone(transformer)
+        rec["spec_family"] = backbone.spec.family
+        rec["title"] = backbone.spec.title
+
+        counter = LinearFlopCounter()
+        inner_predict = backbone.predict
+
+        def predict(*a, **kw):  # count the Linear FLOPs of the first forward pass only
+            counter.active = counter.flops == 0
+            try:
+                return inner_predict(*a, **kw)
+            finally:
+                counter.active = False
+
+        backbone.predict = predict
+
+        cfg = resolve_config(overrides=dict(
+            dataset=str(work / "data"), output_dir=str(work / "runs"), cache_dir=str(work / "cache"),
+            name=f"bench-{family}", resolution=res, steps=args.steps, rank=args.rank, alpha=float(args.rank),
+            targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype="bfloat16",
+            device=args.device, batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
+            keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
+            learning_rate=args.learning_rate))
+
+        steps: list[dict] = []
+
+        def on_event(ev):
+            if isinstance(ev, StepEvent):
+                steps.append(dict(step=ev.step, loss=ev.loss, seconds=ev.seconds_per_step,
+                                  peak_gib=ev.peak_memory_bytes / 2**30))
+                if ev.step == 1:
+                    counter.remove()
+                if args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total:
+                    print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
+                          f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
+            elif getattr(ev, "kind", "") in ("training", "failed", "info"):
+                print(f"  [{family}] {ev.kind}: {ev.message}", flush=True)
+
+        events = EventBus([on_event])
+        t1 = time.perf_counter()
+        try:
+            result = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
+                             events=events).run()
+            rec["lora_tensors"] = len(result.targets) * 2
+            rec["lora_layers"] = len(result.targets)
+            rec["run_seconds"] = result.seconds
+        except OutOfMemory as e:
+            rec.update(status="oom", error=str(e))
+        except TrainingDiverged as e:
+            rec.update(status="diverged", error=str(e))
+        except torch.OutOfMemoryError as e:  # outside the loop's own OOM guard (e.g. LoRA injection)
+            rec.update(status="oom", error=str(e).splitlines()[0])
+        rec["wall_seconds"] = time.perf_counter() - t1
+
+        losses = [s["loss"] for s in steps]
+        secs = [s["seconds"] for s in steps]
+        rec["steps_done"] = len(steps)
+        rec["losses"] = losses
+        rec["step_seconds"] = secs
+        rec["finite_loss"] = bool(losses) and all(math.isfinite(x) for x in losses) and rec["status"] != "diverged"
+        timed = secs[args.warmup:] if len(secs) > args.warmup else secs[-1:]
+        if timed:
+            rec["median_s_per_step"] = statistics.median(timed)
+            rec["mean_s_per_step"] = statistics.fmean(timed)
+            rec["min_s_per_step"] = min(timed)
+            rec["max_s_per_step"] = max(timed)
+            rec["timed_steps"] = len(timed)
+        if device.type == "cuda":
+            rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        else:
+            rec["peak_rss_gib"] = steps[-1]["peak_gib"] if steps else None
+
+        # FLOP estimate: Linear layers counted in step 1's forward; attention from the shapes.
+        # LoRA trains no base weight, so the backward pass costs one forward for the Linear layers
+        # (input gradients only) and two for attention; recomputation is not counted.
+        lin = counter.flops if counter else 0
+        attn = attention_forward_flops(config, image_tokens, TEXT_TOKENS)
+        rec["forward_linear_tflop"] = lin / 1e12
+        rec["forward_attention_tflop"] = attn / 1e12
+        model_flops = 2 * lin + 3 * attn
+        rec["model_tflop_per_step"] = model_flops / 1e12
+        if lin and rec.get("median_s_per_step"):
+            rec["model_tflops"] = model_flops / rec["median_s_per_step"] / 1e12
+            if device.type == "cuda":
+                rec["mfu_vs_989"] = model_flops / rec["median_s_per_step"] / H100_BF16_PEAK
+    except Exception as e:  # report, do not lose the other families' numbers
+        rec.update(status="error", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        if counter:
+            counter.remove()
+        shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
+def env_info(device: torch.device) -> dict:
+    import importlib.metadata as md
+
+    info = dict(torch=torch.__version__, python=platform.python_version())
+    for pkg in ("diffusers", "peft", "accelerate", "transformers"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, cuda=torch.version.cuda)
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
+    return info
+
+
+HEADER = ("| family | device | res | steps | rank | targets | grad ckpt | median s/step | peak alloc GiB "
+          "| finite loss | loss first→last | model TFLOP/s (MFU) | status |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(r: dict) -> str:
+    dev = r.get("gpu") or r.get("device")
+    med = f"{r['median_s_per_step']:.3f}" if r.get("median_s_per_step") is not None else "–"
+    peak = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
+    peak = f"{peak:.2f}" if peak is not None else "–"
+    losses = r.get("losses") or []
+    lr = f"{losses[0]:.3f}→{losses[-1]:.3f}" if losses else "–"
+    tf = "–"
+    if r.get("model_tflops"):
+        tf = f"{r['model_tflops']:.0f}"
+        if r.get("mfu_vs_989"):
+            tf += f" ({100 * r['mfu_vs_989']:.0f}%)"
+    status = r["status"] + (f": {r['error'][:160]}" if r.get("error") else "")
+    return (f"| {r['family']} | {dev} | {r['resolution']} | {r.get('steps_done', 0)}/{r['steps']} | {r['rank']} "
+            f"| {r['targets']} | {'on' if r['gradient_checkpointing'] else 'off'} | {med} | {peak} "
+            f"| {'yes' if r.get('finite_loss') else 'no'} | {lr} | {tf} | {status} |")
+
+
+def save_json(runs: list[dict]) -> None:
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    path = Path(out) / "bench.json"
+    data = {"runs": []}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+    data.setdefault("runs", []).extend(runs)
+    path.write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", action="append", help="klein-4b, klein-9b, dev or tiny; repeat for several")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="attention_mlp", choices=("attention", "attention_mlp", "all_linear"))
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="print every step")
+    ap.add_argument("--result-file", help=argparse.SUPPRESS)  # used by the parent for subprocess runs
+    args = ap.parse_args(argv)
+    families = args.family or ["klein-4b"]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA GPU visible; use --device cpu (with --family tiny)", file=sys.stderr)
+        return 2
+
+    runs: list[dict] = []
+    if len(families) == 1:
+        rec = run_one(args, families[0])
+        if args.result_file:
+            Path(args.result_file).write_text(json.dumps(rec))
+            return 0
+        runs.append(rec)
+    else:
+        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        cleaned, skip = [], False
+        for a in base:  # drop every --family (and its value) from the child's arguments
+            if skip:
+                skip = False
+                continue
+            if a == "--family":
+                skip = True
+                continue
+            if a.startswith("--family="):
+                continue
+            cleaned.append(a)
+        for fam in families:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                result_file = f.name
+            cmd = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--family", fam, "--result-file", result_file]
+            print(f"== {fam}: {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            try:
+                rec = json.loads(Path(result_file).read_text())
+            except (OSError, json.JSONDecodeError):
+                rec = dict(family=fam, resolution=args.resolution, steps=args.steps, rank=args.rank,
+                           targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+                           status="error", error=f"subprocess exited with {proc.returncode} and no result")
+            Path(result_file).unlink(missing_ok=True)
+            runs.append(rec)
+
+    print()
+    print(HEADER)
+    for r in runs:
+        print(row(r))
+    save_json(runs)
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

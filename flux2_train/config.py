@@ -1,0 +1,289 @@
+"""The one typed training configuration, its presets and its validation.
+
+Precedence, lowest first: field defaults < subject preset < quick preset <
+YAML file < explicit options. `resolve_config` applies that order; the CLI and
+the ComfyUI nodes both go through it, so no option is lost between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+TARGET_PRESETS = ("attention", "attention_mlp", "all_linear")
+LORA_FORMATS = ("diffusers", "comfyui", "kohya")
+SUBJECT_PRESETS = ("character", "style", "concept")
+QUICK_PRESETS = ("fast", "quality", "low_vram")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------
+    dataset: str = _opt("", "Folder of training images (.png .jpg .jpeg .webp) with optional same-name caption files.")
+    caption_ext: str = _opt(".txt", "Extension of the caption file next to each image.")
+    trigger_word: str = _opt("", "Word that names the subject; used as the caption of images without one.")
+    prepend_trigger: bool = _opt(True, "Put the trigger word in front of every caption that does not contain it.")
+    default_caption: str = _opt("", "Caption for images without a caption file (the trigger word is used when empty).")
+    caption_dropout: float = _opt(0.05, "Probability of training a step on the empty caption (keeps the LoRA usable without its prompt).")
+    repeats: int = _opt(1, "How many times each image appears per epoch.")
+    resolution: int = _opt(1024, "Training resolution: buckets keep about resolution x resolution pixels (multiple of 16).")
+    max_aspect_ratio: float = _opt(3.0, "Widest (or tallest) bucket, as long side / short side.")
+    max_upscale: float = _opt(2.0, "Largest upscale allowed to reach a bucket; smaller images are refused.")
+    flip: bool = _opt(False, "Randomly mirror images left-right (not for subjects with text or asymmetric features).")
+    max_sequence_length: int = _opt(512, "Text tokens per caption (FLUX.2 uses 512); longer captions are truncated with a warning.")
+    cache_dir: str = _opt("", "Folder for the latent and text-embedding cache (default: <output_dir>/cache).")
+
+    # --- model ------------------------------------------------------------
+    model: str = _opt("", "FLUX.2 transformer: a diffusers pipeline or transformer folder, or a single .safetensors file.")
+    encoders: str = _opt("", "Diffusers FLUX.2 pipeline folder with text_encoder/, tokenizer/ and vae/ (default: --model when it is a pipeline).")
+    guidance_scale: float = _opt(1.0, "Guidance input fed to FLUX.2 [dev] while training; [klein] has none.")
+    text_encoder_layers: list = _opt([], "Hidden layers of the text encoder stacked into the embedding (default: the pipeline's own).")
+
+    # --- LoRA -------------------------------------------------------------
+    rank: int = _opt(16, "LoRA rank: size of the low-rank update (16 for a subject, 32 for a style).")
+    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
+    targets: str = _opt("attention_mlp", "Layers that get adapters.", TARGET_PRESETS)
+    target_modules: list = _opt([], "Explicit module names or regular expressions; overrides --targets when given.")
+
+    # --- optimisation -----------------------------------------------------
+    steps: int = _opt(800, "Optimizer steps.")
+    batch_size: int = _opt(1, "Images per forward pass (all from one aspect bucket).")
+    gradient_accumulation: int = _opt(1, "Forward passes per optimizer step.")
+    learning_rate: float = _opt(1e-4, "Peak learning rate (Prodigy: use 1.0).")
+    optimizer: str = _opt("adamw", "Optimizer of the LoRA weights (adamw8bit and prodigy need extra packages).", OPTIMIZERS)
+    weight_decay: float = _opt(1e-4, "Decoupled weight decay.")
+    adam_beta1: float = _opt(0.9, "Adam beta1 (momentum of the gradient average).")
+    adam_beta2: float = _opt(0.999, "Adam beta2 (momentum of the squared-gradient average).")
+    adam_epsilon: float = _opt(1e-8, "Adam epsilon (added to the denominator for stability).")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 turns clipping off).")
+    lr_scheduler: str = _opt("constant_with_warmup", "Learning-rate schedule (diffusers' schedulers).", LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
+    lr_num_cycles: int = _opt(1, "Cycles for cosine_with_restarts.")
+    timestep_sampling: str = _opt("logit_normal", "Distribution of the noise level sigma.", TIMESTEP_SAMPLING)
+    logit_mean: float = _opt(0.0, "Mean of the logit-normal sigma draw.")
+    logit_std: float = _opt(1.0, "Standard deviation of the logit-normal sigma draw.")
+    mode_scale: float = _opt(1.29, "Scale of the 'mode' sigma draw.")
+    timestep_shift: str = _opt("auto", "Shift of sigma: 'auto' (FLUX.2's resolution-dependent shift), 'none', or a number.")
+    loss_weighting: str = _opt("none", "Per-sigma loss weighting.", LOSS_WEIGHTING)
+    seed: int = _opt(42, "Seed for data order, noise, sigma and LoRA initialisation.")
+
+    # --- precision and memory --------------------------------------------
+    dtype: str = _opt("bfloat16", "Precision of the frozen weights; autocast follows it (float32 turns mixed precision off).", DTYPES)
+    gradient_checkpointing: bool = _opt(False, "Recompute block activations in the backward pass (less memory, ~30% slower).")
+    device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
+
+    # --- output -----------------------------------------------------------
+    output_dir: str = _opt("runs", "Folder that receives one sub-folder per run.")
+    name: str = _opt("", "Run name (default: flux2-<family>-lora-<date>-<time>).")
+    save_every: int = _opt(250, "Write a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _opt(3, "Checkpoints kept in the run folder (older ones are removed).")
+    lora_format: str = _opt("diffusers", "Key format of the final LoRA file.", LORA_FORMATS)
+    extra_formats: list = _opt([], "Further LoRA files to write next to the main one, by format name.")
+    smoothing: float = _opt(0.9, "Exponential smoothing of the displayed loss.")
+    tensorboard: bool = _opt(True, "Log scalars to tensorboard when it is installed.")
+
+    # --- provenance (set by presets; kept for the metadata) ---------------
+    subject_preset: str = _opt("", "Subject preset that set the defaults.", ("",) + SUBJECT_PRESETS)
+    quick_preset: str = _opt("", "Quick preset that set the defaults.", ("",) + QUICK_PRESETS)
+
+    # ------------------------------------------------------------------
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.gradient_accumulation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming every invalid option at once."""
+        problems = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                problems.append(msg)
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"--{_flag(f.name)} is {getattr(self, f.name)!r}; choose one of {', '.join(c for c in choices if c)}")
+        need(self.rank > 0, f"--rank must be at least 1 (got {self.rank})")
+        need(self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
+        need(self.steps > 0, f"--steps must be at least 1 (got {self.steps})")
+        need(self.batch_size > 0, f"--batch-size must be at least 1 (got {self.batch_size})")
+        need(self.gradient_accumulation > 0, f"--gradient-accumulation must be at least 1 (got {self.gradient_accumulation})")
+        need(self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})")
+        need(self.repeats > 0, f"--repeats must be at least 1 (got {self.repeats})")
+        need(0.0 <= self.caption_dropout < 1.0, f"--caption-dropout must be in [0, 1) (got {self.caption_dropout})")
+        need(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        need(self.resolution >= 64 and self.resolution % 16 == 0,
+             f"--resolution must be a multiple of 16, at least 64 (got {self.resolution}); try {max(64, self.resolution // 16 * 16)}")
+        need(self.max_aspect_ratio >= 1.0, f"--max-aspect-ratio must be at least 1 (got {self.max_aspect_ratio})")
+        need(self.max_upscale >= 1.0, f"--max-upscale must be at least 1 (got {self.max_upscale})")
+        need(self.save_every >= 0, f"--save-every must be 0 or more (got {self.save_every})")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})")
+        need(self.max_sequence_length > 0, f"--max-sequence-length must be positive (got {self.max_sequence_length})")
+        need(self.max_grad_norm >= 0, f"--max-grad-norm must be 0 or more (got {self.max_grad_norm})")
+        need(0.0 <= self.smoothing < 1.0, f"--smoothing must be in [0, 1) (got {self.smoothing})")
+        for fmt in self.extra_formats:
+            need(fmt in LORA_FORMATS, f"--extra-formats has {fmt!r}; choose from {', '.join(LORA_FORMATS)}")
+        if self.timestep_shift not in ("auto", "none"):
+            try:
+                need(float(self.timestep_shift) > 0, f"--timestep-shift must be positive (got {self.timestep_shift})")
+            except ValueError:
+                problems.append(f"--timestep-shift is {self.timestep_shift!r}; use 'auto', 'none' or a number such as 3.0")
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            problems.append(f"Prodigy sets its own step size and expects --learning-rate 1.0 (got {self.learning_rate})")
+        if problems:
+            raise ConfigError("Invalid training options:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+# Presets set defaults only; explicit options win. The subject presets keep
+# batch 1 with gradient accumulation: on 10-50 images that generalises better
+# than a large batch and fits every card.
+SUBJECT_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "character": dict(targets="attention_mlp", learning_rate=1e-4, caption_dropout=0.05, flip=False,
+                      batch_size=1, gradient_accumulation=2, timestep_sampling="logit_normal"),
+    "style": dict(targets="attention_mlp", learning_rate=1e-4, caption_dropout=0.1, flip=True,
+                  batch_size=1, gradient_accumulation=4, timestep_sampling="logit_normal", logit_mean=0.3),
+    "concept": dict(targets="attention_mlp", learning_rate=1e-4, caption_dropout=0.05, flip=True,
+                    batch_size=1, gradient_accumulation=2, timestep_sampling="logit_normal"),
+}
+QUICK_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "fast": dict(steps=800, rank=16, alpha=16.0, learning_rate=1e-4, save_every=200),
+    "quality": dict(steps=2000, rank=32, alpha=32.0, learning_rate=5e-5, lr_scheduler="cosine",
+                    lr_warmup_steps=100, save_every=250),
+    "low_vram": dict(gradient_checkpointing=True, batch_size=1, rank=16, alpha=16.0, optimizer="adamw8bit"),
+}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; give the path of a YAML file written by 'flux2_train train --save-config'")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value, not {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_known(values: dict[str, Any], source: str) -> None:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, known, n=1)
+            hints.append(f"{u}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown option(s) in {source}: {', '.join(hints)}")
+
+
+def resolve_config(
+    subject_preset: str | None = None,
+    quick_preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Merge defaults, presets, a YAML file and explicit options, then validate."""
+    values: dict[str, Any] = {}
+    if config_file:
+        file_values = load_yaml(config_file)
+        _check_known(file_values, str(config_file))
+        subject_preset = subject_preset or file_values.get("subject_preset") or None
+        quick_preset = quick_preset or file_values.get("quick_preset") or None
+    else:
+        file_values = {}
+    if subject_preset:
+        if subject_preset not in SUBJECT_PRESETS:
+            raise ConfigError(f"unknown subject preset {subject_preset!r}; choose one of {', '.join(SUBJECT_PRESETS)}")
+        values.update(SUBJECT_PRESET_VALUES[subject_preset], subject_preset=subject_preset)
+    if quick_preset:
+        if quick_preset not in QUICK_PRESETS:
+            raise ConfigError(f"unknown quick preset {quick_preset!r}; choose one of {', '.join(QUICK_PRESETS)}")
+        values.update(QUICK_PRESET_VALUES[quick_preset], quick_preset=quick_preset)
+    values.update(file_values)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_known(overrides, "the options")
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    _coerce_types(cfg)
+    return cfg.validate()
+
+
+def _coerce_types(cfg: TrainConfig) -> None:
+    """YAML and JSON give ints for floats and strings for lists; normalise them."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        try:
+            if isinstance(default, bool):
+                if isinstance(v, str):
+                    v = v.strip().lower() in ("1", "true", "yes", "on")
+                setattr(cfg, f.name, bool(v))
+            elif isinstance(default, float):
+                setattr(cfg, f.name, float(v))
+            elif isinstance(default, int):
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError
+                setattr(cfg, f.name, int(v))
+            elif isinstance(default, list):
+                if isinstance(v, str):
+                    v = [s.strip() for s in v.split(",") if s.strip()]
+                setattr(cfg, f.name, list(v))
+            elif isinstance(default, str):
+                setattr(cfg, f.name, "" if v is None else str(v))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{_flag(f.name)} must be a {type(default).__name__}, got {v!r}") from None
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,138 @@
+"""Text encoder and VAE of a diffusers FLUX.2 pipeline, used only to fill the caches.
+
+Both are loaded through the pipeline class named in the folder's
+`model_index.json` (Flux2Pipeline: Mistral 3; Flux2KleinPipeline: Qwen3), encode
+every caption and image once, and are freed before training starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_LAYERS = {"Flux2Pipeline": (10, 20, 30), "Flux2KleinPipeline": (9, 18, 27)}
+
+
+class FeatureEncoder(Protocol):
+    """What the cache needs: an identity for cache keys, and the two encoders."""
+
+    identity: str
+
+    def encode_text(self, captions: list[str], max_sequence_length: int) -> torch.Tensor:
+        """(B, L, context_dim) prompt embeddings, as the FLUX.2 pipeline builds them."""
+        ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 128, H/16, W/16) latents, patchified and batch-norm normalised, from (B, 3, H, W) in [-1, 1]."""
+        ...
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Cheap identity of a module: its class, config and a sample of its weights."""
+    h = hashlib.sha256(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    params = list(module.state_dict().items())
+    for name, p in params[:4] + params[-4:]:
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:2048].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def pipeline_text_layers(pipeline_class: str, num_hidden_layers: int) -> tuple[int, ...]:
+    """The pipeline's stacked hidden layers; evenly spaced ones for encoders shallower than that."""
+    layers = _DEFAULT_LAYERS.get(pipeline_class, (9, 18, 27))
+    if max(layers) <= num_hidden_layers:
+        return layers
+    return tuple(max(1, round(num_hidden_layers * (i + 1) / 3)) for i in range(3))
+
+
+class PipelineEncoders:
+    """`FeatureEncoder` over a diffusers FLUX.2 pipeline without its transformer."""
+
+    def __init__(self, pipeline, text_layers: tuple[int, ...] | None = None):
+        self.pipeline = pipeline
+        self.pipeline_class = type(pipeline).__name__
+        te = pipeline.text_encoder
+        n_layers = getattr(te.config, "num_hidden_layers", None) or te.config.text_config.num_hidden_layers
+        self.text_layers = tuple(text_layers) if text_layers else pipeline_text_layers(self.pipeline_class, n_layers)
+        self.identity = hashlib.sha256(
+            f"{module_fingerprint(te)}|{module_fingerprint(pipeline.vae)}|{self.text_layers}".encode()
+        ).hexdigest()[:32]
+        self.text_identity = f"{module_fingerprint(te)}|{self.text_layers}"
+        self.vae_identity = module_fingerprint(pipeline.vae)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.text_encoder.device
+
+    def to(self, device) -> "PipelineEncoders":
+        self.pipeline.text_encoder.to(device)
+        self.pipeline.vae.to(device)
+        return self
+
+    def caption_tokens(self, caption: str) -> int:
+        tok = getattr(self.pipeline.tokenizer, "tokenizer", self.pipeline.tokenizer)
+        return len(tok(caption, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], max_sequence_length: int) -> torch.Tensor:
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt=captions,
+            device=self.device,
+            max_sequence_length=max_sequence_length,
+            text_encoder_out_layers=self.text_layers,
+        )
+        return embeds
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        latents = self.pipeline._patchify_latents(latents)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        return (latents - mean) / std
+
+    def free(self) -> None:
+        """Drop the encoders' weights so the transformer has the accelerator to itself."""
+        self.pipeline.text_encoder = None
+        self.pipeline.vae = None
+        self.pipeline = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_pipeline_encoders(path: str | Path, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.bfloat16, text_layers=None) -> PipelineEncoders:
+    import diffusers
+
+    p = Path(path).expanduser()
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"{p} is not a diffusers pipeline folder (no model_index.json); the text encoder and VAE come from "
+            "a FLUX.2 pipeline folder such as FLUX.2-dev or FLUX.2-klein-base-4B: pass it with --encoders"
+        )
+    cls_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    if cls_name not in _DEFAULT_LAYERS:
+        raise ModelError(f"{p} holds a {cls_name or 'unknown'} pipeline; the encoders must come from a FLUX.2 "
+                         "[dev] (Flux2Pipeline) or [klein] (Flux2KleinPipeline) folder")
+    cls = getattr(diffusers, cls_name)
+    pipe = cls.from_pretrained(p, transformer=None, dtype=dtype)
+    pipe.vae.to(device, torch.float32)  # the VAE encodes in float32: latents are cached once
+    pipe.text_encoder.to(device)
+    return PipelineEncoders(pipe, text_layers)

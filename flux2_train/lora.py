@@ -1,0 +1,126 @@
+"""LoRA adapters: which layers get one, injecting them with PEFT, and their state dict."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+# Module-name suffixes per preset, in diffusers' FLUX.2 layout. Modulation,
+# timestep embedding and norm layers are never in a preset: they steer every
+# token at once, and ComfyUI cannot load their diffusers-named LoRA keys.
+_DOUBLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_DOUBLE_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+# Single blocks fuse attention and MLP into one input and one output projection.
+_SINGLE = ["attn.to_qkv_mlp_proj", "attn.to_out"]
+_EDGES = ["x_embedder", "context_embedder", "proj_out"]
+
+_NOT_FOR_LORA = re.compile(r"(modulation|time_guidance_embed|norm_out|norm)")
+
+
+def preset_patterns(preset: str) -> list[str]:
+    double = _DOUBLE_ATTENTION + (_DOUBLE_MLP if preset in ("attention_mlp", "all_linear") else [])
+    patterns = [rf"transformer_blocks\.\d+\.{re.escape(s)}" for s in double]
+    patterns += [rf"single_transformer_blocks\.\d+\.{re.escape(s)}" for s in _SINGLE]
+    if preset == "all_linear":
+        patterns += [re.escape(s) for s in _EDGES]
+    return patterns
+
+
+def resolve_targets(module: nn.Module, preset: str, explicit: list[str] | None = None) -> list[str]:
+    """Full names of the Linear modules that get adapters."""
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    if explicit:
+        chosen: list[str] = []
+        for pattern in explicit:
+            hits = [n for n in linears if n == pattern or re.fullmatch(pattern, n)]
+            if not hits:
+                close = [n for n in linears if pattern.split(".")[-1] in n][:3]
+                raise ConfigError(
+                    f"--target-modules entry {pattern!r} matches no Linear layer of this model"
+                    + (f"; similar names: {', '.join(close)}" if close else "")
+                )
+            chosen += [h for h in hits if h not in chosen]
+        odd = [n for n in chosen if _NOT_FOR_LORA.search(n)]
+        if odd:
+            log.warning("adapters on modulation/norm layers (%s) load in ComfyUI only from the 'comfyui' or "
+                        "'kohya' LoRA formats", ", ".join(odd[:3]))
+        return sorted(chosen, key=list(linears).index)
+    if preset not in ("attention", "attention_mlp", "all_linear"):
+        raise ConfigError(f"unknown --targets {preset!r}; choose attention, attention_mlp or all_linear")
+    patterns = [re.compile(p) for p in preset_patterns(preset)]
+    chosen = [n for n in linears if any(p.fullmatch(n) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"--targets {preset} matches no layer of this model; is it a FLUX.2 transformer?")
+    return chosen
+
+
+def check_rank(module: nn.Module, targets: list[str], rank: int) -> None:
+    """A LoRA rank above a layer's smallest side adds parameters without adding capacity."""
+    modules = dict(module.named_modules())
+    too_small = [(n, min(modules[n].in_features, modules[n].out_features)) for n in targets
+                 if rank > min(modules[n].in_features, modules[n].out_features)]
+    if too_small:
+        name, dim = min(too_small, key=lambda t: t[1])
+        raise ConfigError(
+            f"--rank {rank} is larger than layer {name} ({dim} features on its smaller side); "
+            f"use --rank {dim} or less, or leave that layer out with --target-modules"
+        )
+
+
+def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
+             seed: int = 0) -> LoraConfig:
+    """Inject PEFT LoRA layers into `module` in place; the base weights stay frozen."""
+    check_rank(module, targets, rank)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights="gaussian",
+    )
+    module.requires_grad_(False)
+    # The Gaussian init draws from the global RNG: seed it without disturbing the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    return config
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-format adapter weights: `<module>.lora_A.weight` / `<module>.lora_B.weight`, unscaled."""
+    sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise ConfigError(f"adapter weights do not fit this model ({len(unexpected)} unknown keys, e.g. {unexpected[0]})")
+
+
+def module_deltas(state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Weight update per adapted module: (alpha / rank) * B @ A."""
+    scale = alpha / rank
+    out = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            b = state[f"{name}.lora_B.weight"]
+            out[name] = scale * (b.float() @ a.float())
+    return out

@@ -1,0 +1,320 @@
+"""The FLUX.2 backbone contract, its diffusers implementation, and model loading.
+
+The training loop only talks to a `Flux2Backbone`: an nn.Module to put adapters
+in, its transformer blocks, one `predict` in the model's own latent layout, and
+a `ModelSpec` that says which FLUX.2 it is. ComfyUI's FLUX.2 model implements
+the same protocol in `nodes/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Transformer shapes of the released FLUX.2 models (diffusers config names).
+KNOWN_FAMILIES = {
+    "dev": dict(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360),
+    "klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288),
+    "klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680),
+}
+FAMILY_TITLES = {"dev": "FLUX.2 [dev]", "klein-9b": "FLUX.2 [klein] 9B", "klein-4b": "FLUX.2 [klein] 4B"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which FLUX.2 this is and the sizes the estimate and the checks need."""
+
+    family: str  # "dev", "klein-4b", "klein-9b", or "custom" (other sizes, e.g. the tiny test model)
+    hidden_size: int
+    num_double: int
+    num_single: int
+    num_heads: int
+    head_dim: int
+    context_dim: int
+    in_channels: int
+    mlp_ratio: float
+    guidance_embeds: bool
+    param_count: int
+    distilled: bool | None = None  # klein: step-distilled or base; None when unknown
+
+    @property
+    def title(self) -> str:
+        if self.family in FAMILY_TITLES:
+            name = FAMILY_TITLES[self.family]
+            if self.family.startswith("klein") and self.distilled is not None:
+                name += " (distilled)" if self.distilled else " base"
+            return name
+        kind = "[dev]-like" if self.guidance_embeds else "[klein]-like"
+        return f"FLUX.2 {kind} custom size ({self.param_count / 1e6:.1f}M parameters)"
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_embeds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class Flux2Backbone(Protocol):
+    """What the training loop needs from a FLUX.2 implementation."""
+
+    spec: ModelSpec
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def blocks(self) -> list[nn.Module]: ...
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        text_embeds: torch.Tensor,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
+        """Velocity for `latents` (B, 128, h, w), patchified and normalised as the FLUX.2 pipelines do."""
+        ...
+
+    def enable_gradient_checkpointing(self) -> None: ...
+
+
+def spec_from_config(config: dict, distilled: bool | None = None) -> ModelSpec:
+    """Name the FLUX.2 family of a diffusers `Flux2Transformer2DModel` config."""
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    hidden = heads * head_dim
+    family = "custom"
+    for name, shape in KNOWN_FAMILIES.items():
+        if all(config.get(k) == v for k, v in shape.items()) and head_dim == 128:
+            family = name
+    return ModelSpec(
+        family=family,
+        hidden_size=hidden,
+        num_double=config["num_layers"],
+        num_single=config["num_single_layers"],
+        num_heads=heads,
+        head_dim=head_dim,
+        context_dim=config["joint_attention_dim"],
+        in_channels=config.get("in_channels", 128),
+        mlp_ratio=float(config.get("mlp_ratio", 3.0)),
+        guidance_embeds=bool(config.get("guidance_embeds", True)),
+        param_count=_count_params(config),
+        distilled=distilled if family.startswith("klein") else None,
+    )
+
+
+def _count_params(config: dict) -> int:
+    """Parameter count from the real class, built on the meta device (no memory used)."""
+    from diffusers import Flux2Transformer2DModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+class DiffusersFlux2Backbone:
+    """`Flux2Backbone` over diffusers' `Flux2Transformer2DModel`."""
+
+    def __init__(self, transformer: nn.Module, spec: ModelSpec | None = None):
+        self.transformer = transformer
+        self.spec = spec or spec_from_config(dict(transformer.config))
+
+    @property
+    def module(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def predict(self, latents, sigmas, text_embeds, guidance=None):
+        b, c, h, w = latents.shape
+        device = latents.device
+        # Position ids exactly as the FLUX.2 pipelines build them: (t, h, w, l) for
+        # image tokens, (0, 0, 0, l) for text tokens.
+        img_ids = torch.cartesian_prod(
+            torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)
+        ).to(device)
+        txt_ids = torch.cartesian_prod(
+            torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_embeds.shape[1])
+        ).to(device)
+        packed = latents.reshape(b, c, h * w).permute(0, 2, 1)
+        guidance_t = None
+        if self.spec.guidance_embeds:
+            g = 1.0 if guidance is None else guidance
+            guidance_t = torch.full((b,), float(g), device=device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=packed,
+            encoder_hidden_states=text_embeds,
+            timestep=sigmas,  # the model scales sigma by 1000 itself
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance_t,
+            return_dict=False,
+        )[0]
+        # Tokens are in row-major (h, w) order, so a reshape undoes the packing.
+        return out.permute(0, 2, 1).reshape(b, -1, h, w)
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+
+
+def _strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix + "double_blocks.") or k.startswith(prefix + "input_blocks.")
+               or k.startswith(prefix + "joint_blocks.") for k in keys):
+            return prefix, [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    return "", keys
+
+
+def identify_checkpoint(keys: list[str]) -> str:
+    """'flux2' for a FLUX.2 transformer in BFL/ComfyUI layout; otherwise raise ModelError naming what it is."""
+    _, stripped = _strip_prefix(keys)
+    ks = set(stripped)
+    if "double_stream_modulation_img.lin.weight" in ks and "img_in.weight" in ks:
+        return "flux2"
+    if any(k.startswith("conditioner.embedders") for k in keys):
+        what = "SDXL"
+    elif "double_blocks.0.img_mod.lin.weight" in ks:
+        what = "FLUX.1 (or a FLUX.1 derivative)"
+    elif "joint_blocks.0.x_block.attn.qkv.weight" in ks:
+        what = "Stable Diffusion 3"
+    elif "input_blocks.0.0.weight" in ks:
+        what = "a Stable Diffusion UNet (SD 1.x / 2.x / SDXL)"
+    elif "transformer_blocks.0.attn.to_q.weight" in ks and "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight" in ks:
+        return "flux2-diffusers"
+    else:
+        what = "not a diffusion transformer the trainer knows"
+    raise ModelError(
+        f"this model is {what}; the trainer needs FLUX.2 [dev] or FLUX.2 [klein] (4B or 9B). "
+        "Point --model at a FLUX.2 transformer file (e.g. flux2-dev.safetensors, flux-2-klein-base-4b.safetensors) "
+        "or a diffusers FLUX.2 folder."
+    )
+
+
+def config_from_bfl_state_dict(shapes: dict[str, tuple]) -> dict:
+    """Diffusers config of a FLUX.2 transformer from the tensor shapes of its BFL checkpoint."""
+    hidden, in_ch = shapes["img_in.weight"]
+    double = {int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")}
+    single = {int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")}
+    mlp_out = shapes["double_blocks.0.img_mlp.0.weight"][0]
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "in_channels": in_ch,
+        "num_layers": len(double),
+        "num_single_layers": len(single),
+        "attention_head_dim": 128,
+        "num_attention_heads": hidden // 128,
+        "joint_attention_dim": shapes["txt_in.weight"][1],
+        "mlp_ratio": mlp_out / 2 / hidden,
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+        "patch_size": 1,
+        "out_channels": shapes["final_layer.linear.weight"][0],
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+
+
+def _klein_distilled_hint(path: Path) -> bool | None:
+    """klein base vs distilled: the pipeline says so; single files say it in their name."""
+    for candidate in (path, path.parent, path.parent.parent):
+        index = candidate / "model_index.json" if candidate.is_dir() else None
+        if index and index.is_file():
+            value = _read_json(index).get("is_distilled")
+            if value is not None:
+                return bool(value)
+    name = path.name.lower()
+    if "base" in name:
+        return False
+    if "klein" in name:
+        return True
+    return None
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> DiffusersFlux2Backbone:
+    """Load a FLUX.2 transformer from a diffusers folder or a single BFL/ComfyUI .safetensors file."""
+    from diffusers import Flux2Transformer2DModel
+
+    p = Path(path).expanduser()
+    if not str(path):
+        raise ModelError("no model given; pass --model with a FLUX.2 transformer file or diffusers folder")
+    if not p.exists():
+        raise ModelError(f"model path {p} does not exist; pass --model with a FLUX.2 transformer file or diffusers folder")
+    distilled = _klein_distilled_hint(p)
+    if p.is_dir():
+        folder = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise ModelError(f"{p} has no config.json or transformer/config.json; is it a diffusers FLUX.2 folder?")
+        cfg = _read_json(cfg_path)
+        cls = cfg.get("_class_name", "?")
+        if cls != "Flux2Transformer2DModel":
+            what = {"FluxTransformer2DModel": "FLUX.1", "UNet2DConditionModel": "a Stable Diffusion UNet",
+                    "SD3Transformer2DModel": "Stable Diffusion 3"}.get(cls, cls)
+            raise ModelError(f"this model is {what}; the trainer needs FLUX.2 [dev] or FLUX.2 [klein] (4B or 9B)")
+        model = Flux2Transformer2DModel.from_pretrained(folder, dtype=dtype)
+    elif p.suffix == ".safetensors":
+        model = _load_single_file(p, dtype)
+    else:
+        raise ModelError(f"{p} is neither a folder nor a .safetensors file; FLUX.2 weights are loaded from safetensors only")
+    model.requires_grad_(False)
+    spec = spec_from_config(dict(model.config), distilled=distilled)
+    if spec.family.startswith("klein") and spec.distilled:
+        log.warning(
+            "%s is the step-distilled klein; LoRAs train better on klein base (e.g. FLUX.2-klein-base-4B) "
+            "and load on both.", spec.title)
+    return DiffusersFlux2Backbone(model, spec)
+
+
+def _load_single_file(p: Path, dtype: torch.dtype):
+    from diffusers import Flux2Transformer2DModel
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+            kind = identify_checkpoint(keys)
+            prefix, stripped = _strip_prefix(keys)
+            shapes = {k: tuple(f.get_slice(prefix + k).get_shape()) for k in stripped}
+    except ModelError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ModelError(f"{p} is not a readable safetensors file ({e}); download it again") from None
+    if kind == "flux2-diffusers":
+        raise ModelError(f"{p} holds diffusers-named FLUX.2 weights; put it in a folder with its config.json and pass the folder")
+    config = config_from_bfl_state_dict(shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        # from_single_file converts BFL names to diffusers' with diffusers' own converter;
+        # the config comes from the file's shapes, so nothing is fetched from a hub.
+        source = str(p)
+        if prefix:  # diffusers' converter expects bare BFL names
+            from safetensors.torch import load_file
+
+            source = {k[len(prefix):]: v for k, v in load_file(str(p)).items() if k.startswith(prefix)}
+        return Flux2Transformer2DModel.from_single_file(source, config=tmp, dtype=dtype, local_files_only=True)

@@ -1,0 +1,493 @@
+"""The training loop: rectified-flow LoRA training of a FLUX.2 backbone on cached data.
+
+Randomness is a pure function of (seed, micro-step): the data order of an
+epoch comes from (seed, epoch), and the noise, sigma, flip, caption dropout and
+LoRA dropout of a micro-step from (seed, micro-step). A resumed run therefore sees exactly
+the batches and noise the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .cache import CachedDataset, FeatureCache, check_unchanged, prepare_cache
+from .config import TrainConfig, save_yaml
+from .data import DatasetReport, scan_dataset_for
+from .encoders import FeatureEncoder
+from .errors import ConfigError, OutOfMemory, TrainingCancelled, TrainingDiverged
+from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
+from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
+from .fsutil import atomic_write_text
+from .lora import add_lora, load_lora_state_dict, lora_parameters, lora_state_dict, resolve_targets
+from .lora_files import lora_metadata, save_lora
+from .model import Flux2Backbone, ModelSpec
+from .plot import save_loss_plot, smooth
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    lora_path: Path
+    extra_lora_paths: list[Path]
+    steps: int
+    losses: list[float]
+    smoothed: list[float]
+    targets: list[str]
+    spec: ModelSpec
+    seconds: float
+    peak_memory_bytes: int
+    dataset: DatasetReport
+    summary: str = ""
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    return dev
+
+
+def precision_plan(dtype: str, device: torch.device) -> tuple[torch.dtype, str, str]:
+    """Weight dtype, accelerate mixed_precision, and the sentence that says so in the log.
+
+    One option sets both: float16 weights with bf16 autocast (or the reverse) would
+    cast every matmul twice and lose the benefit of either.
+    """
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError("--dtype float16 needs a CUDA GPU (fp16 autocast with loss scaling); on the CPU use bfloat16 or float32")
+    weight = _WEIGHT_DTYPES[dtype]
+    mp = _MIXED_PRECISION[dtype]
+    if mp == "no":
+        text = "dtype float32: frozen weights and compute in float32 (no mixed precision)"
+    else:
+        text = (f"dtype {dtype}: frozen weights in {dtype}, autocast {dtype} (accelerate mixed_precision={mp}), "
+                "LoRA weights and optimizer state in float32")
+    return weight, mp, text
+
+
+def make_accelerator(mixed_precision: str, accumulation: int, device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; a ComfyUI session or a test run trains
+    # several times with different settings, so a single-process state is rebuilt.
+    state = AcceleratorState._shared_state
+    if state and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation,
+                       cpu=device.type == "cpu")
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ConfigError("--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes); use --optimizer adamw here")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                              "(or use --optimizer adamw)") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("--optimizer prodigy needs prodigyopt: pip install prodigyopt "
+                              "(or pip install 'comfyui-flux2-lora-trainer[optimizers]')") from None
+        return Prodigy(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                       weight_decay=cfg.weight_decay, safeguard_warmup=cfg.lr_warmup_steps > 0)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _micro_generator(seed: int, micro_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) % (2**63 - 1))
+
+
+class EpochPlan:
+    """Batches of one bucket each, in a seeded order per epoch."""
+
+    def __init__(self, data: CachedDataset, repeats: int, batch_size: int, seed: int):
+        self.data, self.repeats, self.batch_size, self.seed = data, repeats, batch_size, seed
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(data.samples):
+            by_bucket.setdefault(s.bucket, []).extend([i] * repeats)
+        self.by_bucket = by_bucket
+        self.batches_per_epoch = sum(math.ceil(len(v) / batch_size) for v in by_bucket.values())
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        batches = []
+        for bucket in sorted(self.by_bucket):
+            idx = self.by_bucket[bucket]
+            perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            batches += [perm[k:k + self.batch_size] for k in range(0, len(perm), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[j] for j in order]
+        self._cache = (epoch, batches)
+        return batches
+
+    def batch(self, micro_step: int) -> tuple[int, list[int]]:
+        epoch, pos = divmod(micro_step, self.batches_per_epoch)
+        return epoch, self.epoch_batches(epoch)[pos]
+
+
+def default_run_name(spec: ModelSpec) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"flux2-{spec.family}-lora-{stamp}"
+
+
+def _new_run_dir(output_dir: Path, name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,120}", name) or ".." in name:
+        raise ConfigError(f"run name {name!r} must be a plain name (letters, digits, . _ - and spaces), no folders")
+    run = output_dir / name
+    n = 2
+    while run.exists() and any(run.iterdir()):
+        run = output_dir / f"{name}-{n}"
+        n += 1
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+class Trainer:
+    """One training run. `run()` returns a TrainResult or raises a Flux2TrainError."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        backbone: Flux2Backbone,
+        *,
+        encoder: FeatureEncoder | None = None,
+        dataset: DatasetReport | None = None,
+        events: EventBus | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        resume: str | Path | None = None,
+        free_encoder: Callable[[], None] | None = None,
+        console: bool = False,
+    ):
+        self.cfg = cfg.validate()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.dataset = dataset
+        self.events = events or EventBus()
+        self.should_stop = should_stop or (lambda: False)
+        self.resume = resume
+        self.free_encoder = free_encoder
+        self.console = console
+        self.step_hooks: list[Callable[[int, "Trainer"], None]] = []
+
+    # ------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, spec = self.cfg, self.backbone.spec
+        device = resolve_device(cfg.device)
+        weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
+
+        resume_info = None
+        if self.resume:
+            ckpt_path = ckpt.find_checkpoint(self.resume)
+            resume_info = ckpt.load_checkpoint(ckpt_path)
+            changed = ckpt.check_resumable(resume_info[0], cfg, spec)
+            if changed:
+                log.warning("resuming with changed options: %s", ", ".join(changed))
+            run_dir = ckpt_path.parent.parent
+            if not cfg.name:
+                cfg.name = run_dir.name
+        else:
+            cfg.name = cfg.name or default_run_name(spec)
+            run_dir = _new_run_dir(Path(cfg.output_dir), cfg.name)
+            cfg.name = run_dir.name
+        save_yaml(cfg, run_dir / "config.yaml")
+        metrics = JsonlMetrics(run_dir / "metrics.jsonl")
+        self.events.subscribe(metrics)
+        if cfg.tensorboard:
+            tb = tensorboard_logger(run_dir / "tensorboard")
+            if tb:
+                self.events.subscribe(tb)
+        try:
+            # The loop reseeds the global RNG (LoRA dropout) every micro-step; fork it so the
+            # host process (ComfyUI, a test session) keeps its own random state.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return self._run(cfg, spec, device, weight_dtype, mixed_precision, precision_text, run_dir,
+                                 resume_info)
+        except TrainingCancelled as e:
+            self.events.emit(StatusEvent("cancelled", str(e), step=e.step, total=cfg.steps))
+            raise
+        except Exception as e:
+            self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
+            raise
+        finally:
+            self.events.close()
+
+    # ------------------------------------------------------------------
+    def _run(self, cfg, spec, device, weight_dtype, mixed_precision, precision_text, run_dir, resume_info):
+        started = time.perf_counter()
+        log.info("%s on %s: %s", spec.title, device, precision_text)
+        self.events.emit(StatusEvent("info", precision_text, total=cfg.steps))
+
+        report = self.dataset or scan_dataset_for(cfg)
+        cache = FeatureCache(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+        if self.encoder is None:
+            raise ConfigError("no text encoder / VAE given to fill the cache; pass --encoders with a FLUX.2 pipeline folder")
+        self.events.emit(StatusEvent("caching", f"caching latents and text embeddings of {len(report.items)} images",
+                                     total=len(report.items)))
+
+        def caching_progress(i, n, name):
+            self.events.emit(StatusEvent("caching", f"cached {name}", step=i, total=n))
+
+        data = prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
+                             flip=cfg.flip, on_progress=caching_progress, should_stop=self.should_stop)
+        if self.free_encoder:
+            self.free_encoder()
+        self.encoder = None
+
+        module = self.backbone.module
+        module.to(device=device, dtype=weight_dtype)
+        targets = resolve_targets(module, cfg.targets, cfg.target_modules)
+        add_lora(module, targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
+        params = lora_parameters(module)
+        for p in params:  # trainable weights in float32 whatever the base dtype
+            p.data = p.data.to(device=device, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()
+        module.train()
+
+        accelerator = make_accelerator(mixed_precision, cfg.gradient_accumulation, device)
+        optimizer = build_optimizer(cfg, params, device)
+        from diffusers.optimization import get_scheduler
+
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                     num_training_steps=cfg.steps, num_cycles=cfg.lr_num_cycles)
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+        step, micro_step, losses = 0, 0, []
+        if resume_info:
+            info, adapter, state = resume_info
+            load_lora_state_dict(module, {k: v.to(device) for k, v in adapter.items()})
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
+            self.events.emit(StatusEvent("info", f"resumed from step {step}", step=step, total=cfg.steps))
+
+        plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
+        console = None
+        if self.console:
+            from .events import ConsoleProgress
+
+            console = ConsoleProgress(cfg.steps, initial=step)
+            self.events.subscribe(console)
+        self.events.emit(StatusEvent("training", f"training {len(params)} LoRA tensors on {len(targets)} layers, "
+                                     f"{len(data.samples)} images, {plan.batches_per_epoch} batches per epoch",
+                                     step=step, total=cfg.steps))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        state = dict(module=module, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
+                     targets=targets, data=data, report=report, run_dir=run_dir, device=device,
+                     weight_dtype=weight_dtype, spec=spec)
+        smoothed_all = smooth(losses, cfg.smoothing) if losses else []
+        step_time_avg = None
+        checkpoints = []
+        epoch = 0
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            micro_losses = []
+            try:
+                for _ in range(cfg.gradient_accumulation):
+                    epoch, batch = plan.batch(micro_step)
+                    with accelerator.accumulate(module):
+                        loss = self._micro_step(batch, micro_step, data, device, weight_dtype, accelerator, spec)
+                        if not math.isfinite(loss.item()):
+                            raise TrainingDiverged(self._nan_message(step + 1, loss.item(), run_dir), step + 1)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro_losses.append(loss.item())
+                    micro_step += 1
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                raise OutOfMemory(self._oom_message(device)) from None
+            step += 1
+            loss_value = sum(micro_losses) / len(micro_losses)
+            losses.append(loss_value)
+            smoothed_all = smooth(losses, cfg.smoothing)
+            dt = time.perf_counter() - t0
+            step_time_avg = dt if step_time_avg is None else 0.9 * step_time_avg + 0.1 * dt
+            self.events.emit(StepEvent(
+                step=step, total=cfg.steps, loss=loss_value, smoothed_loss=smoothed_all[-1],
+                lr=float(lr_scheduler.get_last_lr()[0]), seconds_per_step=dt,
+                eta_seconds=step_time_avg * (cfg.steps - step), peak_memory_bytes=peak_memory_bytes(device),
+                epoch=epoch))
+            for hook in self.step_hooks:
+                hook(step, self)
+
+            last = step == cfg.steps
+            stop = not last and self.should_stop()
+            if last or stop or (cfg.save_every and step % cfg.save_every == 0):
+                path = self._save_checkpoint(state, step, micro_step, losses)
+                checkpoints.append(path)
+                self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,
+                                             total=cfg.steps, data={"path": str(path)}))
+            if stop:
+                raise TrainingCancelled(f"stopped at step {step} of {cfg.steps}; checkpoint {checkpoints[-1]} "
+                                        "holds the run: resume from it to continue", step, str(checkpoints[-1]))
+
+        result = self._finish(state, losses, smoothed_all, started, checkpoints)
+        self.events.emit(StatusEvent("finished", f"LoRA written to {result.lora_path}", step=step, total=cfg.steps,
+                                     data={"lora_path": str(result.lora_path)}))
+        return result
+
+    # ------------------------------------------------------------------
+    def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
+        cfg = self.cfg
+        g = _micro_generator(cfg.seed, micro_step)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout masks of this micro-step
+        latents, texts = [], []
+        for i in batch:
+            s = data.samples[i]
+            check_unchanged(s)
+            flip = len(s.latent_keys) > 1 and bool(torch.rand(1, generator=g) < 0.5)
+            drop = cfg.caption_dropout > 0 and bool(torch.rand(1, generator=g) < cfg.caption_dropout)
+            latents.append(data.cache.load("latents", s.latent_keys[1 if flip else 0]))
+            texts.append(data.cache.load("text", data.empty_text_key if drop else s.text_key))
+        x0 = torch.stack(latents).float()
+        text = torch.stack(texts)
+        noise = torch.randn(x0.shape, generator=g)
+        image_tokens = x0.shape[-1] * x0.shape[-2]
+        sigmas = sample_sigmas(len(batch), sampling=cfg.timestep_sampling, shift=cfg.timestep_shift,
+                               image_tokens=image_tokens, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                               mode_scale=cfg.mode_scale, generator=g)
+        x0, noise, sigmas = x0.to(device), noise.to(device), sigmas.to(device)
+        xt = noisy_latents(x0, noise, sigmas)
+        target = velocity_target(x0, noise)
+        with accelerator.autocast():
+            pred = self.backbone.predict(xt.to(weight_dtype), sigmas.to(weight_dtype),
+                                         text.to(device, weight_dtype), guidance=cfg.guidance_scale)
+        return flow_loss(pred, target, sigmas, cfg.loss_weighting)
+
+    def _save_checkpoint(self, st, step, micro_step, losses) -> Path:
+        cfg = self.cfg
+        adapter = lora_state_dict(st["module"])
+        meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=step, image_count=len(st["report"].items),
+                             fmt=cfg.lora_format, targets=st["targets"])
+        state = {
+            "step": step,
+            "micro_step": micro_step,
+            "losses": list(losses),
+            "optimizer": st["optimizer"].state_dict(),
+            "lr_scheduler": st["lr_scheduler"].state_dict(),
+        }
+        info = {"step": step, "config": cfg.to_dict(), "model": st["spec"].to_dict(), "targets": st["targets"],
+                "saved": _dt.datetime.now().isoformat(timespec="seconds")}
+        return ckpt.save_checkpoint(
+            st["run_dir"], step, adapter=adapter, state=state, info=info, keep=cfg.keep_checkpoints,
+            lora_file_tensors_writer=lambda p: save_lora(p, adapter, rank=cfg.rank, alpha=cfg.alpha,
+                                                         fmt=cfg.lora_format, metadata=meta))
+
+    def _finish(self, st, losses, smoothed, started, checkpoints) -> TrainResult:
+        cfg, run_dir = self.cfg, st["run_dir"]
+        adapter = lora_state_dict(st["module"])
+        n_images = len(st["report"].items)
+        paths = []
+        for i, fmt in enumerate([cfg.lora_format] + [f for f in cfg.extra_formats if f != cfg.lora_format]):
+            name = f"{cfg.name}.safetensors" if i == 0 else f"{cfg.name}.{fmt}.safetensors"
+            meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=len(losses), image_count=n_images, fmt=fmt,
+                                 targets=st["targets"])
+            paths.append(save_lora(run_dir / name, adapter, rank=cfg.rank, alpha=cfg.alpha, fmt=fmt, metadata=meta))
+        save_loss_plot(run_dir / "loss.png", list(range(1, len(losses) + 1)), losses, smoothed,
+                       title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}")
+        result = TrainResult(
+            run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
+            smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
+            peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints)
+        result.summary = summarize(result, cfg)
+        atomic_write_text(run_dir / "summary.txt", result.summary)
+        return result
+
+    # ------------------------------------------------------------------
+    def _nan_message(self, step, value, run_dir) -> str:
+        last = ckpt.list_checkpoints(run_dir)
+        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
+        return (f"the loss became {value} at step {step}; training stopped and {keep}. "
+                f"Lower --learning-rate (now {self.cfg.learning_rate:g}), keep --max-grad-norm on, "
+                f"or use --dtype bfloat16 instead of float16")
+
+    def _oom_message(self, device) -> str:
+        cfg = self.cfg
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+        tips = []
+        if not cfg.gradient_checkpointing:
+            tips.append("--gradient-checkpointing")
+        if cfg.batch_size > 1:
+            tips.append(f"--batch-size 1 --gradient-accumulation {cfg.batch_size * cfg.gradient_accumulation}")
+        if cfg.resolution > 512:
+            tips.append(f"--resolution {max(512, cfg.resolution // 2 // 16 * 16 * 3 // 2 // 16 * 16)}")
+        if cfg.optimizer == "adamw":
+            tips.append("--optimizer adamw8bit")
+        if cfg.rank > 16:
+            tips.append("--rank 16")
+        return (f"out of GPU memory ({total:.0f} GiB card) at resolution {cfg.resolution}, batch {cfg.batch_size}, "
+                f"rank {cfg.rank}, dtype {cfg.dtype}, gradient checkpointing "
+                f"{'on' if cfg.gradient_checkpointing else 'off'}; try " + (", ".join(tips) or "a smaller model")
+                + ". The last checkpoint is intact; resume from it with the new settings.")
+
+
+def summarize(result: TrainResult, cfg: TrainConfig) -> str:
+    first = sum(result.losses[:5]) / max(1, len(result.losses[:5]))
+    last = sum(result.losses[-5:]) / max(1, len(result.losses[-5:]))
+    lines = [
+        f"run          {result.run_dir}",
+        f"model        {result.spec.title}",
+        f"LoRA         {result.lora_path}  ({cfg.lora_format} format, rank {cfg.rank}, alpha {cfg.alpha:g}, "
+        f"{len(result.targets)} layers)",
+    ]
+    lines += [f"also         {p}" for p in result.extra_lora_paths]
+    lines += [
+        f"data         {len(result.dataset.items)} images, buckets "
+        + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(result.dataset.bucket_counts.items())),
+        f"steps        {result.steps} in {result.seconds:.1f} s; loss {first:.4f} (first 5) -> {last:.4f} (last 5)",
+        f"peak memory  {result.peak_memory_bytes / 2**30:.2f} GiB",
+        f"loss curve   {result.run_dir / 'loss.png'}",
+        f"metrics      {result.run_dir / 'metrics.jsonl'}",
+        f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: --resume {result.run_dir})",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,125 @@
+"""The CLI, the demo, presets and config files, and the pack's import behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flux2_train.config import TrainConfig, resolve_config
+from flux2_train.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "flux2_train", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_option_has_help_and_the_config_has_forty_plus():
+    options = fields(TrainConfig)
+    assert len(options) >= 40
+    assert all(len(f.metadata["help"]) > 10 for f in options)
+
+
+def test_presets_set_defaults_and_explicit_options_win(tmp_path):
+    cfg = resolve_config("style", "quality")
+    assert (cfg.rank, cfg.steps, cfg.learning_rate, cfg.flip, cfg.batch_size) == (32, 2000, 5e-5, True, 1)
+    assert cfg.gradient_accumulation == 4 and cfg.subject_preset == "style" and cfg.quick_preset == "quality"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({"rank": 8, "learning-rate": 2e-4, "steps": 300}))
+    cfg = resolve_config("character", "fast", cfg_file, {"steps": 50})
+    assert (cfg.rank, cfg.learning_rate, cfg.steps) == (8, 2e-4, 50)  # file beats presets, options beat the file
+
+
+def test_invalid_options_are_all_named_with_what_to_do():
+    with pytest.raises(ConfigError) as err:
+        resolve_config(overrides={"rank": 0, "steps": 0, "resolution": 1000, "optimizer": "sgd"})
+    msg = str(err.value)
+    assert "--rank must be at least 1" in msg and "--steps must be at least 1" in msg
+    assert "try 992" in msg and "choose one of adamw" in msg
+    with pytest.raises(ConfigError, match="did you mean learning_rate"):
+        resolve_config(overrides={"learning_rat": 1e-4})
+
+
+def test_train_help_lists_every_option():
+    out = run_cli("train", "--help").stdout
+    for f in fields(TrainConfig):
+        if f.name not in ("subject_preset", "quick_preset"):
+            assert "--" + f.name.replace("_", "-") in out
+
+
+def test_save_config_then_train_from_it(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    res = run_cli("train", "--preset", "character", "--quick", "fast", "--rank", "24", "--save-config", str(path))
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load(path.read_text())
+    assert saved["rank"] == 24 and saved["steps"] == 800 and saved["subject_preset"] == "character"
+    assert resolve_config(config_file=path).rank == 24
+
+
+def test_bad_input_exits_with_a_message_and_no_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run_cli("train", "--dataset", str(tmp_path / "empty"), "--model", str(tmp_path / "missing"))
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_trains_and_its_lora_loads_in_diffusers_with_the_same_output(tmp_path):
+    from diffusers import Flux2KleinPipeline
+    from safetensors.torch import load_file
+
+    from flux2_train.lora import add_lora, load_lora_state_dict
+    from flux2_train.model import load_transformer
+
+    res = run_cli("demo", "--output-dir", str(tmp_path), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "LoRA" in res.stdout and "loss curve" in res.stdout
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("demo-"))
+    lora = run / f"{run.name}.safetensors"
+    assert lora.is_file() and (run / "loss.png").is_file() and (run / "summary.txt").is_file()
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    info = json.loads((ckpt / "checkpoint.json").read_text())
+
+    model_dir = tmp_path / "tiny-flux2-klein"
+    trained = load_transformer(model_dir, dtype=torch.float32)
+    add_lora(trained.module, info["targets"], info["config"]["rank"], info["config"]["alpha"])
+    load_lora_state_dict(trained.module, load_file(str(ckpt / "adapter.safetensors")))
+    trained.module.eval()
+
+    pipe = Flux2KleinPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora))
+    from flux2_train.model import DiffusersFlux2Backbone
+
+    loaded = DiffusersFlux2Backbone(pipe.transformer)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 128, 8, 8, generator=g), torch.randn(1, 16, 96, generator=g)
+    with torch.no_grad():
+        want = trained.predict(x, torch.tensor([0.6]), text)
+        got = loaded.predict(x, torch.tensor([0.6]), text)
+        base = load_transformer(model_dir, dtype=torch.float32).predict(x, torch.tensor([0.6]), text)
+    assert (want - base).abs().max() > 1e-3, "the LoRA changed nothing"
+    # The default file is stored in bfloat16, so compare at that precision.
+    assert ((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_importing_the_pack_does_not_load_torch():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('flux2_pack', {str(REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['flux2_pack'] = mod; spec.loader.exec_module(mod)\n"
+        "assert isinstance(mod.NODE_CLASS_MAPPINGS, dict) and mod.WEB_DIRECTORY == './web'\n"
+        "import flux2_train\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

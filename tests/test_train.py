@@ -1,0 +1,269 @@
+"""The training loop on the tiny FLUX.2 model: learning, exact resume, faults, checkpoints, caching."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flux2_train import checkpoint as ckpt
+from flux2_train.cache import FeatureCache
+from flux2_train.config import resolve_config
+from flux2_train.encoders import load_pipeline_encoders
+from flux2_train.errors import ConfigError, DatasetError, ResumeError, TrainingCancelled, TrainingDiverged
+from flux2_train.events import EventBus, StepEvent
+from flux2_train.lora_files import read_metadata
+from flux2_train.model import load_transformer
+from flux2_train.train import Trainer, precision_plan
+
+
+def make_cfg(dataset: Path, model: Path, out: Path, **kw):
+    values = dict(
+        dataset=str(dataset), model=str(model), output_dir=str(out), name="run", trigger_word="r0b0t",
+        resolution=64, max_upscale=4.0, max_sequence_length=32, steps=6, rank=4, alpha=4.0, learning_rate=1e-3,
+        dtype="float32", device="cpu", save_every=3, tensorboard=False, caption_dropout=0.2, flip=True,
+        lora_dropout=0.1, seed=7,
+    )
+    values.update(kw)
+    return resolve_config(overrides=values)
+
+
+def train(cfg, model_dir: Path, resume=None, events=None, should_stop=None, hooks=()):
+    backbone = load_transformer(model_dir, dtype=torch.float32)
+    encoder = load_pipeline_encoders(model_dir, device="cpu", dtype=torch.float32)
+    trainer = Trainer(cfg, backbone, encoder=encoder, resume=resume, events=events, should_stop=should_stop)
+    trainer.step_hooks.extend(hooks)
+    return trainer.run()
+
+
+def fixed_noise_loss(backbone, model_dir: Path, dataset: Path, cache_dir: Path) -> float:
+    """Flow loss of the backbone on fixed (noise, sigma) pairs over the cached training latents."""
+    from flux2_train.cache import prepare_cache
+    from flux2_train.data import scan_dataset
+    from flux2_train.flow import flow_loss, noisy_latents, velocity_target
+
+    encoder = load_pipeline_encoders(model_dir, device="cpu", dtype=torch.float32)
+    report = scan_dataset(dataset, trigger_word="r0b0t", resolution=64, max_upscale=4.0)
+    data = prepare_cache(report, encoder, FeatureCache(cache_dir), max_sequence_length=32, flip=False)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        for s in data.samples:
+            x0 = data.cache.load("latents", s.latent_keys[0])[None]
+            text = data.cache.load("text", s.text_key)[None]
+            for sigma in (0.3, 0.5, 0.7):
+                noise, sig = torch.randn(x0.shape, generator=g), torch.tensor([sigma])
+                pred = backbone.predict(noisy_latents(x0, noise, sig), sig, text)
+                losses.append(flow_loss(pred, velocity_target(x0, noise), sig).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_loss_on_fixed_noise(demo_dataset, tiny_pipeline_dir, tmp_path):
+    before = fixed_noise_loss(load_transformer(tiny_pipeline_dir, dtype=torch.float32), tiny_pipeline_dir,
+                              demo_dataset, tmp_path / "cache")
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=60, learning_rate=3e-3, caption_dropout=0.0,
+                   flip=False, lora_dropout=0.0, save_every=0)
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.float32)
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    result = Trainer(cfg, backbone, encoder=encoder).run()
+    backbone.module.eval()
+    after = fixed_noise_loss(backbone, tiny_pipeline_dir, demo_dataset, tmp_path / "cache")
+
+    assert len(result.losses) == 60 and all(math.isfinite(x) for x in result.losses)
+    assert after < 0.95 * before, (before, after)
+    assert result.lora_path.is_file() and (result.run_dir / "loss.png").is_file()
+    assert "steps        60" in (result.run_dir / "summary.txt").read_text()
+
+
+def test_resume_continues_with_the_same_loss_sequence(demo_dataset, tiny_pipeline_dir, tmp_path):
+    full = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "a", gradient_accumulation=2),
+                 tiny_pipeline_dir)
+
+    trained = {}  # Cancel pressed once the first step is done
+    bus = EventBus([lambda e: trained.update(yes=True) if isinstance(e, StepEvent) else None])
+    with pytest.raises(TrainingCancelled) as stopped:
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
+              tiny_pipeline_dir, events=bus, should_stop=lambda: trained.get("yes", False))
+    assert stopped.value.step == 1
+    run_dir = tmp_path / "b" / "run"
+    resumed = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
+                    tiny_pipeline_dir, resume=run_dir)
+
+    assert resumed.losses == full.losses  # bit-identical on the CPU
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_complete_and_only_the_last_k_are_kept(demo_dataset, tiny_pipeline_dir, tmp_path):
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=8, save_every=2, keep_checkpoints=2)
+    result = train(cfg, tiny_pipeline_dir)
+    kept = ckpt.list_checkpoints(result.run_dir)
+    assert [p.name for p in kept] == ["step-000006", "step-000008"]
+    for p in kept:
+        assert {f.name for f in p.iterdir()} == {"adapter.safetensors", "lora.safetensors", "state.pt",
+                                                 "checkpoint.json"}
+    info = json.loads((kept[-1] / "checkpoint.json").read_text())
+    assert info["step"] == 8 and info["config"]["rank"] == 4
+    assert not list((result.run_dir / "checkpoints").glob(".*")), "temporary folders left behind"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path):
+    def poison(step, trainer):
+        if step == 3:  # corrupt one adapter weight after the step-3 checkpoint is due
+            for name, p in trainer.backbone.module.named_parameters():
+                if "lora_A" in name:
+                    p.data.fill_(float("nan"))
+                    break
+
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=2)
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg, tiny_pipeline_dir, hooks=[poison])
+    assert err.value.step == 4
+    assert "step 4" in str(err.value) and "step-000002" in str(err.value) and "--learning-rate" in str(err.value)
+    good = ckpt.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in good] == ["step-000002"]
+    weights = load_file(str(good[0] / "adapter.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_steps_emit_events_with_progress_fields(demo_dataset, tiny_pipeline_dir, tmp_path):
+    seen = []
+    train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4), tiny_pipeline_dir,
+          events=EventBus([seen.append]))
+    steps = [e for e in seen if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == [1, 2, 3, 4]
+    assert all(e.total == 4 and e.lr > 0 and e.seconds_per_step > 0 and e.peak_memory_bytes > 0 for e in steps)
+    assert steps[-1].eta_seconds == 0 and steps[0].eta_seconds > 0
+    kinds = [getattr(e, "kind", None) for e in seen]
+    assert kinds.index("caching") < kinds.index("training") < kinds.index("finished")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["kind"] == "step" for x in lines) == 4
+
+
+def test_cache_is_reused_and_a_changed_image_is_reencoded(demo_dataset, tiny_pipeline_dir, tmp_path):
+    from flux2_train.cache import prepare_cache
+    from flux2_train.data import scan_dataset
+
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    calls = {"images": 0, "text": 0}
+    enc_images, enc_text = encoder.encode_images, encoder.encode_text
+    encoder.encode_images = lambda x: (calls.__setitem__("images", calls["images"] + 1), enc_images(x))[1]
+    encoder.encode_text = lambda c, n: (calls.__setitem__("text", calls["text"] + 1), enc_text(c, n))[1]
+    cache = FeatureCache(tmp_path / "cache")
+    report = scan_dataset(demo_dataset, trigger_word="r0b0t", resolution=64, max_upscale=4.0)
+
+    first = prepare_cache(report, encoder, cache, max_sequence_length=32, flip=False)
+    assert calls == {"images": 6, "text": 7}  # 6 captions + the empty one
+    prepare_cache(report, encoder, cache, max_sequence_length=32, flip=False)
+    assert calls == {"images": 6, "text": 7}
+
+    from PIL import Image
+
+    img = Image.open(demo_dataset / "robot_01.png").convert("RGB")
+    img.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(demo_dataset / "robot_01.png")
+    again = prepare_cache(scan_dataset(demo_dataset, trigger_word="r0b0t", resolution=64, max_upscale=4.0),
+                          encoder, cache, max_sequence_length=32, flip=False)
+    assert calls["images"] == 7
+    assert again.samples[0].latent_keys != first.samples[0].latent_keys
+
+
+def test_a_damaged_cache_file_is_rebuilt_not_trusted(demo_dataset, tiny_pipeline_dir, tmp_path):
+    from flux2_train.cache import prepare_cache
+    from flux2_train.data import scan_dataset
+
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    cache = FeatureCache(tmp_path / "cache")
+    report = scan_dataset(demo_dataset, trigger_word="r0b0t", resolution=64, max_upscale=4.0)
+    data = prepare_cache(report, encoder, cache, max_sequence_length=32, flip=False)
+    key = data.samples[0].latent_keys[0]
+    good = cache.get("latents", key)
+    path = cache._path("latents", key)
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = b"\x00\x00\x80\x7f" * 2  # flip the last values to inf: the header still parses
+    path.write_bytes(bytes(raw))
+    assert cache.get("latents", key) is None and not path.exists()
+    prepare_cache(report, encoder, cache, max_sequence_length=32, flip=False)
+    assert torch.equal(cache.get("latents", key), good)
+
+
+def test_an_image_changed_after_caching_stops_training_with_its_name(demo_dataset, tiny_pipeline_dir, tmp_path):
+    def change(step, trainer):
+        if step == 1:
+            (demo_dataset / "robot_02.png").write_bytes((demo_dataset / "robot_03.png").read_bytes())
+
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=8, batch_size=1)
+    with pytest.raises(DatasetError, match="robot_02.png changed"):
+        train(cfg, tiny_pipeline_dir, hooks=[change])
+
+
+def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeline_dir, tiny_dev_pipeline_dir,
+                                                       tmp_path):
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2, save_every=1)
+    train(cfg, tiny_pipeline_dir)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ResumeError, match="nothing is left to train"):
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2), tiny_pipeline_dir, resume=run_dir)
+    with pytest.raises(ResumeError, match="rank was 4, now 8"):
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, rank=8), tiny_pipeline_dir,
+              resume=run_dir)
+    with pytest.raises(ResumeError, match="no such run folder"):
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4), tiny_pipeline_dir,
+              resume=tmp_path / "nope")
+
+
+def test_dev_style_model_trains_with_its_guidance_input(demo_dataset, tiny_dev_pipeline_dir, tmp_path):
+    cfg = make_cfg(demo_dataset, tiny_dev_pipeline_dir, tmp_path, steps=2, guidance_scale=3.5)
+    result = train(cfg, tiny_dev_pipeline_dir)
+    assert result.spec.guidance_embeds and all(math.isfinite(x) for x in result.losses)
+
+
+def test_bfloat16_trains_with_float32_lora_weights(demo_dataset, tiny_pipeline_dir, tmp_path):
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2, dtype="bfloat16")
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    Trainer(cfg, backbone, encoder=encoder).run()
+    dtypes = {n: p.dtype for n, p in backbone.module.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+
+
+def test_dtype_sets_weights_and_autocast_together_and_says_so():
+    weight, mp, text = precision_plan("bfloat16", torch.device("cpu"))
+    assert (weight, mp) == (torch.bfloat16, "bf16") and "autocast bfloat16" in text
+    weight, mp, text = precision_plan("float32", torch.device("cpu"))
+    assert (weight, mp) == (torch.float32, "no") and "no mixed precision" in text
+    with pytest.raises(ConfigError, match="float16 needs a CUDA GPU"):
+        precision_plan("float16", torch.device("cpu"))
+    if torch.cuda.is_available():
+        weight, mp, text = precision_plan("float16", torch.device("cuda"))
+        assert (weight, mp) == (torch.float16, "fp16")
+
+
+def test_rank_larger_than_a_target_is_refused(demo_dataset, tiny_pipeline_dir, tmp_path):
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, rank=200, alpha=200.0)
+    with pytest.raises(ConfigError, match=r"--rank 200 is larger than layer .*use --rank 128"):
+        train(cfg, tiny_pipeline_dir)
+
+
+def test_optimizers_other_than_adamw_train(demo_dataset, tiny_pipeline_dir, tmp_path):
+    pytest.importorskip("prodigyopt")
+    for name, lr in (("adafactor", 1e-3), ("prodigy", 1.0)):
+        cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / name, steps=2, optimizer=name, learning_rate=lr)
+        assert all(math.isfinite(x) for x in train(cfg, tiny_pipeline_dir).losses)
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "8bit", steps=2, optimizer="adamw8bit")
+    with pytest.raises(ConfigError, match="adamw8bit runs on CUDA GPUs only"):
+        train(cfg, tiny_pipeline_dir)
+
+
+def test_lora_file_metadata_describes_the_run(demo_dataset, tiny_pipeline_dir, tmp_path):
+    result = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2, extra_formats=["comfyui"]),
+                   tiny_pipeline_dir)
+    meta = read_metadata(result.lora_path)
+    assert meta["flux2_train.trigger_word"] == "r0b0t" and meta["flux2_train.image_count"] == "6"
+    assert meta["flux2_train.steps"] == "2" and json.loads(meta["flux2_train.config"])["rank"] == 4
+    assert result.extra_lora_paths[0].name == "run.comfyui.safetensors"
+    assert all(k.startswith("diffusion_model.") for k in load_file(str(result.extra_lora_paths[0])))
