@@ -54,8 +54,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-# Dense bf16 peak of one H100 SXM by the vendor's datasheet; KINDS.md measured
-# about 790-800 TFLOP/s for an 8192^3 bf16 matmul on this workplace's H100s.
+# Dense bf16 peak of one H100 SXM by the vendor's datasheet; a large bf16 matmul
+# reaches about 790-800 TFLOP/s on the card in practice.
 H100_BF16_PEAK = 989.4e12
 TEXT_TOKENS = 512
 

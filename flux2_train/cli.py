@@ -24,7 +24,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default!r})"
+        help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
         kw = dict(dest=f.name, default=None, help=help_text)
         if f.metadata.get("choices"):
             kw["choices"] = [c for c in f.metadata["choices"] if c]
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train)
 
     demo = sub.add_parser("demo", help="Train the tiny built-in model on the bundled sample images (CPU, < 1 min).")
-    demo.add_argument("--steps", type=int, default=40, help="Training steps.")
+    demo.add_argument("--steps", type=int, default=120, help="Training steps.")
     demo.add_argument("--output-dir", default="runs", help="Where the demo run folder goes.")
     demo.add_argument("--device", default="cpu", help="Device (the tiny model is fastest on the CPU).")
     return parser

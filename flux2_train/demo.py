@@ -19,13 +19,13 @@ def demo_config(output_dir: Path, steps: int, device: str = "cpu", model_dir: Pa
             dataset=str(DEMO_DATA), model=str(model_dir), output_dir=str(output_dir),
             name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", trigger_word=DEMO_TRIGGER,
             resolution=128, max_sequence_length=64, steps=steps, rank=8, alpha=8.0,
-            learning_rate=1e-3, gradient_accumulation=1, save_every=max(1, steps // 2),
+            learning_rate=3e-3, gradient_accumulation=1, save_every=max(1, steps // 2),
             dtype="float32", device=device, tensorboard=False,
         ),
     )
 
 
-def run_demo(steps: int = 40, output_dir: Path = Path("runs"), device: str = "cpu") -> int:
+def run_demo(steps: int = 120, output_dir: Path = Path("runs"), device: str = "cpu") -> int:
     import torch
 
     from .encoders import load_pipeline_encoders

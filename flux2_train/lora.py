@@ -43,7 +43,8 @@ def resolve_targets(module: nn.Module, preset: str, explicit: list[str] | None =
     if explicit:
         chosen: list[str] = []
         for pattern in explicit:
-            hits = [n for n in linears if n == pattern or re.fullmatch(pattern, n)]
+            # As in PEFT: a full name, a name suffix ("attn.to_q"), or a regular expression.
+            hits = [n for n in linears if n == pattern or n.endswith("." + pattern) or _fullmatch(pattern, n)]
             if not hits:
                 close = [n for n in linears if pattern.split(".")[-1] in n][:3]
                 raise ConfigError(
@@ -63,6 +64,13 @@ def resolve_targets(module: nn.Module, preset: str, explicit: list[str] | None =
     if not chosen:
         raise ConfigError(f"--targets {preset} matches no layer of this model; is it a FLUX.2 transformer?")
     return chosen
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
 
 
 def check_rank(module: nn.Module, targets: list[str], rank: int) -> None:

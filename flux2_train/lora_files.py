@@ -1,7 +1,8 @@
 """LoRA files: key formats, header metadata, atomic save.
 
 Every format here loads with no key left over in both ComfyUI
-(`LoraLoaderModelOnly`) and diffusers (`load_lora_weights`):
+(`LoraLoaderModelOnly`) and diffusers (`load_lora_weights`) for the preset
+targets (attention and MLP projections, embedders, output projection):
 
 - `diffusers` (default): `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`.
 - `comfyui`: `diffusion_model.<BFL module>.lora_A.weight` / `.lora_B.weight`, q/k/v fused.

@@ -278,7 +278,9 @@ class Trainer:
         self.encoder = None
 
         module = self.backbone.module
-        module.to(device=device, dtype=weight_dtype)
+        module.to(device)
+        if any(p.dtype != weight_dtype for p in module.parameters()):
+            module.to(weight_dtype)
         targets = resolve_targets(module, cfg.targets, cfg.target_modules)
         add_lora(module, targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
         params = lora_parameters(module)
@@ -333,9 +335,11 @@ class Trainer:
                     epoch, batch = plan.batch(micro_step)
                     with accelerator.accumulate(module):
                         loss = self._micro_step(batch, micro_step, data, device, weight_dtype, accelerator, spec)
-                        if not math.isfinite(loss.item()):
-                            raise TrainingDiverged(self._nan_message(step + 1, loss.item(), run_dir), step + 1)
                         accelerator.backward(loss)
+                        # Checked after backward is queued, and before any weight changes.
+                        if not math.isfinite(loss.item()):
+                            optimizer.zero_grad(set_to_none=True)
+                            raise TrainingDiverged(self._nan_message(step + 1, loss.item(), run_dir), step + 1)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
@@ -453,7 +457,8 @@ class Trainer:
 
     def _oom_message(self, device) -> str:
         cfg = self.cfg
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+        card = (f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB card)"
+                if device.type == "cuda" else "")
         tips = []
         if not cfg.gradient_checkpointing:
             tips.append("--gradient-checkpointing")
@@ -465,7 +470,7 @@ class Trainer:
             tips.append("--optimizer adamw8bit")
         if cfg.rank > 16:
             tips.append("--rank 16")
-        return (f"out of GPU memory ({total:.0f} GiB card) at resolution {cfg.resolution}, batch {cfg.batch_size}, "
+        return (f"out of GPU memory{card} at resolution {cfg.resolution}, batch {cfg.batch_size}, "
                 f"rank {cfg.rank}, dtype {cfg.dtype}, gradient checkpointing "
                 f"{'on' if cfg.gradient_checkpointing else 'off'}; try " + (", ".join(tips) or "a smaller model")
                 + ". The last checkpoint is intact; resume from it with the new settings.")

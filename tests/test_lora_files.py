@@ -308,3 +308,29 @@ def test_bfl_target_splits_double_block_qkv_and_swaps_final_adaln():
     assert keys.bfl_target("norm_out.linear").swap_halves
     with pytest.raises(KeyError):
         keys.bfl_target("transformer_blocks.0.norm1.linear")
+
+
+def test_target_modules_take_names_suffixes_and_regexes_and_refuse_unknown_ones():
+    from flux2_train.errors import ConfigError
+    from flux2_train.lora import resolve_targets
+    from flux2_train.tiny import tiny_transformer
+
+    module = tiny_transformer()
+    assert resolve_targets(module, "attention", ["attn.to_q"]) == ["transformer_blocks.0.attn.to_q"]
+    assert resolve_targets(module, "attention", [r"single_transformer_blocks\.\d+\.attn\.to_out"]) == [
+        "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.1.attn.to_out"]
+    with pytest.raises(ConfigError, match="matches no Linear layer"):
+        resolve_targets(module, "attention", ["attn.to_qq"])
+
+
+def test_presets_leave_modulation_embedding_and_norm_layers_out():
+    from flux2_train.lora import resolve_targets
+    from flux2_train.tiny import tiny_transformer
+
+    module = tiny_transformer(guidance_embeds=True)
+    for preset in ("attention", "attention_mlp", "all_linear"):
+        chosen = resolve_targets(module, preset)
+        assert not [n for n in chosen if "modulation" in n or "time_guidance" in n or "norm" in n]
+    assert "transformer_blocks.0.ff.linear_in" not in resolve_targets(module, "attention")
+    assert "transformer_blocks.0.ff.linear_in" in resolve_targets(module, "attention_mlp")
+    assert "x_embedder" in resolve_targets(module, "all_linear")

@@ -267,3 +267,25 @@ def test_lora_file_metadata_describes_the_run(demo_dataset, tiny_pipeline_dir, t
     assert meta["flux2_train.steps"] == "2" and json.loads(meta["flux2_train.config"])["rank"] == 4
     assert result.extra_lora_paths[0].name == "run.comfyui.safetensors"
     assert all(k.startswith("diffusion_model.") for k in load_file(str(result.extra_lora_paths[0])))
+
+
+def test_out_of_memory_becomes_a_clear_error_and_keeps_the_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path):
+    from flux2_train.errors import OutOfMemory
+
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.float32)
+    real_predict, calls = backbone.predict, {"n": 0}
+
+    def predict_that_runs_out_of_memory(*args, **kwargs):  # CUDA's failure, raised where a GPU would raise it
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_predict(*args, **kwargs)
+
+    backbone.predict = predict_that_runs_out_of_memory
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, save_every=1)
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    with pytest.raises(OutOfMemory) as err:
+        Trainer(cfg, backbone, encoder=encoder).run()
+    msg = str(err.value)
+    assert "out of GPU memory" in msg and "--gradient-checkpointing" in msg and "checkpoint is intact" in msg
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
