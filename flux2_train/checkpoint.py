@@ -105,7 +105,7 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 def check_resumable(info: dict[str, Any], cfg, spec) -> list[str]:
     """Raise ResumeError if the checkpoint cannot continue this config; return the options that changed."""
     saved_model = info.get("model", {})
-    mismatched = [k for k in ("family", "hidden_size", "num_double", "num_single", "context_dim")
+    mismatched = [k for k in ("family", "hidden_size", "num_double", "num_single", "context_dim", "guidance_embeds")
                   if saved_model.get(k) != getattr(spec, k)]
     if mismatched:
         raise ResumeError(

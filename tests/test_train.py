@@ -210,6 +210,9 @@ def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeli
     with pytest.raises(ResumeError, match="rank was 4, now 8"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, rank=8), tiny_pipeline_dir,
               resume=run_dir)
+    with pytest.raises(ResumeError, match="resume with the model the run started with"):
+        train(make_cfg(demo_dataset, tiny_dev_pipeline_dir, tmp_path, steps=4), tiny_dev_pipeline_dir,
+              resume=run_dir)
     with pytest.raises(ResumeError, match="no such run folder"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4), tiny_pipeline_dir,
               resume=tmp_path / "nope")
