@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .data import DatasetReport, load_image
@@ -54,11 +54,9 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            t = load_file(str(path))["value"].clone()  # not backed by the file's memory map
+                t = f.get_tensor("value").clone()  # not backed by the file's memory map
             if meta.get("key") != key or meta.get("sha256") != _tensor_hash(t):
                 raise ValueError("key or content hash does not match")
             return t

@@ -37,7 +37,7 @@ def save_checkpoint(
     step: int,
     *,
     adapter: dict[str, torch.Tensor],
-    lora_file_tensors_writer,
+    write_lora,
     state: dict[str, Any],
     info: dict[str, Any],
     keep: int,
@@ -48,7 +48,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         save_safetensors_atomic(adapter, tmp / "adapter.safetensors")
-        lora_file_tensors_writer(tmp / "lora.safetensors")
+        write_lora(tmp / "lora.safetensors")
         atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
         atomic_write_text(tmp / "checkpoint.json", json.dumps(info, indent=2, default=str))
         publish_dir(tmp, final)

@@ -68,11 +68,9 @@ class PipelineEncoders:
         te = pipeline.text_encoder
         n_layers = getattr(te.config, "num_hidden_layers", None) or te.config.text_config.num_hidden_layers
         self.text_layers = tuple(text_layers) if text_layers else pipeline_text_layers(self.pipeline_class, n_layers)
-        self.identity = hashlib.sha256(
-            f"{module_fingerprint(te)}|{module_fingerprint(pipeline.vae)}|{self.text_layers}".encode()
-        ).hexdigest()[:32]
         self.text_identity = f"{module_fingerprint(te)}|{self.text_layers}"
         self.vae_identity = module_fingerprint(pipeline.vae)
+        self.identity = hashlib.sha256(f"{self.text_identity}|{self.vae_identity}".encode()).hexdigest()[:32]
 
     @property
     def device(self) -> torch.device:

@@ -45,21 +45,27 @@ def smooth(values: Iterable[float], alpha: float = 0.9) -> list[float]:
     unchanged and do not disturb the average. `alpha` is the weight of the past,
     0 <= alpha < 1 (0 means no smoothing).
     """
-    alpha = float(alpha)
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"smooth: alpha must be in [0, 1), got {alpha}")
-    out: list[float] = []
-    ema = 0.0
-    n = 0
-    for v in values:
-        v = float(v)
+    smoother = Smoother(alpha)
+    return [smoother.add(v) for v in values]
+
+
+class Smoother:
+    """`smooth`, one value at a time: the training loop adds each step's loss in O(1)."""
+
+    def __init__(self, alpha: float = 0.9):
+        self.alpha = float(alpha)
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"smooth: alpha must be in [0, 1), got {alpha}")
+        self.ema = 0.0
+        self.n = 0
+
+    def add(self, value: float) -> float:
+        v = float(value)
         if not math.isfinite(v):
-            out.append(v)
-            continue
-        ema = ema * alpha + (1.0 - alpha) * v
-        n += 1
-        out.append(ema / (1.0 - alpha**n))
-    return out
+            return v
+        self.ema = self.ema * self.alpha + (1.0 - self.alpha) * v
+        self.n += 1
+        return self.ema / (1.0 - self.alpha**self.n)
 
 
 def save_loss_plot(

@@ -32,7 +32,7 @@ from .fsutil import atomic_write_text
 from .lora import add_lora, load_lora_state_dict, lora_parameters, lora_state_dict, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .model import Flux2Backbone, ModelSpec
-from .plot import save_loss_plot, smooth
+from .plot import Smoother, save_loss_plot
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class Trainer:
         state = dict(module=module, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
                      targets=targets, data=data, report=report, run_dir=run_dir, device=device,
                      weight_dtype=weight_dtype, spec=spec)
-        smoothed_all = smooth(losses, cfg.smoothing) if losses else []
+        smoother = Smoother(cfg.smoothing)
+        smoothed_all = [smoother.add(x) for x in losses]  # history of a resumed run
         step_time_avg = None
         checkpoints = []
         epoch = 0
@@ -337,15 +338,16 @@ class Trainer:
                         loss = self._micro_step(batch, micro_step, data, device, weight_dtype, accelerator, spec)
                         accelerator.backward(loss)
                         # Checked after backward is queued, and before any weight changes.
-                        if not math.isfinite(loss.item()):
+                        loss_value = loss.item()
+                        if not math.isfinite(loss_value):
                             optimizer.zero_grad(set_to_none=True)
-                            raise TrainingDiverged(self._nan_message(step + 1, loss.item(), run_dir), step + 1)
+                            raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    micro_losses.append(loss.item())
+                    micro_losses.append(loss_value)
                     micro_step += 1
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
@@ -353,7 +355,7 @@ class Trainer:
             step += 1
             loss_value = sum(micro_losses) / len(micro_losses)
             losses.append(loss_value)
-            smoothed_all = smooth(losses, cfg.smoothing)
+            smoothed_all.append(smoother.add(loss_value))
             dt = time.perf_counter() - t0
             step_time_avg = dt if step_time_avg is None else 0.9 * step_time_avg + 0.1 * dt
             self.events.emit(StepEvent(
@@ -424,7 +426,7 @@ class Trainer:
                 "saved": _dt.datetime.now().isoformat(timespec="seconds")}
         return ckpt.save_checkpoint(
             st["run_dir"], step, adapter=adapter, state=state, info=info, keep=cfg.keep_checkpoints,
-            lora_file_tensors_writer=lambda p: save_lora(p, adapter, rank=cfg.rank, alpha=cfg.alpha,
+            write_lora=lambda p: save_lora(p, adapter, rank=cfg.rank, alpha=cfg.alpha,
                                                          fmt=cfg.lora_format, metadata=meta))
 
     def _finish(self, st, losses, smoothed, started, checkpoints) -> TrainResult:
@@ -465,7 +467,7 @@ class Trainer:
         if cfg.batch_size > 1:
             tips.append(f"--batch-size 1 --gradient-accumulation {cfg.batch_size * cfg.gradient_accumulation}")
         if cfg.resolution > 512:
-            tips.append(f"--resolution {max(512, cfg.resolution // 2 // 16 * 16 * 3 // 2 // 16 * 16)}")
+            tips.append(f"--resolution {max(512, cfg.resolution * 3 // 4 // 16 * 16)}")
         if cfg.optimizer == "adamw":
             tips.append("--optimizer adamw8bit")
         if cfg.rank > 16:
