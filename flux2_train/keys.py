@@ -110,3 +110,15 @@ def diffusers_to_bfl_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     for key, pieces in fused.items():
         out[key] = torch.cat(pieces, dim=0)
     return out
+
+
+def diffusers_linear_names(num_double: int, num_single: int, guidance_embeds: bool) -> list[str]:
+    """The names of every Linear module of a diffusers FLUX.2 transformer of this size."""
+    names = ["time_guidance_embed.timestep_embedder.linear_1", "time_guidance_embed.timestep_embedder.linear_2"]
+    if guidance_embeds:
+        names += ["time_guidance_embed.guidance_embedder.linear_1", "time_guidance_embed.guidance_embedder.linear_2"]
+    names += ["double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+              "single_stream_modulation.linear", "x_embedder", "context_embedder"]
+    names += [f"transformer_blocks.{i}.{rest}" for i in range(num_double) for rest in _DOUBLE]
+    names += [f"single_transformer_blocks.{i}.{rest}" for i in range(num_single) for rest in _SINGLE]
+    return names + ["norm_out.linear", "proj_out"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import zlib
+from collections.abc import Mapping
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -37,9 +39,16 @@ def preset_patterns(preset: str) -> list[str]:
     return patterns
 
 
-def resolve_targets(module: nn.Module, preset: str, explicit: list[str] | None = None) -> list[str]:
-    """Full names of the Linear modules that get adapters."""
-    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+LayerShapes = Mapping[str, tuple[int, int]]  # diffusers-layout Linear name -> (in_features, out_features)
+
+
+def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.in_features, m.out_features) for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def resolve_targets(layers: nn.Module | LayerShapes, preset: str, explicit: list[str] | None = None) -> list[str]:
+    """Full names of the Linear modules that get adapters (diffusers' layout)."""
+    linears = linear_shapes(layers) if isinstance(layers, nn.Module) else dict(layers)
     if explicit:
         chosen: list[str] = []
         for pattern in explicit:
@@ -73,11 +82,10 @@ def _fullmatch(pattern: str, name: str) -> bool:
         return False
 
 
-def check_rank(module: nn.Module, targets: list[str], rank: int) -> None:
+def check_rank(layers: nn.Module | LayerShapes, targets: list[str], rank: int) -> None:
     """A LoRA rank above a layer's smallest side adds parameters without adding capacity."""
-    modules = dict(module.named_modules())
-    too_small = [(n, min(modules[n].in_features, modules[n].out_features)) for n in targets
-                 if rank > min(modules[n].in_features, modules[n].out_features)]
+    shapes = linear_shapes(layers) if isinstance(layers, nn.Module) else layers
+    too_small = [(n, min(shapes[n])) for n in targets if rank > min(shapes[n])]
     if too_small:
         name, dim = min(too_small, key=lambda t: t[1])
         raise ConfigError(
@@ -95,14 +103,52 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dro
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        init_lora_weights="gaussian",
+        init_lora_weights=False,
     )
     module.requires_grad_(False)
-    # The Gaussian init draws from the global RNG: seed it without disturbing the caller's.
+    # PEFT's random init of lora_A draws from the global RNG: keep the caller's state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+    modules = dict(module.named_modules())
+    with torch.no_grad():
+        for name in targets:
+            layer = modules[name]
+            a, b = initial_lora_weights(name, layer.in_features, layer.out_features, rank, seed)
+            layer.lora_A[ADAPTER_NAME].weight.copy_(a)
+            layer.lora_B[ADAPTER_NAME].weight.copy_(b)
     return config
+
+
+def initial_lora_weights(name: str, in_features: int, out_features: int, rank: int,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "gaussian" init (A ~ N(0, 1/rank), B = 0), drawn per layer from (seed, layer name).
+
+    Per-layer draws make the start point independent of the order in which layers
+    are visited, so the diffusers model and ComfyUI's model (which fuses some
+    layers) start from the same adapter for the same seed.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    a = torch.randn(rank, in_features, generator=g) / rank
+    return a, torch.zeros(out_features, rank)
+
+
+class LoraPair(nn.Module):
+    """One adapter outside the layer it adapts: `B(A(dropout(x))) * alpha / rank`, as PEFT's LoRA layer adds."""
+
+    def __init__(self, name: str, in_features: int, out_features: int, rank: int, alpha: float,
+                 dropout: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device="meta")
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device="meta")
+        a, b = initial_lora_weights(name, in_features, out_features, rank, seed)
+        self.lora_A.weight = nn.Parameter(a)
+        self.lora_B.weight = nn.Parameter(b)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)  # as PEFT does; autocast then picks the matmul dtype
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:

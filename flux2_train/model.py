@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,30 @@ class Flux2Backbone(Protocol):
 
     def enable_gradient_checkpointing(self) -> None: ...
 
+    # Adapters. Layer names are diffusers' (`transformer_blocks.0.attn.to_q`) on every
+    # backbone, so adapter state dicts, checkpoints and LoRA files are interchangeable.
+    def lora_layers(self) -> dict[str, tuple[int, int]]:
+        """Linear layers an adapter can go on: name -> (in_features, out_features)."""
+        ...
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the frozen weights on `device`, ready to train in `dtype`."""
+        ...
+
+    def add_lora(self, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> list[nn.Parameter]:
+        """Add adapters on `targets` (initialised by `lora.initial_lora_weights`); return their parameters."""
+        ...
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """`<layer>.lora_A.weight` / `<layer>.lora_B.weight`, float32 on the CPU."""
+        ...
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def release(self) -> None:
+        """Undo what `prepare` and `add_lora` changed in a model shared with others."""
+        ...
+
 
 def spec_from_config(config: dict, distilled: bool | None = None) -> ModelSpec:
     """Name the FLUX.2 family of a diffusers `Flux2Transformer2DModel` config."""
@@ -142,6 +167,27 @@ class DiffusersFlux2Backbone:
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+
+    def lora_layers(self) -> dict[str, tuple[int, int]]:
+        return linear_shapes(self.transformer)
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.transformer.to(device)
+        if any(p.dtype != dtype for p in self.transformer.parameters()):
+            self.transformer.to(dtype)
+
+    def add_lora(self, targets, rank, alpha, dropout, seed):
+        add_lora(self.transformer, targets, rank, alpha, dropout, seed=seed)
+        return lora_parameters(self.transformer)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.transformer)
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state_dict(self.transformer, state)
+
+    def release(self) -> None:
+        pass  # the engine owns this model outright
 
     def predict(self, latents, sigmas, text_embeds, guidance=None):
         b, c, h, w = latents.shape

@@ -29,7 +29,7 @@ from .errors import ConfigError, OutOfMemory, TrainingCancelled, TrainingDiverge
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text
-from .lora import add_lora, load_lora_state_dict, lora_parameters, lora_state_dict, resolve_targets
+from .lora import resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .model import Flux2Backbone, ModelSpec
 from .plot import Smoother, save_loss_plot
@@ -55,6 +55,7 @@ class TrainResult:
     dataset: DatasetReport
     summary: str = ""
     checkpoints: list[Path] = field(default_factory=list)
+    adapter: dict[str, torch.Tensor] = field(default_factory=dict)  # final LoRA weights, PEFT naming
 
 
 def resolve_device(name: str) -> torch.device:
@@ -277,13 +278,11 @@ class Trainer:
             self.free_encoder()
         self.encoder = None
 
-        module = self.backbone.module
-        module.to(device)
-        if any(p.dtype != weight_dtype for p in module.parameters()):
-            module.to(weight_dtype)
-        targets = resolve_targets(module, cfg.targets, cfg.target_modules)
-        add_lora(module, targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
-        params = lora_parameters(module)
+        backbone = self.backbone
+        backbone.prepare(device, weight_dtype)
+        module = backbone.module
+        targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
+        params = backbone.add_lora(targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
         for p in params:  # trainable weights in float32 whatever the base dtype
             p.data = p.data.to(device=device, dtype=torch.float32)
         if cfg.gradient_checkpointing:
@@ -301,7 +300,7 @@ class Trainer:
         step, micro_step, losses = 0, 0, []
         if resume_info:
             info, adapter, state = resume_info
-            load_lora_state_dict(module, {k: v.to(device) for k, v in adapter.items()})
+            backbone.load_lora_state_dict({k: v.to(device) for k, v in adapter.items()})
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
@@ -412,7 +411,7 @@ class Trainer:
 
     def _save_checkpoint(self, st, step, micro_step, losses) -> Path:
         cfg = self.cfg
-        adapter = lora_state_dict(st["module"])
+        adapter = self.backbone.lora_state_dict()
         meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=step, image_count=len(st["report"].items),
                              fmt=cfg.lora_format, targets=st["targets"])
         state = {
@@ -431,7 +430,7 @@ class Trainer:
 
     def _finish(self, st, losses, smoothed, started, checkpoints) -> TrainResult:
         cfg, run_dir = self.cfg, st["run_dir"]
-        adapter = lora_state_dict(st["module"])
+        adapter = self.backbone.lora_state_dict()
         n_images = len(st["report"].items)
         paths = []
         for i, fmt in enumerate([cfg.lora_format] + [f for f in cfg.extra_formats if f != cfg.lora_format]):
@@ -444,7 +443,8 @@ class Trainer:
         result = TrainResult(
             run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
             smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
-            peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints)
+            peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints,
+            adapter=adapter)
         result.summary = summarize(result, cfg)
         atomic_write_text(run_dir / "summary.txt", result.summary)
         return result

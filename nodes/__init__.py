@@ -1,7 +1,8 @@
-"""ComfyUI nodes of the pack: thin glue over `flux2_train`.
+"""ComfyUI nodes of the pack: thin glue over `flux2_train`."""
 
-Each node module registers itself here; this file imports no torch-heavy code.
-"""
+from comfy_api.latest import ComfyExtension, io
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+class Flux2LoraExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return []

@@ -1,0 +1,308 @@
+"""ComfyUI's FLUX.2 MODEL behind the engine's `Flux2Backbone` contract.
+
+The trainer works on the MODEL the graph already loaded; nothing is copied:
+- a clone of the ModelPatcher carries everything the run adds, so the MODEL other
+  nodes hold keeps its patches and options;
+- adapters ride on ComfyUI's own bypass injection (`comfy.weight_adapter.bypass`):
+  each adapted Linear's forward becomes `base(x) + lora(x)` while the clone is
+  injected, and is restored on eject. Module names never change (PEFT's
+  `base_layer` renaming would break ComfyUI's weight patching), weight casting,
+  fp8 storage and offloading stay ComfyUI's, and the base weights are only read;
+- one ComfyUI Linear can hold several diffusers layers (`img_attn.qkv` is
+  `to_q`, `to_k`, `to_v`): its adapter is the diffusers layers' LoRAs side by
+  side, so the math, the state dict and the files equal the engine's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import comfy.model_base
+import comfy.model_management
+from comfy.patcher_extension import PatcherInjection
+from comfy.weight_adapter.bypass import BypassForwardHook
+from flux2_train.errors import ConfigError, ModelError
+from flux2_train.keys import bfl_target, diffusers_linear_names
+from flux2_train.lora import LoraPair, check_rank
+from flux2_train.model import ModelSpec, spec_from_config
+
+log = logging.getLogger(__name__)
+
+INJECTION_KEY = "flux2_lora_trainer"
+
+# ComfyUI model classes a user may plug in by mistake, by the name users know them by.
+_MODEL_NAMES = {
+    "Flux": "FLUX.1", "FluxInpaint": "FLUX.1 Fill", "Chroma": "Chroma (a FLUX.1 derivative)",
+    "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "BaseModel": "Stable Diffusion 1.x/2.x",
+    "SD3": "Stable Diffusion 3", "HunyuanVideo": "HunyuanVideo", "WAN21": "Wan 2.1", "WAN22": "Wan 2.2",
+    "QwenImage": "Qwen-Image", "Lumina2": "Lumina 2 / Z-Image", "AuraFlow": "AuraFlow",
+}
+
+
+def model_kind(model_patcher) -> str:
+    model = getattr(model_patcher, "model", None)
+    name = type(model).__name__
+    return _MODEL_NAMES.get(name, name)
+
+
+def check_flux2(model_patcher) -> None:
+    """Raise ModelError unless `model_patcher` holds ComfyUI's FLUX.2 model."""
+    if not isinstance(getattr(model_patcher, "model", None), comfy.model_base.Flux2):
+        raise ModelError(
+            f"this MODEL is {model_kind(model_patcher)}; the trainer needs FLUX.2 [dev] or [klein]. "
+            "Load a FLUX.2 diffusion model (e.g. flux2_dev_fp8mixed.safetensors or "
+            "flux-2-klein-base-4b.safetensors) with Load Diffusion Model and connect that MODEL."
+        )
+
+
+def comfy_spec(model_patcher) -> ModelSpec:
+    """The engine's ModelSpec from ComfyUI's FLUX.2 parameters."""
+    p = model_patcher.model.diffusion_model.params
+    return spec_from_config(dict(
+        num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+        num_attention_heads=p.num_heads, attention_head_dim=p.hidden_size // p.num_heads,
+        joint_attention_dim=p.context_in_dim, in_channels=p.in_channels, mlp_ratio=p.mlp_ratio,
+        guidance_embeds=p.guidance_embed, timestep_guidance_channels=256,
+        axes_dims_rope=tuple(p.axes_dim), rope_theta=p.theta, patch_size=p.patch_size,
+    ))
+
+
+class FusedLoraAdapter(nn.Module):
+    """Bypass adapter for one ComfyUI Linear: the LoRAs of the diffusers layers fused into it.
+
+    `pieces` lists the fused output's slices in order, each a LoraPair or None
+    (a slice without an adapter adds zeros).
+    """
+
+    def __init__(self, pieces: list[LoraPair | None], widths: list[int], swap_halves: bool = False):
+        super().__init__()
+        self.pieces = nn.ModuleList([p if p is not None else nn.Identity() for p in pieces])
+        self.active = [p is not None for p in pieces]
+        self.widths = widths
+        self.swap_halves = swap_halves  # final adaLN: diffusers (scale, shift), ComfyUI (shift, scale)
+        self.multiplier = 1.0
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        outs = [piece(x) if on else x.new_zeros(*x.shape[:-1], width, dtype=base_out.dtype)
+                for piece, on, width in zip(self.pieces, self.active, self.widths)]
+        out = outs[0] if len(outs) == 1 else torch.cat([o.to(base_out.dtype) for o in outs], dim=-1)
+        if self.swap_halves:
+            out = torch.cat(out.chunk(2, dim=-1)[::-1], dim=-1)
+        return out.to(base_out.dtype) * self.multiplier
+
+    def g(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class ComfyFlux2Backbone:
+    """`Flux2Backbone` over a ComfyUI FLUX.2 ModelPatcher, trained in place without a copy."""
+
+    def __init__(self, model_patcher, memory_required: int = 0):
+        check_flux2(model_patcher)
+        self.patcher = model_patcher.clone()
+        self.memory_required = memory_required
+        self.spec = comfy_spec(model_patcher)
+        self.diffusion_model = self.patcher.model.diffusion_model
+        self._modules = dict(self.diffusion_model.named_modules())
+        self._pairs: dict[str, LoraPair] = {}
+        self._hooks: list[BypassForwardHook] = []
+        self._checkpointing = False
+        self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+        self._was_training = self.diffusion_model.training
+        self._prepared = False
+
+    # -- the protocol ----------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.diffusion_model
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.diffusion_model.double_blocks) + list(self.diffusion_model.single_blocks)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self._checkpointing = True
+
+    @property
+    def partially_loaded(self) -> bool:
+        return self.patcher.loaded_size() < self.patcher.model_size()
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.patcher.model.get_dtype_inference()
+
+    def lora_layers(self) -> dict[str, tuple[int, int]]:
+        s = self.spec
+        layers = {}
+        for name in diffusers_linear_names(s.num_double, s.num_single, s.guidance_embeds):
+            target = bfl_target(name)
+            m = self._modules[target.name]
+            layers[name] = (m.in_features, m.out_features // target.parts)
+        return layers
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        compute = self.compute_dtype()
+        if dtype != compute:
+            raise ConfigError(f"this MODEL computes in {str(compute).removeprefix('torch.')}; train it with that "
+                              f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
+        # Through ComfyUI's model management, so other models leave the GPU first.
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=self.memory_required)
+        if self.partially_loaded and not self._checkpointing:
+            # Offloaded weights are cast onto the GPU per layer; without checkpointing
+            # autograd would keep every cast copy alive until the backward pass.
+            log.info("MODEL is partially loaded: gradient checkpointing turned on")
+            self._checkpointing = True
+        self._make_weights_trainable()
+        # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
+        # flag makes its model code take the differentiable path.
+        self._was_in_training = comfy.model_management.in_training
+        comfy.model_management.in_training = True
+        self._prepared = True
+
+    def add_lora(self, targets, rank, alpha, dropout, seed):
+        layers = self.lora_layers()
+        check_rank(layers, targets, rank)
+        device = comfy.model_management.get_torch_device()
+        by_module: dict[str, tuple] = {}  # ComfyUI Linear -> (its BflTarget, {slice: LoraPair})
+        for name in targets:
+            in_f, out_f = layers[name]
+            pair = LoraPair(name, in_f, out_f, rank, alpha, dropout, seed).to(device)
+            self._pairs[name] = pair
+            t = bfl_target(name)
+            by_module.setdefault(t.name, (t, {}))[1][t.part] = pair
+        for module_name, (t, parts) in by_module.items():
+            width = self._modules[module_name].out_features // t.parts
+            adapter = FusedLoraAdapter([parts.get(i) for i in range(t.parts)], [width] * t.parts,
+                                       swap_halves=t.swap_halves)
+            self._hooks.append(BypassForwardHook(self._modules[module_name], adapter))
+        self.patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=self._inject, eject=self._eject)])
+        self.patcher.inject_model()
+        return [p for pair in self._pairs.values() for p in pair.parameters()]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{part}.weight": getattr(pair, part).weight.detach().float().cpu().clone()
+                for name, pair in self._pairs.items() for part in ("lora_A", "lora_B")}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {f"{name}.{part}.weight": getattr(pair, part).weight
+               for name, pair in self._pairs.items() for part in ("lora_A", "lora_B")}
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ConfigError(f"adapter weights do not fit this model ({len(unknown)} unknown keys, e.g. {unknown[0]})")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
+
+    def predict(self, latents, sigmas, text_embeds, guidance=None):
+        b = latents.shape[0]
+        kwargs = {}
+        if self.spec.guidance_embeds:
+            g = 1.0 if guidance is None else float(guidance)
+            kwargs["guidance"] = torch.full((b,), g, device=latents.device, dtype=torch.float32)
+        timesteps = self.patcher.model.model_sampling.timestep(sigmas).float()
+        with CopyNormInputs():
+            return self.diffusion_model(latents, timesteps, context=text_embeds,
+                                        transformer_options=self._transformer_options(), **kwargs)
+
+    def release(self) -> None:
+        """Eject the adapters and give the shared weights back exactly as they were."""
+        if self.patcher.get_injections(INJECTION_KEY) is not None:
+            self.patcher.eject_model()
+            self.patcher.remove_injections(INJECTION_KEY)
+        for module, name, is_param, original in reversed(self._converted):
+            (module._parameters if is_param else module._buffers)[name] = original
+        self._converted.clear()
+        self.diffusion_model.train(self._was_training)
+        if self._prepared:
+            comfy.model_management.in_training = self._was_in_training
+            self._prepared = False
+
+    # -- internals -------------------------------------------------------------
+    def _inject(self, patcher) -> None:
+        for hook in self._hooks:
+            if hook.original_forward is None:
+                hook.had_own_forward = "forward" in hook.module.__dict__
+            hook.inject()
+
+    def _eject(self, patcher) -> None:
+        for hook in self._hooks:
+            was_injected = hook.original_forward is not None
+            hook.eject()
+            if was_injected and not hook.had_own_forward:
+                del hook.module.forward  # back to the class's forward, as before injection
+
+    def _make_weights_trainable(self) -> None:
+        """Let autograd read weights that were created under inference mode, without copying them.
+
+        ComfyUI runs nodes under `torch.inference_mode()`, so a model loaded there
+        holds inference tensors, which autograd refuses to save for backward. A
+        normal tensor viewing the same storage is the same weights at no memory
+        cost; `release` puts the originals back.
+        """
+        for module in self.diffusion_model.modules():
+            for store, is_param in ((module._parameters, True), (module._buffers, False)):
+                for name, t in list(store.items()):
+                    if t is None or not t.is_inference():
+                        continue
+                    view = torch.empty(0, dtype=t.dtype, device=t.device)
+                    view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+                    store[name] = nn.Parameter(view, requires_grad=False) if is_param else view
+                    self._converted.append((module, name, is_param, t))
+
+    def _transformer_options(self) -> dict:
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        if not self._checkpointing:
+            return options
+        replace = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
+        dit = replace.setdefault("dit", {})
+        for i, block in enumerate(self.diffusion_model.double_blocks):
+            dit.setdefault(("double_block", i), functools.partial(_checkpointed_block, _run_double, block))
+        for i, block in enumerate(self.diffusion_model.single_blocks):
+            dit.setdefault(("single_block", i), functools.partial(_checkpointed_block, _run_single, block))
+        options["patches_replace"] = replace
+        return options
+
+
+class CopyNormInputs(TorchFunctionMode):
+    """Give each LayerNorm its own copy of an input that needs gradients.
+
+    ComfyUI's FLUX blocks add residuals in place (`img += ...`) into the tensor a
+    LayerNorm just read, and LayerNorm keeps its input for the backward pass, which
+    autograd then refuses. Normalising a copy leaves ComfyUI's code as it is.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.layer_norm and args[0].requires_grad:
+            args = (args[0].clone(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+def _run_double(block: nn.Module, img, txt, vec, pe, attn_mask, transformer_options) -> dict:
+    with CopyNormInputs():  # the recomputation runs outside `predict`'s mode
+        # Copies, because the block adds into its inputs and the checkpoint recomputes from them.
+        img, txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
+                         transformer_options=transformer_options)
+    return {"img": img, "txt": txt}
+
+
+def _run_single(block: nn.Module, img, vec, pe, attn_mask, transformer_options) -> dict:
+    with CopyNormInputs():
+        return {"img": block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
+                             transformer_options=transformer_options)}
+
+
+def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
+    """A ComfyUI block-replace patch that recomputes the block in the backward pass.
+
+    It calls the block module it was made for rather than `extra["original_block"]`:
+    that closure reads ComfyUI's loop variable, which has moved on by the time the
+    backward pass recomputes.
+    """
+    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask", "transformer_options")}
+    tensors = {k: args[k] for k in ("img", "txt") if k in args}
+    return torch.utils.checkpoint.checkpoint(run, block, **tensors, **kwargs, use_reentrant=False)
