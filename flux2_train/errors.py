@@ -24,6 +24,10 @@ class ConfigError(Flux2TrainError):
     """A training option, or a combination of options, is invalid."""
 
 
+class PathRefused(Flux2TrainError):
+    """A path from the user points outside the folders the trainer may touch."""
+
+
 class ResumeError(Flux2TrainError):
     """A checkpoint cannot continue this run."""
 

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import PathRefused
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync it, then rename it onto `path`."""
@@ -58,3 +60,32 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
+
+
+def resolve_within(user_path: str, roots: list[Path], what: str, base: Path | None = None) -> Path:
+    """`user_path` made absolute (relative ones from `base`, default the first root) and
+    checked to lie inside one of `roots`; links and `..` are resolved before the check."""
+    text = user_path.strip()
+    if not text:
+        raise PathRefused(f"the {what} is empty; give a path inside {roots[0]}")
+    p = Path(text).expanduser()
+    if not p.is_absolute():
+        p = (base or roots[0]) / p
+    resolved = p.resolve()
+    for root in roots:
+        if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
+            return resolved
+    raise PathRefused(
+        f"the {what} {text!r} is outside the folders this trainer may use ({', '.join(str(r) for r in roots)}); "
+        "move it there or add its folder to the allow-list (see README: allowed folders)"
+    )
+
+
+def check_file_name(name: str, what: str = "file name") -> str:
+    """A name (optionally with sub-folders) that stays inside the folder it is joined to."""
+    text = name.strip().replace("\\", "/")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts or text.startswith("/") or (len(text) > 1 and text[1] == ":") or ".." in parts:
+        raise PathRefused(f"the {what} {name!r} must be a plain name such as 'my_lora' or 'chars/my_lora': "
+                          "no absolute path and no '..'")
+    return "/".join(parts)

@@ -202,6 +202,7 @@ class Trainer:
         resume: str | Path | None = None,
         free_encoder: Callable[[], None] | None = None,
         console: bool = False,
+        stop_exceptions: tuple[type[BaseException], ...] = (),
     ):
         self.cfg = cfg.validate()
         self.backbone = backbone
@@ -212,6 +213,9 @@ class Trainer:
         self.resume = resume
         self.free_encoder = free_encoder
         self.console = console
+        # Raised inside a step when the host stops it there (ComfyUI's Cancel): the step
+        # is dropped and the run ends as if stopped between steps.
+        self.stop_exceptions = stop_exceptions
         self.step_hooks: list[Callable[[int, "Trainer"], None]] = []
 
     # ------------------------------------------------------------------
@@ -330,6 +334,7 @@ class Trainer:
         while step < cfg.steps:
             t0 = time.perf_counter()
             micro_losses = []
+            step_start = micro_step
             try:
                 for _ in range(cfg.gradient_accumulation):
                     epoch, batch = plan.batch(micro_step)
@@ -351,6 +356,11 @@ class Trainer:
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 raise OutOfMemory(self._oom_message(device)) from None
+            except self.stop_exceptions:
+                optimizer.zero_grad(set_to_none=True)  # the interrupted step is redone on resume
+                path = self._save_checkpoint(state, step, step_start, losses)
+                raise TrainingCancelled(f"stopped during step {step + 1} of {cfg.steps}; checkpoint {path} holds "
+                                        "the run: resume from it to continue", step, str(path)) from None
             step += 1
             loss_value = sum(micro_losses) / len(micro_losses)
             losses.append(loss_value)

@@ -5,4 +5,10 @@ from comfy_api.latest import ComfyExtension, io
 
 class Flux2LoraExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        from .config_node import Flux2LoraConfig
+        from .dataset_node import Flux2LoraDataset
+        from .estimate_node import Flux2VramEstimate
+        from .save_node import Flux2SaveLora
+        from .train_node import Flux2TrainLora
+
+        return [Flux2LoraDataset, Flux2LoraConfig, Flux2VramEstimate, Flux2TrainLora, Flux2SaveLora]

@@ -1,0 +1,123 @@
+"""Flux2LoraConfig: presets, the knobs people change, and every other engine option as YAML."""
+
+from __future__ import annotations
+
+import yaml
+
+from comfy_api.latest import io, ui
+from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help, resolve_config
+from flux2_train.errors import ConfigError
+
+from .training import ConfigHandle, ConfigType, quick_preset_options
+
+CATEGORY = "FLUX.2 LoRA training"
+PRESET = "preset"  # a combo value that leaves the option to the presets
+# Options that other nodes own: the dataset node, or ComfyUI itself (folders, device).
+_NOT_HERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",
+             "max_aspect_ratio", "flip", "model", "encoders", "output_dir", "cache_dir", "device", "resume",
+             "subject_preset", "quick_preset"}
+
+
+def _zero_is_preset(tip: str) -> str:
+    return tip + " 0 = from the presets."
+
+
+class Flux2LoraConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        helps = field_help()
+        return io.Schema(
+            node_id="Flux2LoraConfig",
+            display_name="FLUX.2 LoRA Config",
+            category=CATEGORY,
+            description="Training options: a subject preset, a speed/quality preset, and explicit values that win "
+                        "over both. Shows the resolved options.",
+            inputs=[
+                io.Combo.Input("subject", options=list(SUBJECT_PRESETS), default="character",
+                               tooltip="What the LoRA learns: a character (person, object), a style, or a concept; "
+                                       "sets targets, learning rate, caption dropout, flip and accumulation."),
+                io.Combo.Input("quick_preset", options=quick_preset_options(), default="fast",
+                               tooltip="fast: 800 steps rank 16; quality: 2000 steps rank 32, cosine schedule; "
+                                       "low_vram: checkpointing, 8-bit Adam; auto: fast if it fits the GPU, else "
+                                       "low_vram."),
+                io.Int.Input("rank", default=0, min=0, max=256, tooltip=_zero_is_preset(helps["rank"])),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5,
+                               tooltip=_zero_is_preset(helps["alpha"])),
+                io.Int.Input("steps", default=0, min=0, max=100000, tooltip=_zero_is_preset(helps["steps"])),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=1e-6, round=1e-7,
+                               tooltip=_zero_is_preset(helps["learning_rate"])),
+                io.Combo.Input("optimizer", options=[PRESET, *OPTIMIZERS], default=PRESET,
+                               tooltip=helps["optimizer"]),
+                io.Int.Input("batch_size", default=0, min=0, max=64, tooltip=_zero_is_preset(helps["batch_size"])),
+                io.Int.Input("gradient_accumulation", default=0, min=0, max=256,
+                             tooltip=_zero_is_preset(helps["gradient_accumulation"])),
+                io.Combo.Input("dtype", options=["auto", *DTYPES], default="auto",
+                               tooltip="Precision of the frozen weights; autocast (mixed precision) follows it. "
+                                       "auto: the precision the MODEL was loaded in."),
+                io.Combo.Input("gradient_checkpointing", options=[PRESET, "on", "off"], default=PRESET,
+                               tooltip=helps["gradient_checkpointing"]),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip=_zero_is_preset("Write a checkpoint every N steps (also at the end and on "
+                                                     "Cancel).")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip=helps["seed"]),
+                io.String.Input("advanced", default="", multiline=True, optional=True, advanced=True,
+                                tooltip="Any other training option as YAML, one per line, e.g. "
+                                        "'timestep_sampling: sigmoid' or 'lora_dropout: 0.1'. Names as in "
+                                        "`python -m flux2_train train --help` with _ for -."),
+            ],
+            outputs=[ConfigType.Output(display_name="config")],
+        )
+
+    @classmethod
+    def execute(cls, subject, quick_preset, rank, alpha, steps, learning_rate, optimizer, batch_size,
+                gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="") -> io.NodeOutput:
+        overrides = parse_advanced(advanced)
+        explicit = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                        gradient_accumulation=gradient_accumulation, save_every=save_every)
+        overrides.update({k: v for k, v in explicit.items() if v})
+        if optimizer != PRESET:
+            overrides["optimizer"] = optimizer
+        if gradient_checkpointing != PRESET:
+            overrides["gradient_checkpointing"] = gradient_checkpointing == "on"
+        overrides.update(dtype=dtype, seed=seed)
+        if rank and not alpha:
+            overrides["alpha"] = float(rank)  # alpha = rank: scale 1, the usual choice
+        quick = None if quick_preset == "none" else quick_preset
+        handle = ConfigHandle(subject_preset=subject, quick_preset=quick, overrides=overrides)
+        return io.NodeOutput(handle, ui=ui.PreviewText(describe(handle)))
+
+
+def parse_advanced(text: str) -> dict:
+    if not text or not text.strip():
+        return {}
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the advanced options are not valid YAML ({e}); write one 'name: value' per line") from None
+    if not isinstance(values, dict):
+        raise ConfigError("the advanced options must be 'name: value' lines, e.g. 'lora_dropout: 0.1'")
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown advanced option(s) {', '.join(unknown)}; see `python -m flux2_train train --help`"
+                          " for the names (with _ instead of -)")
+    owned = sorted(set(values) & _NOT_HERE)
+    if owned:
+        raise ConfigError(f"set {', '.join(owned)} on the dataset node (or leave it to ComfyUI), not in advanced")
+    return values
+
+
+def describe(handle: ConfigHandle) -> str:
+    """The options as they will train (the dtype and an auto preset are settled by the MODEL)."""
+    overrides = {k: v for k, v in handle.overrides.items() if k != "dtype"}
+    quick = "fast" if handle.quick_preset == "auto" else handle.quick_preset
+    cfg = resolve_config(handle.subject_preset, quick, overrides=overrides)
+    lines = [f"subject {handle.subject_preset}, quick preset {handle.quick_preset or 'none'}"
+             + (" (fast or low_vram, decided by the GPU)" if handle.quick_preset == "auto" else ""),
+             f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {cfg.targets}",
+             f"{cfg.steps} steps, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), optimizer {cfg.optimizer}",
+             f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation}, dtype {handle.overrides['dtype']}, "
+             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+             f"checkpoint every {cfg.save_every or 'end only'}, seed {cfg.seed}, timesteps {cfg.timestep_sampling}"]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Flux2LoraDataset: an image folder with captions, checked and bucketed before anything trains."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+from flux2_train.data import scan_dataset
+
+from . import paths
+from .training import DatasetHandle, DatasetType
+
+CATEGORY = "FLUX.2 LoRA training"
+
+
+class Flux2LoraDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LoraDataset",
+            display_name="FLUX.2 LoRA Dataset",
+            category=CATEGORY,
+            description="Checks an image folder and its captions and sorts the images into aspect-ratio buckets.",
+            inputs=[
+                io.String.Input("folder", default="lora_dataset",
+                                tooltip="Folder of .png/.jpg/.jpeg/.webp images, relative to ComfyUI's input folder "
+                                        "(other folders only if allow-listed, see the README)."),
+                io.String.Input("caption_extension", default=".txt",
+                                tooltip="Extension of the caption file beside each image (photo.png -> photo.txt)."),
+                io.String.Input("trigger_word", default="",
+                                tooltip="Word that names the subject; put in front of captions that lack it and "
+                                        "used as the caption of images without one."),
+                io.String.Input("default_caption", default="",
+                                tooltip="Caption for images without a caption file (empty: the trigger word)."),
+                io.Int.Input("repeats", default=1, min=1, max=1000,
+                             tooltip="How many times each image appears per epoch."),
+                io.Int.Input("resolution", default=1024, min=64, max=2048, step=16,
+                             tooltip="Training resolution: each bucket keeps about resolution x resolution pixels."),
+                io.Boolean.Input("buckets", default=True,
+                                 tooltip="Keep each image's aspect ratio with aspect buckets; off crops every image "
+                                         "to a square."),
+                io.Boolean.Input("flip", default=False,
+                                 tooltip="Also train on left-right mirrored images (not for subjects with text or "
+                                         "asymmetric features)."),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
+                flip) -> io.NodeOutput:
+        options = dict(dataset=str(paths.dataset_folder(folder)), caption_ext=caption_extension,
+                       trigger_word=trigger_word.strip(), default_caption=default_caption, repeats=repeats,
+                       resolution=resolution, max_aspect_ratio=3.0 if buckets else 1.0, flip=flip)
+        report = scan_dataset(options["dataset"], caption_ext=caption_extension, trigger_word=options["trigger_word"],
+                              default_caption=default_caption, resolution=resolution,
+                              max_aspect_ratio=options["max_aspect_ratio"])
+        return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(report.summary()))

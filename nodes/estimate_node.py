@@ -1,0 +1,32 @@
+"""Flux2VramEstimate: will this run fit the GPU ComfyUI uses, and what to change if not."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from .training import ConfigType, DatasetType, memory_estimate, training_config
+
+CATEGORY = "FLUX.2 LoRA training"
+
+
+class Flux2VramEstimate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2VramEstimate",
+            display_name="FLUX.2 LoRA vRAM Estimate",
+            category=CATEGORY,
+            description="Estimated peak GPU memory of the training run, with a breakdown and a verdict.",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.2 MODEL to train (as loaded: its fp8 or bf16 size counts)."),
+                ConfigType.Input("config", tooltip="Training options from FLUX.2 LoRA Config."),
+                DatasetType.Input("dataset", tooltip="The dataset from FLUX.2 LoRA Dataset (its resolution counts)."),
+            ],
+            outputs=[io.String.Output(display_name="estimate")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, config, dataset) -> io.NodeOutput:
+        text = memory_estimate(model, training_config(model, dataset, config)).summary()
+        return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -1,0 +1,184 @@
+"""What the training node does, apart from its schema: one run of the engine on the graph's models."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+from comfy_api.latest import io
+from flux2_train import checkpoint as ckpt
+from flux2_train.config import QUICK_PRESETS, TrainConfig, resolve_config
+from flux2_train.data import DatasetReport
+from flux2_train.errors import ConfigError, OutOfMemory, TrainingCancelled
+from flux2_train.events import EventBus, StatusEvent, StepEvent
+from flux2_train.lora_files import lora_metadata, to_format
+from flux2_train.memory import GIB, MemoryEstimate, estimate_memory
+from flux2_train.model import ModelSpec
+from flux2_train.train import Trainer, TrainResult
+
+from . import paths
+from .comfy_encoders import ComfyEncoders
+from .comfy_model import ComfyFlux2Backbone, check_flux2, comfy_spec
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVENT = "flux2_lora.progress"
+DatasetType = io.Custom("FLUX2_LORA_DATASET")
+ConfigType = io.Custom("FLUX2_LORA_CONFIG")
+LoraType = io.Custom("FLUX2_LORA")
+LossMapType = io.Custom("LOSS_MAP")  # the type of ComfyUI's own loss-graph node
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass
+class DatasetHandle:
+    """A validated image folder and the options that shaped it."""
+
+    report: DatasetReport
+    options: dict  # TrainConfig fields: dataset, caption_ext, trigger_word, ...
+
+
+@dataclass
+class ConfigHandle:
+    """The config node's choices; resolved against the model when training starts."""
+
+    subject_preset: str | None
+    quick_preset: str | None  # may be "auto": picked from the memory estimate
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoraHandle:
+    """A trained adapter: PEFT-named weights plus what a LoRA file needs beside them."""
+
+    adapter: dict[str, torch.Tensor]
+    cfg: TrainConfig
+    spec: ModelSpec
+    steps: int
+    image_count: int
+    targets: list[str]
+    run_dir: Path
+
+    def metadata(self, fmt: str) -> dict[str, str]:
+        return lora_metadata(cfg=self.cfg, spec=self.spec, steps=self.steps, image_count=self.image_count,
+                             fmt=fmt, targets=self.targets)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes the accelerator has in total (None on the CPU, where the estimate is not a limit)."""
+    if device.type == "cpu":
+        return None
+    return int(comfy.model_management.get_total_memory(device))
+
+
+def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume: str = "") -> TrainConfig:
+    """The engine config for this MODEL: presets, knobs, the dataset's options, ComfyUI's folders and device."""
+    check_flux2(model)
+    spec = comfy_spec(model)
+    device = comfy.model_management.get_torch_device()
+    compute = model.model.get_dtype_inference()
+    overrides = dict(config.overrides)
+    dtype = overrides.pop("dtype", "auto")
+    model_dtype = _DTYPE_NAMES.get(compute, "bfloat16")
+    if dtype not in ("auto", model_dtype):
+        raise ConfigError(f"dtype is {dtype}, but this MODEL computes in {model_dtype}; set dtype to auto (or "
+                          f"{model_dtype}), or load the model with weight_dtype matching {dtype}")
+    overrides.update(dataset.options, dtype=model_dtype, device=str(device), output_dir=str(paths.runs_root()),
+                     cache_dir=str(paths.runs_root() / "cache"))
+    quick = config.quick_preset
+    if quick == "auto":
+        quick = _auto_quick_preset(spec, model, config, overrides, device)
+    cfg = resolve_config(config.subject_preset, quick, overrides=overrides)
+    if resume:
+        cfg.name = paths.run_folder(resume).name
+    return cfg
+
+
+def _auto_quick_preset(spec, model, config: ConfigHandle, overrides: dict, device) -> str:
+    """`fast` when it fits the card, else `low_vram`."""
+    available = device_memory(device)
+    fast = resolve_config(config.subject_preset, "fast", overrides=overrides)
+    if available is None or estimate_memory(spec, fast, model.model_size(), available).verdict == "fits":
+        return "fast"
+    return "low_vram"
+
+
+def memory_estimate(model, cfg: TrainConfig) -> MemoryEstimate:
+    device = comfy.model_management.get_torch_device()
+    return estimate_memory(comfy_spec(model), cfg, weight_bytes=model.model_size(), available=device_memory(device))
+
+
+class ComfyProgress:
+    """Engine events to ComfyUI: the node's progress bar and a websocket message per step."""
+
+    def __init__(self, node_id: str | None, total: int):
+        from server import PromptServer
+
+        self.server = PromptServer.instance
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        device = comfy.model_management.get_torch_device()
+        self.memory_total = device_memory(device) or 0
+
+    def __call__(self, event) -> None:
+        if isinstance(event, StepEvent):
+            try:
+                self.bar.update_absolute(event.step, event.total)
+            except comfy.model_management.InterruptProcessingException:
+                pass  # the run stops at the end of this step, after writing a checkpoint
+            payload = event.to_dict() | {"memory_total_bytes": self.memory_total}
+        elif isinstance(event, StatusEvent):
+            payload = event.to_dict()
+        else:
+            return
+        self.server.send_sync(PROGRESS_EVENT, {"node": self.node_id, **payload}, self.server.client_id)
+
+
+def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",
+               node_id: str | None = None) -> tuple[object, LoraHandle, dict]:
+    """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history)."""
+    cfg = training_config(model, dataset, config, resume)
+    estimate = memory_estimate(model, cfg)
+    log.info("FLUX.2 LoRA training: %s", estimate.summary().replace("\n", "; "))
+    if estimate.available and estimate.total > 1.5 * estimate.available:
+        raise OutOfMemory(f"this run needs about {estimate.total / GIB:.0f} GiB; the GPU has "
+                          f"{estimate.available / GIB:.0f} GiB. {estimate.summary()}")
+    resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
+
+    events = EventBus([ComfyProgress(node_id, cfg.steps)])
+    encoder = ComfyEncoders(clip, vae, model)
+    backbone = ComfyFlux2Backbone(model, memory_required=max(0, estimate.total - estimate.parts["frozen weights"]))
+    trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=events,
+                      should_stop=comfy.model_management.processing_interrupted, resume=resume_path,
+                      stop_exceptions=(comfy.model_management.InterruptProcessingException,))
+    with torch.inference_mode(False):
+        try:
+            result: TrainResult = trainer.run()
+        except TrainingCancelled as e:
+            log.info("%s", e)
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException() from None  # the UI shows "cancelled"
+        finally:
+            backbone.release()
+
+    lora = LoraHandle(adapter=result.adapter, cfg=cfg, spec=result.spec, steps=result.steps,
+                      image_count=len(result.dataset.items), targets=result.targets, run_dir=result.run_dir)
+    return apply_lora(model, lora), lora, {"loss": list(result.losses)}
+
+
+def apply_lora(model, lora: LoraHandle, strength: float = 1.0):
+    """A clone of MODEL with the LoRA patched in exactly as LoraLoaderModelOnly patches a file."""
+    state = to_format(lora.adapter, lora.cfg.rank, lora.cfg.alpha, "comfyui", dtype=torch.float32)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, state, strength, 0)
+    return patched
+
+
+def quick_preset_options() -> list[str]:
+    return ["none", *QUICK_PRESETS, "auto"]

@@ -1,0 +1,124 @@
+"""ComfyUI's own FLUX.2 model, trained in place: same math as the diffusers path, shared model untouched.
+
+ComfyUI is imported into the test process (CPU); the model is the tiny FLUX.2
+built by diffusers' class, converted to ComfyUI's layout, loaded by ComfyUI's
+loader under inference mode as ComfyUI's executor does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux2_train.demo import DEMO_DATA
+from flux2_train.encoders import load_pipeline_encoders
+from flux2_train.errors import ModelError
+from flux2_train.keys import diffusers_to_bfl_state_dict
+from flux2_train.model import load_transformer
+from flux2_train.train import Trainer
+from test_train import make_cfg
+
+pytestmark = pytest.mark.comfyui
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    """The node pack imported the way ComfyUI imports a custom-node folder."""
+    name = "flux2_lora_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.nodes.comfy_model")
+
+
+def comfy_model(comfy, diffusers_backbone):
+    sd = diffusers_to_bfl_state_dict(diffusers_backbone.module.state_dict())
+    with torch.inference_mode():  # as ComfyUI's executor runs the loader node
+        return comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in sd.items()},
+                                                        model_options={"dtype": torch.float32})
+
+
+def run(cfg, backbone, model_dir):
+    encoder = load_pipeline_encoders(model_dir, device="cpu", dtype=torch.float32)
+    return Trainer(cfg, backbone, encoder=encoder).run()
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("klein", dict()),
+    ("dev", dict(targets="all_linear", gradient_checkpointing=True)),
+])
+def test_the_comfyui_model_trains_exactly_like_the_diffusers_model(kind, options, comfy, pack, tmp_path,
+                                                                   tiny_pipeline_dir, tiny_dev_pipeline_dir):
+    model_dir = tiny_dev_pipeline_dir if kind == "dev" else tiny_pipeline_dir
+    common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=5, save_every=0, cache_dir=str(tmp_path / "cache"),
+                  **options)
+    reference = run(make_cfg(DEMO_DATA, model_dir, tmp_path / "diffusers", **common),
+                    load_transformer(model_dir, dtype=torch.float32), model_dir)
+    patcher = comfy_model(comfy, load_transformer(model_dir, dtype=torch.float32))
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    try:
+        trained = run(make_cfg(DEMO_DATA, model_dir, tmp_path / "comfy", **common), backbone, model_dir)
+    finally:
+        backbone.release()
+    assert trained.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert trained.adapter.keys() == reference.adapter.keys()
+    for key, value in reference.adapter.items():
+        torch.testing.assert_close(trained.adapter[key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_pipeline_dir):
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    model = patcher.model.diffusion_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = {k: (v.data_ptr(), v.is_inference()) for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    try:
+        run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0,
+                     learning_rate=1e-2, cache_dir=str(tmp_path / "cache")), backbone, tiny_pipeline_dir)
+    finally:
+        backbone.release()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: (v.data_ptr(), v.is_inference()) for k, v in after.items()} == tensors  # no copy, originals back
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert patcher.patches == {} and patcher.get_injections(pack.INJECTION_KEY) is None
+    assert comfy.model_management.in_training is False
+
+
+def test_the_adapters_are_live_only_while_training(comfy, pack, tiny_pipeline_dir):
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    x, ctx, sigma = torch.randn(1, 128, 4, 4), torch.randn(1, 8, 96), torch.tensor([0.5])
+    with torch.no_grad():
+        plain = backbone.predict(x, sigma, ctx)
+    backbone.prepare(torch.device("cpu"), torch.float32)
+    params = backbone.add_lora(["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_out"],
+                               rank=4, alpha=4.0, dropout=0.0, seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+        adapted = backbone.predict(x, sigma, ctx)
+    backbone.release()
+    with torch.no_grad():
+        again = backbone.predict(x, sigma, ctx)
+    assert not torch.allclose(plain, adapted)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
+    import comfy.model_base
+
+    for cls, name in [(comfy.model_base.SDXL, "SDXL"), (comfy.model_base.Flux, "FLUX.1")]:
+        fake_patcher = types.SimpleNamespace(model=cls.__new__(cls))
+        with pytest.raises(ModelError, match=f"this MODEL is {name}; the trainer needs FLUX.2"):
+            pack.check_flux2(fake_patcher)

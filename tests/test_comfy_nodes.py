@@ -1,0 +1,169 @@
+"""The node pack in a running ComfyUI: register, train, save where the loaders look, cancel and resume, refuse bad input.
+
+The server runs on the CPU with tiny FLUX.2 models: the DiT through the stock
+Load Diffusion Model, the text encoder and VAE through test-only loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from comfyui_harness import ExecutionFailed, TINY_MODEL_FILES, output_images
+from flux2_train.demo import DEMO_DATA
+
+pytestmark = pytest.mark.comfyui
+NODE_IDS = ["Flux2LoraDataset", "Flux2LoraConfig", "Flux2VramEstimate", "Flux2TrainLora", "Flux2SaveLora"]
+
+
+@pytest.fixture(scope="module")
+def dataset_name(comfy_server) -> str:
+    dst = comfy_server.input_dir / "robots"
+    if not dst.exists():
+        shutil.copytree(DEMO_DATA, dst, ignore=shutil.ignore_patterns("*.md"))
+    return "robots"
+
+
+def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora", resume: str = "",
+                    folder: str | None = None, kind: str = "klein", seed: int = 1) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_FILES[kind], "weight_dtype": "default"}},
+        "2": {"class_type": "Flux2TestTinyCLIP", "inputs": {"type": kind}},
+        "3": {"class_type": "Flux2TestTinyVAE", "inputs": {}},
+        "4": {"class_type": "Flux2LoraDataset", "inputs": {
+            "folder": folder or dataset, "caption_extension": ".txt", "trigger_word": "r0b0t", "default_caption": "",
+            "repeats": 1, "resolution": 128, "buckets": True, "flip": False}},
+        "5": {"class_type": "Flux2LoraConfig", "inputs": {
+            "subject": "character", "quick_preset": "fast", "rank": 4, "alpha": 4.0, "steps": steps,
+            "learning_rate": 3e-3, "optimizer": "adamw", "batch_size": 1, "gradient_accumulation": 1,
+            "dtype": "auto", "gradient_checkpointing": "preset", "save_every": 2, "seed": seed,
+            "advanced": "max_sequence_length: 64\ncaption_dropout: 0.0"}},
+        "6": {"class_type": "Flux2TrainLora", "inputs": {
+            "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": ["4", 0], "config": ["5", 0],
+            "resume": resume}},
+        "7": {"class_type": "Flux2SaveLora", "inputs": {"lora": ["6", 1], "file_name": file_name, "overwrite": False,
+                                                      "format": "diffusers"}},
+    }
+
+
+def sampling_prompt(lora_name: str | None = None, seed: int = 3) -> dict:
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_FILES["klein"], "weight_dtype": "default"}},
+        "2": {"class_type": "Flux2TestTinyCLIP", "inputs": {"type": "klein"}},
+        "3": {"class_type": "Flux2TestTinyVAE", "inputs": {}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "r0b0t standing", "clip": ["2", 0]}},
+        "5": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["3", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "sample"}},
+    }
+    if lora_name:
+        prompt["10"] = {"class_type": "LoraLoaderModelOnly",
+                        "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}}
+        model = ["10", 0]
+    prompt["6"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}
+    return prompt
+
+
+def image_bytes(server, entry) -> bytes:
+    (path,) = output_images(server, entry)
+    return path.read_bytes()
+
+
+def node_error(server, prompt) -> str:
+    with pytest.raises(ExecutionFailed) as e:
+        server.run(prompt, timeout=120)
+    return str(e.value)
+
+
+def test_the_five_nodes_register_with_a_tooltip_on_every_input(comfy_server):
+    info = comfy_server.object_info()
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} missing from /object_info"
+        node = info[node_id]
+        assert node["category"] == "FLUX.2 LoRA training"
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_name):
+    server = comfy_server
+    before, _ = server.run(sampling_prompt(), timeout=120)
+    entry, events = server.run(training_prompt(dataset_name, file_name="robot_lora"), timeout=300)
+
+    saved = entry["outputs"]["7"]["text"][0]
+    assert saved.startswith("saved ") and "robot_lora" in saved
+    lora_file = server.models_dir / "loras" / "robot_lora.safetensors"
+    assert lora_file.is_file()
+    listed = server.object_info(refresh=True)["LoraLoaderModelOnly"]["input"]["required"]["lora_name"][0]
+    assert "robot_lora.safetensors" in listed
+
+    progress = [d for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"]
+    assert [d["step"] for d in progress] == [1, 2, 3, 4]
+    assert all(d["node"] == "6" and d["total"] == 4 and d["loss"] > 0 for d in progress)
+    assert {"smoothed_loss", "lr", "seconds_per_step", "eta_seconds", "peak_memory_bytes"} <= set(progress[-1])
+    assert any(kind == "progress" and d.get("node") == "6" for kind, d in events)  # ComfyUI's progress bar
+
+    # The MODEL held by the loader is unchanged: same image as before training.
+    after, _ = server.run(sampling_prompt(), timeout=120)
+    assert image_bytes(server, after) == image_bytes(server, before)
+
+    log_start = len(server.log_text())
+    with_lora, _ = server.run(sampling_prompt("robot_lora.safetensors"), timeout=120)
+    assert "lora key not loaded" not in server.log_text()[log_start:]
+    assert image_bytes(server, with_lora) != image_bytes(server, before)
+
+
+def test_saving_twice_adds_a_counter_instead_of_overwriting(comfy_server, dataset_name):
+    # A changed seed: ComfyUI re-runs nothing for an unchanged graph.
+    comfy_server.run(training_prompt(dataset_name, steps=1, file_name="twice", seed=5), timeout=300)
+    comfy_server.run(training_prompt(dataset_name, steps=1, file_name="twice", seed=6), timeout=300)
+    folder = comfy_server.models_dir / "loras"
+    assert (folder / "twice.safetensors").is_file()
+    assert (folder / "twice_001.safetensors").is_file()
+
+
+def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, dataset_name):
+    server = comfy_server
+
+    def cancel_after_two_steps(kind, data):
+        if kind == "flux2_lora.progress" and data.get("kind") == "step" and data["step"] == 2:
+            server.interrupt()
+
+    entry, events = server.run(training_prompt(dataset_name, steps=50, file_name="cancelled"), timeout=300,
+                               check=False, on_event=cancel_after_two_steps)
+    assert any(kind == "execution_interrupted" for kind, _ in events)
+    cancelled = [d for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "cancelled"]
+    assert cancelled, f"no cancelled status was sent: {[(k, d.get('kind'), d.get('step')) for k, d in events][-12:]}"
+    stopped_at = cancelled[0]["step"]
+    runs = sorted((server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
+    run_dir = runs[-1]
+    assert (run_dir / "checkpoints" / f"step-{stopped_at:06d}").is_dir() or any((run_dir / "checkpoints").iterdir())
+
+    entry, events = server.run(training_prompt(dataset_name, steps=stopped_at + 2, file_name="resumed",
+                                               resume=run_dir.name), timeout=300)
+    steps = [d["step"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"]
+    assert steps == [stopped_at + 1, stopped_at + 2]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m.get("kind") == "step"][-2:] == steps
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("/etc", "is outside the folders this trainer may use"),
+    ("../models", "is outside the folders this trainer may use"),
+    ("no_such_folder", "no_such_folder"),
+])
+def test_a_dataset_folder_outside_the_allowed_roots_or_missing_is_refused(comfy_server, dataset_name, folder,
+                                                                          message):
+    assert message in node_error(comfy_server, training_prompt(dataset_name, folder=folder))
+
+
+@pytest.mark.parametrize("file_name", ["../escape", "/tmp/escape", "a/../../b"])
+def test_a_lora_file_name_cannot_climb_out_of_the_loras_folder(comfy_server, dataset_name, file_name):
+    error = node_error(comfy_server, training_prompt(dataset_name, steps=1, file_name=file_name))
+    assert "must be a plain name" in error
