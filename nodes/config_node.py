@@ -8,9 +8,8 @@ from comfy_api.latest import io, ui
 from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help, resolve_config
 from flux2_train.errors import ConfigError
 
-from .training import ConfigHandle, ConfigType, quick_preset_options
+from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
 
-CATEGORY = "FLUX.2 LoRA training"
 PRESET = "preset"  # a combo value that leaves the option to the presets
 # Options that other nodes own: the dataset node, or ComfyUI itself (folders, device).
 _NOT_HERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",

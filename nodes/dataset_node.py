@@ -6,9 +6,8 @@ from comfy_api.latest import io, ui
 from flux2_train.data import scan_dataset
 
 from . import paths
-from .training import DatasetHandle, DatasetType
+from .training import CATEGORY, DatasetHandle, DatasetType
 
-CATEGORY = "FLUX.2 LoRA training"
 
 
 class Flux2LoraDataset(io.ComfyNode):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from .training import ConfigType, DatasetType, memory_estimate, training_config
+from .training import CATEGORY, ConfigType, DatasetType, memory_estimate, training_config
 
-CATEGORY = "FLUX.2 LoRA training"
 
 
 class Flux2VramEstimate(io.ComfyNode):

@@ -7,9 +7,8 @@ from flux2_train.config import LORA_FORMATS
 from flux2_train.lora_files import save_lora
 
 from . import paths
-from .training import LoraType
+from .training import CATEGORY, LoraType
 
-CATEGORY = "FLUX.2 LoRA training"
 
 
 class Flux2SaveLora(io.ComfyNode):

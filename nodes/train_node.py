@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .training import ConfigType, DatasetType, LoraType, LossMapType, train_lora
+from .training import CATEGORY, ConfigType, DatasetType, LoraType, LossMapType, train_lora
 
-CATEGORY = "FLUX.2 LoRA training"
 
 
 class Flux2TrainLora(io.ComfyNode):

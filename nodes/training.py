@@ -28,6 +28,7 @@ from .comfy_model import ComfyFlux2Backbone, check_flux2, comfy_spec
 
 log = logging.getLogger(__name__)
 
+CATEGORY = "FLUX.2 LoRA training"
 PROGRESS_EVENT = "flux2_lora.progress"
 DatasetType = io.Custom("FLUX2_LORA_DATASET")
 ConfigType = io.Custom("FLUX2_LORA_CONFIG")
