@@ -39,3 +39,52 @@ def demo_dataset(tmp_path) -> Path:
     dst = tmp_path / "dataset"
     shutil.copytree(DEMO_DATA, dst, ignore=shutil.ignore_patterns("*.md"))
     return dst
+
+
+# --------------------------------------------------------------------------- real ComfyUI
+# Fixtures for tests marked `comfyui`: they skip when no ComfyUI is configured and fail
+# when one is configured but broken (see tests/comfyui_harness.py).
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    """The ComfyUI tree from COMFYUI_DIR or COMFYUI_ARCHIVE, checked against this Python."""
+    from comfyui_harness import SKIP_REASON, ComfyUISetupError, check_comfyui, locate_comfyui
+
+    try:
+        path = locate_comfyui()
+        if path is not None:
+            check_comfyui(path)
+        problem = None
+    except ComfyUISetupError as e:
+        problem = str(e)
+    if problem:  # configured but broken: a failure, not a skip
+        pytest.fail(problem, pytrace=False)
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_dir):
+    """ComfyUI imported into this process on the CPU: a namespace of `comfy.*` modules,
+    plus `tiny_clip(kind)` and `tiny_vae()` from the test nodes."""
+    import comfy_test_nodes
+    from comfyui_harness import import_comfy
+
+    ns = import_comfy(comfyui_dir)
+    ns.tiny_clip = comfy_test_nodes.tiny_clip
+    ns.tiny_vae = comfy_test_nodes.tiny_vae
+    return ns
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_dir, tmp_path_factory):
+    """A running ComfyUI with the pack and the test nodes, and the tiny FLUX.2 DiTs in
+    models/diffusion_models/ under the names of ComfyUI's templates (TINY_MODEL_FILES)."""
+    from comfyui_harness import ComfyServer, write_tiny_models
+
+    server = ComfyServer(comfyui_dir, tmp_path_factory.mktemp("comfyui-base"), extra_args=["--disable-api-nodes"])
+    write_tiny_models(server.models_dir)
+    with server:
+        yield server
