@@ -21,6 +21,7 @@ import logging
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 import comfy.model_base
@@ -205,7 +206,7 @@ class ComfyFlux2Backbone:
             g = 1.0 if guidance is None else float(guidance)
             kwargs["guidance"] = torch.full((b,), g, device=latents.device, dtype=torch.float32)
         timesteps = self.patcher.model.model_sampling.timestep(sigmas).float()
-        with CopyNormInputs():
+        with TrainingForward():
             return self.diffusion_model(latents, timesteps, context=text_embeds,
                                         transformer_options=self._transformer_options(), **kwargs)
 
@@ -247,7 +248,9 @@ class ComfyFlux2Backbone:
         for module in self.diffusion_model.modules():
             for store, is_param in ((module._parameters, True), (module._buffers, False)):
                 for name, t in list(store.items()):
-                    if t is None or not t.is_inference():
+                    # All of them: a Parameter moved by `.data =` onto the GPU keeps its
+                    # inference flag without `is_inference()` saying so.
+                    if t is None:
                         continue
                     view = torch.empty(0, dtype=t.dtype, device=t.device)
                     view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
@@ -268,22 +271,33 @@ class ComfyFlux2Backbone:
         return options
 
 
-class CopyNormInputs(TorchFunctionMode):
-    """Give each LayerNorm its own copy of an input that needs gradients.
+class TrainingForward(TorchFunctionMode):
+    """Two adjustments that make ComfyUI's FLUX.2 forward differentiable, without touching its code.
 
-    ComfyUI's FLUX blocks add residuals in place (`img += ...`) into the tensor a
-    LayerNorm just read, and LayerNorm keeps its input for the backward pass, which
-    autograd then refuses. Normalising a copy leaves ComfyUI's code as it is.
+    - Each LayerNorm gets its own copy of an input that needs gradients: the blocks
+      add residuals in place (`img += ...`) into the tensor a LayerNorm just read and
+      kept for its backward pass, which autograd refuses.
+    - Attention runs on a fixed set of SDPA kernels without cuDNN: ComfyUI's kernel
+      priority is not applied the same way in the forward pass and in the checkpoint
+      recomputation (autograd's thread), and cuDNN and FlashAttention save different
+      tensors, which the checkpoint rejects.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.nn.functional.layer_norm and args[0].requires_grad:
             args = (args[0].clone(), *args[1:])
-        return func(*args, **(kwargs or {}))
+        elif func is torch.nn.functional.scaled_dot_product_attention and args[0].is_cuda:
+            with sdpa_kernel(_SDPA_BACKENDS):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _run_double(block: nn.Module, img, txt, vec, pe, attn_mask, transformer_options) -> dict:
-    with CopyNormInputs():  # the recomputation runs outside `predict`'s mode
+    with TrainingForward():  # the recomputation runs outside `predict`'s mode
         # Copies, because the block adds into its inputs and the checkpoint recomputes from them.
         img, txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
                          transformer_options=transformer_options)
@@ -291,7 +305,7 @@ def _run_double(block: nn.Module, img, txt, vec, pe, attn_mask, transformer_opti
 
 
 def _run_single(block: nn.Module, img, vec, pe, attn_mask, transformer_options) -> dict:
-    with CopyNormInputs():
+    with TrainingForward():
         return {"img": block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
                              transformer_options=transformer_options)}
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import folder_paths
-from flux2_train.errors import ConfigError
+from flux2_train.errors import ConfigError, DatasetError
 from flux2_train.fsutil import check_file_name, resolve_within
 
 SETTINGS_FILE = "flux2_lora_trainer.json"
@@ -39,7 +39,11 @@ def allowed_dataset_roots() -> list[Path]:
 
 
 def dataset_folder(text: str) -> Path:
-    return resolve_within(text, allowed_dataset_roots(), "dataset folder")
+    folder = resolve_within(text, allowed_dataset_roots(), "dataset folder")
+    if not folder.is_dir():
+        raise DatasetError(f"the dataset folder {folder} does not exist: put your images (and optional .txt "
+                           f"captions) in {folder}, or set the folder to one under {allowed_dataset_roots()[0]}")
+    return folder
 
 
 def runs_root() -> Path:

@@ -122,3 +122,87 @@ def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
         fake_patcher = types.SimpleNamespace(model=cls.__new__(cls))
         with pytest.raises(ModelError, match=f"this MODEL is {name}; the trainer needs FLUX.2"):
             pack.check_flux2(fake_patcher)
+
+
+def test_training_reads_the_loaded_weights_without_copying_them(comfy, pack, tmp_path, tiny_pipeline_dir):
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    model = patcher.model.diffusion_model
+    storages = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+    seen = {}
+
+    def check_storage(step, trainer):
+        seen[step] = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)
+    trainer = Trainer(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=2, save_every=0,
+                               cache_dir=str(tmp_path / "cache")), backbone, encoder=encoder)
+    trainer.step_hooks.append(check_storage)
+    try:
+        trainer.run()
+    finally:
+        backbone.release()
+    assert seen and all(s == storages for s in seen.values())
+
+
+def test_a_lora_applied_upstream_is_trained_on_top_of(comfy, pack, tiny_pipeline_dir):
+    """Load LoRA before the trainer: the frozen base the adapters learn on includes it."""
+    from flux2_train.lora_files import to_format
+
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    g = torch.Generator().manual_seed(0)
+    upstream = {"single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.randn(4, 512, generator=g),
+                "single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.randn(128, 4, generator=g)}
+    with torch.inference_mode():
+        with_lora, _ = comfy.sd.load_lora_for_models(patcher, None, to_format(upstream, 4, 4.0, "comfyui",
+                                                                                 dtype=torch.float32), 1.0, 0)
+    x, ctx, sigma = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g), torch.tensor([0.5])
+
+    def prediction(p, train: bool):
+        backbone = pack.ComfyFlux2Backbone(p)
+        if train:
+            backbone.prepare(torch.device("cpu"), torch.float32)
+            backbone.add_lora(["transformer_blocks.0.attn.to_q"], rank=4, alpha=4.0, dropout=0.0, seed=0)
+        else:
+            comfy.model_management.load_models_gpu([backbone.patcher])
+        try:
+            with torch.no_grad():
+                return backbone.predict(x, sigma, ctx)
+        finally:
+            backbone.release()
+
+    plain, reference = prediction(patcher, train=False), prediction(with_lora, train=False)
+    training_start = prediction(with_lora, train=True)  # fresh adapters add zero
+    assert not torch.allclose(plain, reference)
+    torch.testing.assert_close(training_start, reference)
+    assert len(with_lora.patches) == 1 and patcher.patches == {}
+
+
+def test_comfyui_loads_the_saved_lora_as_exactly_the_trained_update(comfy, pack, tmp_path, tiny_pipeline_dir):
+    from safetensors.torch import load_file
+
+    from flux2_train.lora import module_deltas
+    from flux2_train.lora_files import save_lora
+
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    try:
+        result = run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0,
+                              learning_rate=5e-2, targets="all_linear", cache_dir=str(tmp_path / "cache")),
+                     backbone, tiny_pipeline_dir)
+    finally:
+        backbone.release()
+    path = save_lora(tmp_path / "lora.safetensors", result.adapter, rank=4, alpha=4.0, fmt="diffusers",
+                     metadata={})
+    original = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    with torch.inference_mode():
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, load_file(str(path)), 1.0, 0)
+        comfy.model_management.load_models_gpu([loaded], force_full_load=True)
+        patched = {k: v.clone() for k, v in loaded.model.diffusion_model.state_dict().items()}
+        loaded.unpatch_model()
+    deltas = diffusers_to_bfl_state_dict({f"{k}.weight": v for k, v in module_deltas(result.adapter, 4, 4.0).items()})
+    assert set(deltas) <= set(patched)
+    for key, delta in deltas.items():
+        torch.testing.assert_close(patched[key] - original[key], delta, rtol=1e-2, atol=2e-3)
+    untouched = set(patched) - set(deltas)
+    assert all(torch.equal(patched[k], original[k]) for k in untouched)

@@ -4,9 +4,11 @@ Opens the server's page in headless Chromium (through Playwright), waits for the
 front end to start, loads the workflow with ``app.loadGraphData(workflow)`` as the
 page does for a template or a dropped file, and writes a screenshot. It also
 prints a JSON report of what the page made of the workflow: the node types it does
-not know (the red "missing node" boxes), links whose ends did not connect, and the
-workflow as the page would save it again (``--saved``) and the API prompt it would
-queue (``--prompt``), for comparing with the file.
+not know (`missing`, the red "missing node" boxes), nodes it marks with an error
+(`errors`, e.g. a model file that is not installed), links whose ends did not connect
+(`broken`), nodes that overlap (`overlaps`) or are smaller than their widgets need
+(`tooSmall`), and page errors. ``--saved`` writes the workflow as the page would save
+it again and ``--prompt`` the API prompt it would queue, for comparing with the file.
 
     python tools/screenshot_workflow.py http://127.0.0.1:8188 example_workflows/x.json \\
         --out /tmp/x.png [--fit] [--saved /tmp/x.saved.json] [--prompt /tmp/x.api.json]
@@ -69,6 +71,25 @@ async () => {
 """
 
 
+# Fit every node into the visible canvas (screen = (pos + offset) * scale), as "Fit view" does.
+_FIT_JS = """
+() => {
+  const c = window.app.canvas, ns = window.app.graph._nodes, title = 30, pad = 40;
+  if (!ns.length) return;
+  const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - title));
+  const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
+  // The side bar and the top menu lie over the canvas: keep the nodes clear of them.
+  const rect = c.canvas.getBoundingClientRect(), left = 80, top = 100;
+  const w = rect.width - left - pad, h = rect.height - top - pad;
+  const scale = Math.min(1, w / (x1 - x0), h / (y1 - y0));
+  c.ds.scale = scale;
+  c.ds.offset[0] = (left + (w - (x1 - x0) * scale) / 2) / scale - x0;
+  c.ds.offset[1] = (top + (h - (y1 - y0) * scale) / 2) / scale - y0;
+  c.setDirty(true, true);
+}
+"""
+
+
 def find_browser(playwright, explicit: str | None) -> str | None:
     """A Chromium executable for Playwright, or None to use Playwright's own download."""
     if explicit:
@@ -110,17 +131,7 @@ def screenshot(url: str, workflow: dict, out: Path, *, width: int = 1920, height
                 page.keyboard.press("Escape")
             page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, null); }", workflow)
             if fit:
-                page.evaluate("""() => {
-                    const c = window.app.canvas;
-                    if (c.fitViewToSelectionAnimated) { c.selectItems?.(); c.fitViewToSelectionAnimated({duration: 0}); c.deselectAll?.(); }
-                    else if (c.ds?.fitToBounds) {
-                        const ns = window.app.graph._nodes; const t = 40;
-                        const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - t));
-                        const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
-                        c.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0]);
-                    }
-                    c.setDirty(true, true);
-                }""")
+                page.evaluate(_FIT_JS)
             page.wait_for_timeout(wait_ms)
             for _ in range(2):
                 page.keyboard.press("Escape")

@@ -1,0 +1,176 @@
+"""Speed and memory of training on ComfyUI's own FLUX.2 model, as the training node does it.
+
+The model is ComfyUI's FLUX.2 class at a released family's size with random
+weights, loaded the way Load Diffusion Model loads a file (`comfy.sd.
+load_diffusion_model_state_dict` under inference mode, weights on the CPU until
+ComfyUI's model management moves them). The run is the node's path: the pack's
+`ComfyFlux2Backbone` on a ModelPatcher, the engine's Trainer, features from
+`train_speed.SyntheticEncoder` (the text encoder and VAE only fill the cache).
+
+    python bench/comfy_train_speed.py --comfyui /path/to/ComfyUI --family klein-4b --resolution 1024 --steps 25
+    python bench/comfy_train_speed.py ... --weight-dtype fp8_e4m3fn --gradient-checkpointing
+
+With OUT set, the result is appended to $OUT/comfy_bench.json. Compare with
+`bench/train_speed.py` (the diffusers path) on the same card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from train_speed import TEXT_TOKENS, SyntheticEncoder, env_info, family_config, write_dataset  # noqa: E402
+
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+def import_comfy(comfy_dir: Path, cpu: bool = False, dynamic_vram: bool = True):
+    sys.path.insert(0, str(comfy_dir))
+    import comfy.options  # noqa: F401
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    args.disable_dynamic_vram = not dynamic_vram  # ComfyUI's --disable-dynamic-vram
+    import comfy.model_management
+    import comfy.sd
+
+    return comfy
+
+
+def import_pack():
+    """The node pack, imported as ComfyUI imports a custom-node folder."""
+    spec = importlib.util.spec_from_file_location("flux2_lora_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flux2_lora_pack"] = module
+    spec.loader.exec_module(module)
+    from flux2_lora_pack.nodes import comfy_model
+
+    return comfy_model
+
+
+def random_bfl_state_dict(config: dict, seed: int) -> dict:
+    """Random bf16 weights on the CPU under ComfyUI's (BFL) key names, shapes from diffusers' class."""
+    from diffusers import Flux2Transformer2DModel
+
+    from flux2_train.keys import diffusers_to_bfl_state_dict
+
+    with torch.device("meta"):
+        shapes = diffusers_to_bfl_state_dict(Flux2Transformer2DModel(**config).state_dict())
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # drawn on the GPU for speed, kept on the CPU like a file
+    g = torch.Generator(device).manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
+            for k, v in shapes.items()}
+
+
+def run(args) -> dict:
+    comfy = import_comfy(Path(args.comfyui), cpu=args.cpu, dynamic_vram=not args.no_dynamic_vram)
+    comfy_model = import_pack()
+    from flux2_train.config import resolve_config
+    from flux2_train.events import EventBus, StepEvent
+    from flux2_train.train import Trainer
+
+    device = comfy.model_management.get_torch_device()
+    config = family_config(args.family)
+    rec = dict(path="comfyui", dynamic_vram=not args.no_dynamic_vram, family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
+               targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+               weight_dtype=args.weight_dtype, status="ok", error="")
+    rec.update(env_info(device))
+    work = Path(tempfile.mkdtemp(prefix="comfy_speed_"))
+    try:
+        write_dataset(work / "data", args.resolution, args.images)
+        t0 = time.perf_counter()
+        sd = random_bfl_state_dict(config, args.seed)
+        options = {"dtype": WEIGHT_DTYPES[args.weight_dtype]} if WEIGHT_DTYPES[args.weight_dtype] else {}
+        with torch.inference_mode():  # as ComfyUI's executor runs the loader node
+            patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+        del sd
+        rec["load_seconds"] = time.perf_counter() - t0
+        rec["patcher"] = type(patcher).__name__
+        rec["model_bytes"] = patcher.model_size()
+        rec["compute_dtype"] = str(patcher.model.get_dtype_inference())
+        backbone = comfy_model.ComfyFlux2Backbone(patcher)
+        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+        dtype = names.get(patcher.model.get_dtype_inference(), "bfloat16")
+        cfg = resolve_config(overrides=dict(
+            dataset=str(work / "data"), output_dir=str(work / "runs"), cache_dir=str(work / "cache"),
+            name="bench", resolution=args.resolution, steps=args.steps, rank=args.rank, alpha=float(args.rank),
+            targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype=dtype,
+            device=str(device), batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
+            keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS))
+        steps = []
+
+        def on_event(ev):
+            if isinstance(ev, StepEvent):
+                steps.append((ev.seconds_per_step, ev.loss))
+                if ev.step <= 3 or ev.step % 5 == 0:
+                    print(f"  step {ev.step}/{ev.total} loss {ev.loss:.4f} {ev.seconds_per_step:.3f} s "
+                          f"peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode(False):
+            try:
+                result = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
+                                 events=EventBus([on_event])).run()
+            finally:
+                backbone.release()
+        rec["lora_layers"] = len(result.targets)
+        secs = [s for s, _ in steps][args.warmup:]
+        rec["median_s_per_step"] = statistics.median(secs)
+        rec["losses"] = [loss for _, loss in steps]
+        if device.type == "cuda":
+            rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rec["loaded_gib"] = patcher.loaded_size() / 2**30
+    except Exception as e:
+        rec.update(status="error", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR", ""), help="ComfyUI tree (folder with main.py)")
+    p.add_argument("--family", default="klein-4b")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="attention_mlp")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-dynamic-vram", action="store_true", help="as ComfyUI's --disable-dynamic-vram")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test with --family tiny)")
+    args = p.parse_args(argv)
+    if not args.comfyui:
+        raise SystemExit("--comfyui (or COMFYUI_DIR) must name a ComfyUI tree")
+    rec = run(args)
+    print(json.dumps({k: v for k, v in rec.items() if k != "losses"}, indent=1))
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "comfy_bench.json"
+        runs = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(runs + [rec], indent=1))
+    return 0 if rec["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
