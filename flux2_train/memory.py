@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
+from .errors import OutOfMemory
 from .model import ModelSpec
 
 GIB = 2**30
@@ -37,6 +38,12 @@ class MemoryEstimate:
         if self.total <= self.available:
             return "tight"
         return "does not fit"
+
+    def check(self, margin: float = 1.5) -> None:
+        """Refuse a run that needs far more than the device has (estimates are approximate: a margin)."""
+        if self.available and self.total > margin * self.available:
+            raise OutOfMemory(f"this run needs about {self.total / GIB:.0f} GiB; the GPU has "
+                              f"{self.available / GIB:.0f} GiB.\n{self.summary()}")
 
     def summary(self) -> str:
         lines = [f"estimated peak {self.total / GIB:.1f} GiB"

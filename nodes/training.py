@@ -15,10 +15,10 @@ from comfy_api.latest import io
 from flux2_train import checkpoint as ckpt
 from flux2_train.config import QUICK_PRESETS, TrainConfig, resolve_config
 from flux2_train.data import DatasetReport
-from flux2_train.errors import ConfigError, OutOfMemory, TrainingCancelled
+from flux2_train.errors import ConfigError, TrainingCancelled
 from flux2_train.events import EventBus, StatusEvent, StepEvent
 from flux2_train.lora_files import lora_metadata, to_format
-from flux2_train.memory import GIB, MemoryEstimate, estimate_memory
+from flux2_train.memory import MemoryEstimate, estimate_memory
 from flux2_train.model import ModelSpec
 from flux2_train.train import Trainer, TrainResult
 
@@ -148,9 +148,7 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
     cfg = training_config(model, dataset, config, resume)
     estimate = memory_estimate(model, cfg)
     log.info("FLUX.2 LoRA training: %s", estimate.summary().replace("\n", "; "))
-    if estimate.available and estimate.total > 1.5 * estimate.available:
-        raise OutOfMemory(f"this run needs about {estimate.total / GIB:.0f} GiB; the GPU has "
-                          f"{estimate.available / GIB:.0f} GiB. {estimate.summary()}")
+    estimate.check()  # before any heavy work
     resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
 
     events = EventBus([ComfyProgress(node_id, cfg.steps)])

@@ -110,6 +110,17 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
     assert {"smoothed_loss", "lr", "seconds_per_step", "eta_seconds", "peak_memory_bytes"} <= set(progress[-1])
     assert any(kind == "progress" and d.get("node") == "6" for kind, d in events)  # ComfyUI's progress bar
 
+    # Every option of the config node, the advanced YAML included, reached the engine.
+    import yaml
+
+    run_dir = max((server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
+    used = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {k: used[k] for k in ("rank", "alpha", "steps", "learning_rate", "optimizer", "seed", "save_every",
+                                 "max_sequence_length", "caption_dropout", "trigger_word", "resolution")} == dict(
+        rank=4, alpha=4.0, steps=4, learning_rate=3e-3, optimizer="adamw", seed=1, save_every=2,
+        max_sequence_length=64, caption_dropout=0.0, trigger_word="r0b0t", resolution=128)
+    assert used["dtype"] == "float32"  # dtype auto: the precision the MODEL computes in (float32 on the CPU)
+
     # The MODEL held by the loader is unchanged: same image as before training.
     after, _ = server.run(sampling_prompt(), timeout=120)
     assert image_bytes(server, after) == image_bytes(server, before)
@@ -205,5 +216,16 @@ def test_each_example_workflow_runs_as_loaded(comfy_server, dataset_name, name):
     entry, _ = comfy_server.run(prompt, timeout=300)
     saved = [o["text"][0] for o in entry["outputs"].values() if "text" in o and o["text"][0].startswith("saved ")]
     assert len(saved) == 1 and saved[0].endswith(".safetensors")
-    if name == "train_and_preview":
+    estimate = [o["text"][0] for o in entry["outputs"].values() if "text" in o and "estimated peak" in o["text"][0]]
+    if name != "train_and_preview":
+        assert estimate and "frozen weights" in estimate[0]
+    else:
         assert output_images(comfy_server, entry), "the preview image was not written"
+
+
+def test_the_example_workflows_are_listed_as_templates_of_the_pack(comfy_server):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{comfy_server.url}/workflow_templates") as r:
+        templates = json.load(r)
+    assert sorted(templates["comfyui-flux2-lora-trainer"]) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
