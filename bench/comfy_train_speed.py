@@ -39,16 +39,30 @@ from train_speed import TEXT_TOKENS, SyntheticEncoder, env_info, family_config, 
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}
 
 
-def import_comfy(comfy_dir: Path, cpu: bool = False, dynamic_vram: bool = True):
+def import_comfy(comfy_dir: Path, cpu: bool = False, dynamic_vram: bool = True, reserve_vram: float | None = None):
+    """Import ComfyUI's `comfy` as `main.py` sets it up: device, reserved VRAM, DynamicVRAM (comfy-aimdo)."""
     sys.path.insert(0, str(comfy_dir))
     import comfy.options  # noqa: F401
-    from comfy.cli_args import args
+    from comfy.cli_args import args, enables_dynamic_vram
 
     args.cpu = cpu
     args.disable_dynamic_vram = not dynamic_vram  # ComfyUI's --disable-dynamic-vram
+    args.reserve_vram = reserve_vram  # ComfyUI's --reserve-vram (GiB kept free: a smaller GPU)
+    aimdo = dynamic_vram and not cpu and enables_dynamic_vram()
+    if aimdo:
+        import comfy_aimdo.control
+
+        headroom = None if reserve_vram is None else int(reserve_vram * 1024**3)
+        comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=True)
+    import comfy.memory_management
     import comfy.model_management
+    import comfy.model_patcher
     import comfy.sd
 
+    if aimdo and comfy_aimdo.control.init_devices(
+            (d.index, int(args.vram_headroom * 1024**3)) for d in comfy.model_management.get_all_torch_devices()):
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
     return comfy
 
 
@@ -79,7 +93,8 @@ def random_bfl_state_dict(config: dict, seed: int) -> dict:
 
 
 def run(args) -> dict:
-    comfy = import_comfy(Path(args.comfyui), cpu=args.cpu, dynamic_vram=not args.no_dynamic_vram)
+    comfy = import_comfy(Path(args.comfyui), cpu=args.cpu, dynamic_vram=not args.no_dynamic_vram,
+                         reserve_vram=args.reserve_vram)
     comfy_model = import_pack()
     from flux2_train.config import resolve_config
     from flux2_train.events import EventBus, StepEvent
@@ -87,7 +102,8 @@ def run(args) -> dict:
 
     device = comfy.model_management.get_torch_device()
     config = family_config(args.family)
-    rec = dict(path="comfyui", dynamic_vram=not args.no_dynamic_vram, family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
+    rec = dict(path="comfyui", dynamic_vram=not args.no_dynamic_vram, reserve_vram=args.reserve_vram,
+               family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
                targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
                weight_dtype=args.weight_dtype, status="ok", error="")
     rec.update(env_info(device))
@@ -136,7 +152,9 @@ def run(args) -> dict:
         rec["losses"] = [loss for _, loss in steps]
         if device.type == "cuda":
             rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        rec["loaded_gib"] = patcher.loaded_size() / 2**30
+        rec["loaded_gib"] = backbone.loaded_bytes / 2**30
+        rec["partially_loaded"] = backbone.loaded_bytes < rec["model_bytes"]
+        rec["checkpointing_used"] = backbone._checkpointing
     except Exception as e:
         rec.update(status="error", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
@@ -159,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dynamic-vram", action="store_true", help="as ComfyUI's --disable-dynamic-vram")
+    p.add_argument("--reserve-vram", type=float, default=None,
+                   help="as ComfyUI's --reserve-vram: GiB to leave free (makes the GPU look smaller)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test with --family tiny)")
     args = p.parse_args(argv)
     if not args.comfyui:

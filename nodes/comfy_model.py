@@ -117,6 +117,7 @@ class ComfyFlux2Backbone:
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
         self._was_training = self.diffusion_model.training
         self._prepared = False
+        self.loaded_bytes = 0
 
     # -- the protocol ----------------------------------------------------------
     @property
@@ -153,6 +154,7 @@ class ComfyFlux2Backbone:
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=self.memory_required)
+        self.loaded_bytes = self.patcher.loaded_size()
         if self.partially_loaded and not self._checkpointing:
             # Offloaded weights are cast onto the GPU per layer; without checkpointing
             # autograd would keep every cast copy alive until the backward pass.

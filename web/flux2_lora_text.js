@@ -17,10 +17,16 @@ app.registerExtension({
       let widget = this.widgets?.find((w) => w.name === WIDGET);
       if (!widget) {
         widget = ComfyWidgets.STRING(this, WIDGET, ["STRING", { multiline: true }], app).widget;
-        widget.serialize = false; // display only: not saved in the workflow, not sent to the server
-        if (widget.inputEl) {
-          widget.inputEl.readOnly = true;
-          widget.inputEl.style.opacity = 0.85;
+        // Display only. `serialize = false` keeps it out of the saved workflow (widgets_values);
+        // `options.serialize = false` keeps it out of the prompt that Run sends. Without the
+        // latter the text becomes an input of the node, so the next Run sees changed inputs,
+        // misses the cache and trains again, and the text lands in the saved prompt metadata.
+        widget.serialize = false;
+        (widget.options ??= {}).serialize = false;
+        const el = widget.element ?? widget.inputEl; // inputEl is the deprecated name
+        if (el) {
+          el.readOnly = true;
+          el.style.opacity = 0.85;
         }
       }
       widget.value = text;
