@@ -130,10 +130,14 @@ def run(args) -> dict:
             device=str(device), batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS))
         steps = []
+        device_used = [0]
 
         def on_event(ev):
             if isinstance(ev, StepEvent):
                 steps.append((ev.seconds_per_step, ev.loss))
+                if device.type == "cuda":  # all of the card in use, DynamicVRAM's weight buffers included
+                    free, total = torch.cuda.mem_get_info(device)
+                    device_used[0] = max(device_used[0], total - free)
                 if ev.step <= 3 or ev.step % 5 == 0:
                     print(f"  step {ev.step}/{ev.total} loss {ev.loss:.4f} {ev.seconds_per_step:.3f} s "
                           f"peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
@@ -152,6 +156,7 @@ def run(args) -> dict:
         rec["losses"] = [loss for _, loss in steps]
         if device.type == "cuda":
             rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["device_used_at_step_end_gib"] = device_used[0] / 2**30
         rec["loaded_gib"] = backbone.loaded_bytes / 2**30
         rec["partially_loaded"] = backbone.loaded_bytes < rec["model_bytes"]
         rec["checkpointing_used"] = backbone._checkpointing
