@@ -157,9 +157,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rec["device_used_at_step_end_gib"] = device_used[0] / 2**30
-        rec["loaded_gib"] = backbone.loaded_bytes / 2**30
-        rec["partially_loaded"] = backbone.loaded_bytes < rec["model_bytes"]
-        rec["checkpointing_used"] = backbone._checkpointing
+        rec["streams_weights"] = backbone.streams_weights
     except Exception as e:
         rec.update(status="error", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()

@@ -85,7 +85,7 @@ def check_file_name(name: str, what: str = "file name") -> str:
     """A name (optionally with sub-folders) that stays inside the folder it is joined to."""
     text = name.strip().replace("\\", "/")
     parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts or text.startswith("/") or (len(text) > 1 and text[1] == ":") or ".." in parts:
+    if not parts or text.startswith("/") or ":" in text or ".." in parts:
         raise PathRefused(f"the {what} {name!r} must be a plain name such as 'my_lora' or 'chars/my_lora': "
-                          "no absolute path and no '..'")
+                          "no absolute path, no ':' and no '..'")
     return "/".join(parts)

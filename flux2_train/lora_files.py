@@ -130,8 +130,16 @@ def lora_metadata(*, cfg, spec, steps: int, image_count: int, fmt: str, targets:
         "flux2_train.resolution": str(cfg.resolution),
         "flux2_train.image_count": str(image_count),
         "flux2_train.trigger_word": cfg.trigger_word,
-        "flux2_train.config": cfg.to_json(),
+        "flux2_train.config": json.dumps(_shareable(cfg.to_dict()), sort_keys=True),
     }
+
+
+_LOCAL_PATHS = ("dataset", "model", "encoders", "output_dir", "cache_dir", "resume", "config")
+
+
+def _shareable(config: dict) -> dict:
+    """The config without the trainer machine's folders (a LoRA file travels): only their last names."""
+    return {k: (Path(v).name if k in _LOCAL_PATHS and isinstance(v, str) and v else v) for k, v in config.items()}
 
 
 def save_lora(path: str | Path, state: dict[str, torch.Tensor], *, rank: int, alpha: float, fmt: str,

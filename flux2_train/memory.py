@@ -39,11 +39,17 @@ class MemoryEstimate:
             return "tight"
         return "does not fit"
 
-    def check(self, margin: float = 1.5) -> None:
-        """Refuse a run that needs far more than the device has (estimates are approximate: a margin)."""
-        if self.available and self.total > margin * self.available:
-            raise OutOfMemory(f"this run needs about {self.total / GIB:.0f} GiB; the GPU has "
-                              f"{self.available / GIB:.0f} GiB.\n{self.summary()}")
+    def check(self, margin: float = 1.5, weights_can_stream: bool = False) -> None:
+        """Refuse a run that needs far more than the device has (estimates are approximate: a margin).
+
+        Where the frozen weights can stay off the device and stream in per layer
+        (ComfyUI offloads them), only the rest has to fit.
+        """
+        need = self.total - (self.parts["frozen weights"] if weights_can_stream else 0)
+        if self.available and need > margin * self.available:
+            raise OutOfMemory(f"this run needs about {need / GIB:.0f} GiB"
+                              + (" besides the model's weights" if weights_can_stream else "")
+                              + f"; the GPU has {self.available / GIB:.0f} GiB.\n{self.summary()}")
 
     def summary(self) -> str:
         lines = [f"estimated peak {self.total / GIB:.1f} GiB"

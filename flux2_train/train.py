@@ -276,8 +276,12 @@ class Trainer:
         def caching_progress(i, n, name):
             self.events.emit(StatusEvent("caching", f"cached {name}", step=i, total=n))
 
-        data = prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
-                             flip=cfg.flip, on_progress=caching_progress, should_stop=self.should_stop)
+        try:
+            data = prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
+                                 flip=cfg.flip, on_progress=caching_progress, should_stop=self.should_stop)
+        except self.stop_exceptions:
+            raise TrainingCancelled("stopped while caching; the images cached so far are kept for the next run",
+                                    0, None) from None
         if self.free_encoder:
             self.free_encoder()
         self.encoder = None
@@ -359,6 +363,8 @@ class Trainer:
             except self.stop_exceptions:
                 optimizer.zero_grad(set_to_none=True)  # the interrupted step is redone on resume
                 path = self._save_checkpoint(state, step, step_start, losses)
+                self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,
+                                             total=cfg.steps, data={"path": str(path)}))
                 raise TrainingCancelled(f"stopped during step {step + 1} of {cfg.steps}; checkpoint {path} holds "
                                         "the run: resume from it to continue", step, str(path)) from None
             step += 1

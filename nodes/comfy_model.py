@@ -1,13 +1,13 @@
 """ComfyUI's FLUX.2 MODEL behind the engine's `Flux2Backbone` contract.
 
 The trainer works on the MODEL the graph already loaded; nothing is copied:
-- a clone of the ModelPatcher carries everything the run adds, so the MODEL other
-  nodes hold keeps its patches and options;
-- adapters ride on ComfyUI's own bypass injection (`comfy.weight_adapter.bypass`):
-  each adapted Linear's forward becomes `base(x) + lora(x)` while the clone is
-  injected, and is restored on eject. Module names never change (PEFT's
-  `base_layer` renaming would break ComfyUI's weight patching), weight casting,
-  fp8 storage and offloading stay ComfyUI's, and the base weights are only read;
+- a clone of the ModelPatcher is loaded through ComfyUI's model management, so
+  the MODEL other nodes hold keeps its patches and options;
+- adapters are forward hooks on ComfyUI's own Linear modules (`base(x) + lora(x)`),
+  removed after the run. Module names never change (PEFT's `base_layer` renaming
+  would break ComfyUI's weight patching), hooks compose with whatever else wraps
+  a module's forward (an upstream bypass LoRA), and weight casting, fp8 storage
+  and offloading stay ComfyUI's; the base weights are only read;
 - one ComfyUI Linear can hold several diffusers layers (`img_attn.qkv` is
   `to_q`, `to_k`, `to_v`): its adapter is the diffusers layers' LoRAs side by
   side, so the math, the state dict and the files equal the engine's.
@@ -26,16 +26,12 @@ from torch.overrides import TorchFunctionMode
 
 import comfy.model_base
 import comfy.model_management
-from comfy.patcher_extension import PatcherInjection
-from comfy.weight_adapter.bypass import BypassForwardHook
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
 from flux2_train.model import ModelSpec, spec_from_config
 
 log = logging.getLogger(__name__)
-
-INJECTION_KEY = "flux2_lora_trainer"
 
 # ComfyUI model classes a user may plug in by mistake, by the name users know them by.
 _MODEL_NAMES = {
@@ -75,10 +71,11 @@ def comfy_spec(model_patcher) -> ModelSpec:
 
 
 class FusedLoraAdapter(nn.Module):
-    """Bypass adapter for one ComfyUI Linear: the LoRAs of the diffusers layers fused into it.
+    """The adapter of one ComfyUI Linear: the LoRAs of the diffusers layers fused into it.
 
     `pieces` lists the fused output's slices in order, each a LoraPair or None
-    (a slice without an adapter adds zeros).
+    (a slice without an adapter adds nothing). Registered as a forward hook, it
+    adds its output to the Linear's.
     """
 
     def __init__(self, pieces: list[LoraPair | None], widths: list[int], swap_halves: bool = False):
@@ -87,18 +84,45 @@ class FusedLoraAdapter(nn.Module):
         self.active = [p is not None for p in pieces]
         self.widths = widths
         self.swap_halves = swap_halves  # final adaLN: diffusers (scale, shift), ComfyUI (shift, scale)
-        self.multiplier = 1.0
 
-    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        outs = [piece(x) if on else x.new_zeros(*x.shape[:-1], width, dtype=base_out.dtype)
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [piece(x) if on else x.new_zeros(*x.shape[:-1], width)
                 for piece, on, width in zip(self.pieces, self.active, self.widths)]
-        out = outs[0] if len(outs) == 1 else torch.cat([o.to(base_out.dtype) for o in outs], dim=-1)
+        out = outs[0] if len(outs) == 1 else torch.cat([o.to(outs[0].dtype) for o in outs], dim=-1)
         if self.swap_halves:
             out = torch.cat(out.chunk(2, dim=-1)[::-1], dim=-1)
-        return out.to(base_out.dtype) * self.multiplier
+        return out
 
-    def g(self, y: torch.Tensor) -> torch.Tensor:
-        return y
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.delta(args[0]).to(output.dtype)
+
+
+class RecomputeInBackward(torch.autograd.Function):
+    """`fn(x)` that keeps only `x` for the backward pass and runs `fn` again there.
+
+    When ComfyUI offloads or streams weights, each op casts its weight into a
+    buffer that later ops reuse; autograd would keep a reference to that buffer
+    and compute input gradients from whatever weight was cast into it last. Running
+    the op again in the backward pass casts its own weight afresh.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, fn) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            out = ctx.fn(x)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+        return grad_x, None
 
 
 class ComfyFlux2Backbone:
@@ -110,14 +134,16 @@ class ComfyFlux2Backbone:
         self.memory_required = memory_required
         self.spec = comfy_spec(model_patcher)
         self.diffusion_model = self.patcher.model.diffusion_model
-        self._modules = dict(self.diffusion_model.named_modules())
+        self._named = dict(self.diffusion_model.named_modules())
         self._pairs: dict[str, LoraPair] = {}
-        self._hooks: list[BypassForwardHook] = []
+        self._hooks: list = []  # RemovableHandles of the adapters' forward hooks
+        self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own `forward` before, or None)
         self._checkpointing = False
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
         self._was_training = self.diffusion_model.training
+        self._was_in_training = comfy.model_management.in_training
         self._prepared = False
-        self.loaded_bytes = 0
+        self.streams_weights = False
 
     # -- the protocol ----------------------------------------------------------
     @property
@@ -131,10 +157,6 @@ class ComfyFlux2Backbone:
     def enable_gradient_checkpointing(self) -> None:
         self._checkpointing = True
 
-    @property
-    def partially_loaded(self) -> bool:
-        return self.patcher.loaded_size() < self.patcher.model_size()
-
     def compute_dtype(self) -> torch.dtype:
         return self.patcher.model.get_dtype_inference()
 
@@ -143,7 +165,7 @@ class ComfyFlux2Backbone:
         layers = {}
         for name in diffusers_linear_names(s.num_double, s.num_single, s.guidance_embeds):
             target = bfl_target(name)
-            m = self._modules[target.name]
+            m = self._named[target.name]
             layers[name] = (m.in_features, m.out_features // target.parts)
         return layers
 
@@ -154,16 +176,13 @@ class ComfyFlux2Backbone:
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=self.memory_required)
-        self.loaded_bytes = self.patcher.loaded_size()
-        if self.partially_loaded and not self._checkpointing:
-            # Offloaded weights are cast onto the GPU per layer; without checkpointing
-            # autograd would keep every cast copy alive until the backward pass.
-            log.info("MODEL is partially loaded: gradient checkpointing turned on")
-            self._checkpointing = True
+        self.streams_weights = self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size()
+        if self.streams_weights:
+            log.info("MODEL weights are offloaded or streamed: their ops run again in the backward pass")
+            self._recompute_weighted_ops()
         self._make_weights_trainable()
         # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
         # flag makes its model code take the differentiable path.
-        self._was_in_training = comfy.model_management.in_training
         comfy.model_management.in_training = True
         self._prepared = True
 
@@ -179,12 +198,10 @@ class ComfyFlux2Backbone:
             t = bfl_target(name)
             by_module.setdefault(t.name, (t, {}))[1][t.part] = pair
         for module_name, (t, parts) in by_module.items():
-            width = self._modules[module_name].out_features // t.parts
-            adapter = FusedLoraAdapter([parts.get(i) for i in range(t.parts)], [width] * t.parts,
-                                       swap_halves=t.swap_halves)
-            self._hooks.append(BypassForwardHook(self._modules[module_name], adapter))
-        self.patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=self._inject, eject=self._eject)])
-        self.patcher.inject_model()
+            module = self._named[module_name]
+            adapter = FusedLoraAdapter([parts.get(i) for i in range(t.parts)],
+                                       [module.out_features // t.parts] * t.parts, swap_halves=t.swap_halves)
+            self._hooks.append(module.register_forward_hook(adapter.hook))
         return [p for pair in self._pairs.values() for p in pair.parameters()]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -213,10 +230,16 @@ class ComfyFlux2Backbone:
                                         transformer_options=self._transformer_options(), **kwargs)
 
     def release(self) -> None:
-        """Eject the adapters and give the shared weights back exactly as they were."""
-        if self.patcher.get_injections(INJECTION_KEY) is not None:
-            self.patcher.eject_model()
-            self.patcher.remove_injections(INJECTION_KEY)
+        """Remove the adapters and give the shared modules and weights back exactly as they were."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for module, own_forward in reversed(self._wrapped):
+            if own_forward is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = own_forward
+        self._wrapped.clear()
         for module, name, is_param, original in reversed(self._converted):
             (module._parameters if is_param else module._buffers)[name] = original
         self._converted.clear()
@@ -226,18 +249,15 @@ class ComfyFlux2Backbone:
             self._prepared = False
 
     # -- internals -------------------------------------------------------------
-    def _inject(self, patcher) -> None:
-        for hook in self._hooks:
-            if hook.original_forward is None:
-                hook.had_own_forward = "forward" in hook.module.__dict__
-            hook.inject()
-
-    def _eject(self, patcher) -> None:
-        for hook in self._hooks:
-            was_injected = hook.original_forward is not None
-            hook.eject()
-            if was_injected and not hook.had_own_forward:
-                del hook.module.forward  # back to the class's forward, as before injection
+    def _recompute_weighted_ops(self) -> None:
+        """Route every ComfyUI op that casts a weight through `RecomputeInBackward`."""
+        for module in self.diffusion_model.modules():
+            if not hasattr(module, "comfy_cast_weights") or getattr(module, "weight", None) is None:
+                continue
+            own = module.__dict__.get("forward")
+            current = module.forward
+            module.forward = functools.partial(_recompute_call, current)
+            self._wrapped.append((module, own))
 
     def _make_weights_trainable(self) -> None:
         """Let autograd read weights that were created under inference mode, without copying them.
@@ -254,8 +274,7 @@ class ComfyFlux2Backbone:
                     # inference flag without `is_inference()` saying so.
                     if t is None:
                         continue
-                    view = torch.empty(0, dtype=t.dtype, device=t.device)
-                    view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+                    view = _storage_view(t)
                     store[name] = nn.Parameter(view, requires_grad=False) if is_param else view
                     self._converted.append((module, name, is_param, t))
 
@@ -271,6 +290,22 @@ class ComfyFlux2Backbone:
             dit.setdefault(("single_block", i), functools.partial(_checkpointed_block, _run_single, block))
         options["patches_replace"] = replace
         return options
+
+
+def _storage_view(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on `t`'s memory; tensor subclasses (fp8 QuantizedTensor) rebuilt from views of their parts."""
+    if hasattr(type(t), "__tensor_unflatten__"):
+        names, context = t.__tensor_flatten__()
+        parts = {n: _storage_view(getattr(t, n)) for n in names}
+        return type(t).__tensor_unflatten__(parts, context, t.size(), t.stride())
+    view = torch.empty(0, dtype=t.dtype, device=t.device)
+    return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _recompute_call(forward, x, *args, **kwargs):
+    if args or kwargs or not torch.is_grad_enabled():
+        return forward(x, *args, **kwargs)
+    return RecomputeInBackward.apply(x, forward)
 
 
 class TrainingForward(TorchFunctionMode):
@@ -319,6 +354,8 @@ def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
     that closure reads ComfyUI's loop variable, which has moved on by the time the
     backward pass recomputes.
     """
-    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask", "transformer_options")}
+    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask")}
+    # A copy: ComfyUI updates block_index & co. in place while the forward pass moves on.
+    kwargs["transformer_options"] = dict(args.get("transformer_options") or {})
     tensors = {k: args[k] for k in ("img", "txt") if k in args}
     return torch.utils.checkpoint.checkpoint(run, block, **tensors, **kwargs, use_reentrant=False)

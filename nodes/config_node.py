@@ -14,7 +14,7 @@ PRESET = "preset"  # a combo value that leaves the option to the presets
 # Options that other nodes own: the dataset node, or ComfyUI itself (folders, device).
 _NOT_HERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",
              "max_aspect_ratio", "flip", "model", "encoders", "output_dir", "cache_dir", "device", "resume",
-             "subject_preset", "quick_preset"}
+             "subject_preset", "quick_preset", "max_sequence_length"}
 
 
 def _zero_is_preset(tip: str) -> str:

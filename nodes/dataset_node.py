@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 from comfy_api.latest import io, ui
 from flux2_train.data import scan_dataset
 
@@ -44,6 +47,16 @@ class Flux2LoraDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder, **_) -> str:
+        """Changes when files in the folder do, so ComfyUI re-checks an edited dataset instead of its cache."""
+        try:
+            root = paths.dataset_folder(folder)
+            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(root) if e.is_file())
+        except Exception:  # noqa: BLE001 - execute() reports the problem
+            return folder
+        return hashlib.sha256(repr(listing).encode()).hexdigest()
+
+    @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
                 flip) -> io.NodeOutput:
         options = dict(dataset=str(paths.dataset_folder(folder)), caption_ext=caption_extension,
@@ -52,4 +65,6 @@ class Flux2LoraDataset(io.ComfyNode):
         report = scan_dataset(options["dataset"], caption_ext=caption_extension, trigger_word=options["trigger_word"],
                               default_caption=default_caption, resolution=resolution,
                               max_aspect_ratio=options["max_aspect_ratio"])
+        paths.check_dataset_files([f for item in report.items
+                                   for f in (item.path, item.path.with_suffix(caption_extension))])
         return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(report.summary()))

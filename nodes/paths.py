@@ -27,15 +27,29 @@ def settings_path() -> Path:
 
 def allowed_dataset_roots() -> list[Path]:
     roots = [Path(folder_paths.get_input_directory())]
-    extra = [p for p in os.environ.get(ENV_ALLOWED, "").split(os.pathsep) if p.strip()]
+    extra = [(p, f"${ENV_ALLOWED}") for p in os.environ.get(ENV_ALLOWED, "").split(os.pathsep) if p.strip()]
     path = settings_path()
     if path.is_file():
+        form = '{"allowed_dataset_roots": ["/data/sets"]}'
         try:
-            extra += list(json.loads(path.read_text(encoding="utf-8")).get("allowed_dataset_roots", []))
+            listed = json.loads(path.read_text(encoding="utf-8")).get("allowed_dataset_roots", [])
         except (ValueError, AttributeError) as e:
-            raise ConfigError(f"{path} is not valid JSON of the form "
-                              f'{{"allowed_dataset_roots": ["/data/sets"]}}: {e}') from None
-    return roots + [Path(p).expanduser() for p in extra]
+            raise ConfigError(f"{path} is not valid JSON of the form {form}: {e}") from None
+        if not isinstance(listed, list):
+            raise ConfigError(f"allowed_dataset_roots in {path} must be a list of folders, as in {form}")
+        extra += [(p, str(path)) for p in listed]
+    for entry, source in extra:
+        if not isinstance(entry, str) or not Path(entry).expanduser().is_absolute():
+            raise ConfigError(f"the allowed dataset folder {entry!r} (from {source}) must be an absolute path")
+    return roots + [Path(p).expanduser() for p, _ in extra]
+
+
+def check_dataset_files(files: list[Path]) -> None:
+    """Images and captions linked from outside the allowed folders are refused like the folder would be."""
+    roots = allowed_dataset_roots()
+    for f in files:
+        if f.exists():
+            resolve_within(str(f), roots, "dataset file")
 
 
 def dataset_folder(text: str) -> Path:
@@ -64,6 +78,8 @@ def lora_file(name: str, overwrite: bool) -> Path:
     """`<loras>/<name>.safetensors`; with a counter suffix when the file exists and overwrite is off."""
     clean = check_file_name(name, "LoRA file name").removesuffix(".safetensors")
     base = loras_folder()
+    # Sub-folders may be links: the file must still land inside the loras folder.
+    resolve_within(str(base / clean), [base], "LoRA file name")
     path = base / f"{clean}.safetensors"
     counter = 1
     while path.exists() and not overwrite:

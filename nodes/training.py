@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -23,7 +23,7 @@ from flux2_train.model import ModelSpec
 from flux2_train.train import Trainer, TrainResult
 
 from . import paths
-from .comfy_encoders import ComfyEncoders
+from .comfy_encoders import COMFY_TEXT_TOKENS, ComfyEncoders
 from .comfy_model import ComfyFlux2Backbone, check_flux2, comfy_spec
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ class LoraHandle:
     steps: int
     image_count: int
     targets: list[str]
-    run_dir: Path
 
     def metadata(self, fmt: str) -> dict[str, str]:
         return lora_metadata(cfg=self.cfg, spec=self.spec, steps=self.steps, image_count=self.image_count,
@@ -92,7 +91,7 @@ def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume:
         raise ConfigError(f"dtype is {dtype}, but this MODEL computes in {model_dtype}; set dtype to auto (or "
                           f"{model_dtype}), or load the model with weight_dtype matching {dtype}")
     overrides.update(dataset.options, dtype=model_dtype, device=str(device), output_dir=str(paths.runs_root()),
-                     cache_dir=str(paths.runs_root() / "cache"))
+                     cache_dir=str(paths.runs_root() / "cache"), max_sequence_length=COMFY_TEXT_TOKENS)
     quick = config.quick_preset
     if quick == "auto":
         quick = _auto_quick_preset(spec, model, config, overrides, device)
@@ -117,29 +116,37 @@ def memory_estimate(model, cfg: TrainConfig) -> MemoryEstimate:
 
 
 class ComfyProgress:
-    """Engine events to ComfyUI: the node's progress bar and a websocket message per step."""
+    """Engine events to ComfyUI: the node's progress bar, a websocket message per step, and Cancel."""
 
-    def __init__(self, node_id: str | None, total: int):
-        from server import PromptServer
+    def __init__(self, node_id: str | None, total: int, send: Callable[[str, dict], None] | None = None):
+        if send is None:
+            from server import PromptServer
 
-        self.server = PromptServer.instance
+            server = PromptServer.instance
+            send = lambda event, data: server.send_sync(event, data, server.client_id)  # noqa: E731
+        self.send = send
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        device = comfy.model_management.get_torch_device()
-        self.memory_total = device_memory(device) or 0
+        self.memory_total = device_memory(comfy.model_management.get_torch_device()) or 0
+        self.stop_requested = False
+
+    def should_stop(self) -> bool:
+        return self.stop_requested or comfy.model_management.processing_interrupted()
 
     def __call__(self, event) -> None:
         if isinstance(event, StepEvent):
             try:
                 self.bar.update_absolute(event.step, event.total)
             except comfy.model_management.InterruptProcessingException:
-                pass  # the run stops at the end of this step, after writing a checkpoint
+                # ComfyUI's progress hook clears the Cancel flag as it raises: keep it here, so the
+                # run stops after this step with a checkpoint.
+                self.stop_requested = True
             payload = event.to_dict() | {"memory_total_bytes": self.memory_total}
         elif isinstance(event, StatusEvent):
             payload = event.to_dict()
         else:
             return
-        self.server.send_sync(PROGRESS_EVENT, {"node": self.node_id, **payload}, self.server.client_id)
+        self.send(PROGRESS_EVENT, {"node": self.node_id, **payload})
 
 
 def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",
@@ -148,14 +155,14 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
     cfg = training_config(model, dataset, config, resume)
     estimate = memory_estimate(model, cfg)
     log.info("FLUX.2 LoRA training: %s", estimate.summary().replace("\n", "; "))
-    estimate.check()  # before any heavy work
+    estimate.check(weights_can_stream=True)  # before any heavy work; ComfyUI can offload the weights
     resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
 
-    events = EventBus([ComfyProgress(node_id, cfg.steps)])
+    progress = ComfyProgress(node_id, cfg.steps)
     encoder = ComfyEncoders(clip, vae, model)
     backbone = ComfyFlux2Backbone(model, memory_required=max(0, estimate.total - estimate.parts["frozen weights"]))
-    trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=events,
-                      should_stop=comfy.model_management.processing_interrupted, resume=resume_path,
+    trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=EventBus([progress]),
+                      should_stop=progress.should_stop, resume=resume_path,
                       stop_exceptions=(comfy.model_management.InterruptProcessingException,))
     with torch.inference_mode(False):
         try:
@@ -168,7 +175,7 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
             backbone.release()
 
     lora = LoraHandle(adapter=result.adapter, cfg=cfg, spec=result.spec, steps=result.steps,
-                      image_count=len(result.dataset.items), targets=result.targets, run_dir=result.run_dir)
+                      image_count=len(result.dataset.items), targets=result.targets)
     return apply_lora(model, lora), lora, {"loss": list(result.losses)}
 
 

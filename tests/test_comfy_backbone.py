@@ -91,7 +91,8 @@ def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_
     assert {k: (v.data_ptr(), v.is_inference()) for k, v in after.items()} == tensors  # no copy, originals back
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert patcher.patches == {} and patcher.get_injections(pack.INJECTION_KEY) is None
+    assert not any(m._forward_hooks for m in model.modules())
+    assert backbone.patcher.patches == {} and backbone.patcher.injections == {}
     assert comfy.model_management.in_training is False
 
 
@@ -206,3 +207,132 @@ def test_comfyui_loads_the_saved_lora_as_exactly_the_trained_update(comfy, pack,
         torch.testing.assert_close(patched[key] - original[key], delta, rtol=1e-2, atol=2e-3)
     untouched = set(patched) - set(deltas)
     assert all(torch.equal(patched[k], original[k]) for k in untouched)
+
+
+def fp8_mixed_state_dict(diffusers_backbone) -> dict:
+    """The tiny model as ComfyUI's fp8 "mixed" checkpoints store it: fp8 block weights with scales."""
+    import json
+
+    out = {}
+    for key, value in diffusers_to_bfl_state_dict(diffusers_backbone.module.state_dict()).items():
+        if key.endswith(".weight") and value.ndim == 2 and "blocks" in key:
+            layer = key[: -len(".weight")]
+            scale = value.abs().max() / 448.0
+            out[key] = (value / scale).to(torch.float8_e4m3fn)
+            out[f"{layer}.weight_scale"] = scale.reshape(()).float()
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                       dtype=torch.uint8)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def test_an_fp8_mixed_model_trains_in_place(comfy, pack, tmp_path, tiny_pipeline_dir):
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model_state_dict(
+            fp8_mixed_state_dict(load_transformer(tiny_pipeline_dir, dtype=torch.float32)),
+            model_options={"dtype": torch.float32})
+    model = patcher.model.diffusion_model
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert type(qkv.weight).__name__ == "QuantizedTensor"
+    before = {n: _values(p) for n, p in model.named_parameters()}
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    common = dict(steps=3, save_every=0, caption_dropout=0.0, lora_dropout=0.0, cache_dir=str(tmp_path / "cache"))
+    try:
+        fp8 = run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "fp8", **common), backbone, tiny_pipeline_dir)
+    finally:
+        backbone.release()
+    full = run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "full", **common),
+               load_transformer(tiny_pipeline_dir, dtype=torch.float32), tiny_pipeline_dir)
+    assert fp8.losses == pytest.approx(full.losses, rel=0.05)  # fp8 rounding of the frozen weights only
+    assert all(torch.equal(_values(p), before[n]) for n, p in model.named_parameters())
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    return (t.dequantize() if hasattr(t, "dequantize") and type(t) is not torch.nn.Parameter else t).detach().clone()
+
+
+def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, pack, tiny_pipeline_dir):
+    """The path taken for offloaded or streamed weights (`streams_weights`), checked on the CPU."""
+    def lora_grads(recompute: bool):
+        patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+        backbone = pack.ComfyFlux2Backbone(patcher)
+        backbone.prepare(torch.device("cpu"), torch.float32)
+        if recompute:
+            backbone._recompute_weighted_ops()
+        params = backbone.add_lora(["transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.attn.to_out"],
+                                   rank=4, alpha=4.0, dropout=0.0, seed=0)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05)
+        g = torch.Generator().manual_seed(1)
+        x, ctx = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g)
+        try:
+            backbone.predict(x, torch.tensor([0.5]), ctx).square().mean().backward()
+            return [p.grad.clone() for p in params]
+        finally:
+            backbone.release()
+
+    for plain, recomputed in zip(lora_grads(False), lora_grads(True)):
+        torch.testing.assert_close(recomputed, plain)
+
+
+def test_a_bypass_lora_applied_upstream_is_trained_on_top_of_and_left_in_place(comfy, pack, tiny_pipeline_dir):
+    """Load LoRA (Bypass) before the trainer: ComfyUI injects it into the same modules the adapters hook."""
+    from flux2_train.lora_files import to_format
+
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    g = torch.Generator().manual_seed(0)
+    upstream = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 128, generator=g),
+                "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(128, 4, generator=g)}
+    with torch.inference_mode():
+        bypassed, _ = comfy.sd.load_bypass_lora_for_models(
+            patcher, None, to_format(upstream, 4, 4.0, "comfyui", dtype=torch.float32), 1.0, 0)
+    x, ctx, sigma = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g), torch.tensor([0.5])
+
+    def loaded_prediction(p):
+        comfy.model_management.load_models_gpu([p])
+        with torch.no_grad():
+            return pack.ComfyFlux2Backbone(p).predict(x, sigma, ctx)
+
+    plain, reference = loaded_prediction(patcher), loaded_prediction(bypassed)
+    backbone = pack.ComfyFlux2Backbone(bypassed)
+    backbone.prepare(torch.device("cpu"), torch.float32)
+    params = backbone.add_lora(["transformer_blocks.0.attn.to_q"], rank=4, alpha=4.0, dropout=0.0, seed=0)
+    try:
+        with torch.no_grad():
+            start = backbone.predict(x, sigma, ctx)  # fresh adapters add zero
+            for p in params:
+                p.add_(0.1)
+            trained = backbone.predict(x, sigma, ctx)
+    finally:
+        backbone.release()
+    assert not torch.allclose(plain, reference)
+    torch.testing.assert_close(start, reference)
+    assert not torch.allclose(trained, reference)
+    torch.testing.assert_close(loaded_prediction(bypassed), reference)  # the upstream LoRA still works
+    torch.testing.assert_close(loaded_prediction(patcher), plain)  # and the plain MODEL is plain again
+
+
+def test_cancel_caught_by_the_progress_bar_still_stops_the_run(comfy, pack):
+    """ComfyUI's progress hook clears the Cancel flag when it raises; the run must still stop."""
+    import comfy.utils
+
+    from flux2_train.events import StepEvent
+
+    training = importlib.import_module(pack.__name__.replace("comfy_model", "training"))
+
+    def cancelled_hook(value, total, preview, node_id=None):
+        raise comfy.model_management.InterruptProcessingException()
+
+    sent = []
+    saved_hook, comfy.utils.PROGRESS_BAR_HOOK = comfy.utils.PROGRESS_BAR_HOOK, cancelled_hook
+    try:
+        progress = training.ComfyProgress("7", 10, send=lambda event, data: sent.append((event, data)))
+        assert not progress.should_stop()
+        progress(StepEvent(step=1, total=10, loss=1.0, smoothed_loss=1.0, lr=1e-4, seconds_per_step=0.5,
+                           eta_seconds=4.5, peak_memory_bytes=0, epoch=0))
+    finally:
+        comfy.utils.PROGRESS_BAR_HOOK = saved_hook
+    assert progress.should_stop()
+    assert sent[0][0] == "flux2_lora.progress" and sent[0][1]["node"] == "7" and sent[0][1]["step"] == 1

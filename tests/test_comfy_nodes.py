@@ -28,7 +28,7 @@ def dataset_name(comfy_server) -> str:
 
 
 def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora", resume: str = "",
-                    folder: str | None = None, kind: str = "klein", seed: int = 1) -> dict:
+                    folder: str | None = None, kind: str = "klein", seed: int = 1, save_every: int = 2) -> dict:
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_FILES[kind], "weight_dtype": "default"}},
         "2": {"class_type": "Flux2TestTinyCLIP", "inputs": {"type": kind}},
@@ -39,8 +39,8 @@ def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora",
         "5": {"class_type": "Flux2LoraConfig", "inputs": {
             "subject": "character", "quick_preset": "fast", "rank": 4, "alpha": 4.0, "steps": steps,
             "learning_rate": 3e-3, "optimizer": "adamw", "batch_size": 1, "gradient_accumulation": 1,
-            "dtype": "auto", "gradient_checkpointing": "preset", "save_every": 2, "seed": seed,
-            "advanced": "max_sequence_length: 64\ncaption_dropout: 0.0"}},
+            "dtype": "auto", "gradient_checkpointing": "preset", "save_every": save_every, "seed": seed,
+            "advanced": "caption_dropout: 0.0\nlr_warmup_steps: 1"}},
         "6": {"class_type": "Flux2TrainLora", "inputs": {
             "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": ["4", 0], "config": ["5", 0],
             "resume": resume}},
@@ -116,9 +116,10 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
     run_dir = max((server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
     used = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert {k: used[k] for k in ("rank", "alpha", "steps", "learning_rate", "optimizer", "seed", "save_every",
-                                 "max_sequence_length", "caption_dropout", "trigger_word", "resolution")} == dict(
+                                 "lr_warmup_steps", "caption_dropout", "trigger_word", "resolution")} == dict(
         rank=4, alpha=4.0, steps=4, learning_rate=3e-3, optimizer="adamw", seed=1, save_every=2,
-        max_sequence_length=64, caption_dropout=0.0, trigger_word="r0b0t", resolution=128)
+        lr_warmup_steps=1, caption_dropout=0.0, trigger_word="r0b0t", resolution=128)
+    assert used["max_sequence_length"] == 512  # what ComfyUI's FLUX.2 model pads text to
     assert used["dtype"] == "float32"  # dtype auto: the precision the MODEL computes in (float32 on the CPU)
 
     # The MODEL held by the loader is unchanged: same image as before training.
@@ -147,15 +148,15 @@ def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, d
         if kind == "flux2_lora.progress" and data.get("kind") == "step" and data["step"] == 2:
             server.interrupt()
 
-    entry, events = server.run(training_prompt(dataset_name, steps=50, file_name="cancelled"), timeout=300,
-                               check=False, on_event=cancel_after_two_steps)
+    entry, events = server.run(training_prompt(dataset_name, steps=50, file_name="cancelled", save_every=100),
+                               timeout=300, check=False, on_event=cancel_after_two_steps)
     assert any(kind == "execution_interrupted" for kind, _ in events)
     cancelled = [d for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "cancelled"]
     assert cancelled, f"no cancelled status was sent: {[(k, d.get('kind'), d.get('step')) for k, d in events][-12:]}"
     stopped_at = cancelled[0]["step"]
     runs = sorted((server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
     run_dir = runs[-1]
-    assert (run_dir / "checkpoints" / f"step-{stopped_at:06d}").is_dir() or any((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step-{stopped_at:06d}"]
 
     entry, events = server.run(training_prompt(dataset_name, steps=stopped_at + 2, file_name="resumed",
                                                resume=run_dir.name), timeout=300)
@@ -201,7 +202,7 @@ def as_tiny_run(prompt: dict, dataset: str) -> dict:
         elif cls == "Flux2LoraDataset":
             inputs.update(folder=dataset, resolution=128, trigger_word="r0b0t")
         elif cls == "Flux2LoraConfig":
-            inputs.update(steps=2, rank=4, advanced="max_sequence_length: 64")
+            inputs.update(steps=2, rank=4)
         elif cls in ("EmptyFlux2LatentImage", "Flux2Scheduler"):
             inputs.update(width=64, height=64, **({"steps": 2} if cls == "Flux2Scheduler" else {}))
     return prompt
