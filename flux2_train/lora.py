@@ -121,7 +121,8 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dro
 
 def initial_lora_weights(name: str, in_features: int, out_features: int, rank: int,
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's "gaussian" init (A ~ N(0, 1/rank), B = 0), drawn per layer from (seed, layer name).
+    """PEFT's "gaussian" init (A normal with standard deviation 1/rank, B = 0), drawn per layer
+    from (seed, layer name).
 
     Per-layer draws make the start point independent of the order in which layers
     are visited, so the diffusers model and ComfyUI's model (which fuses some

@@ -12,7 +12,6 @@ from . import paths
 from .training import CATEGORY, DatasetHandle, DatasetType
 
 
-
 class Flux2LoraDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -7,7 +7,6 @@ from comfy_api.latest import io, ui
 from .training import CATEGORY, ConfigType, DatasetType, memory_estimate, training_config
 
 
-
 class Flux2VramEstimate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -10,7 +10,6 @@ from . import paths
 from .training import CATEGORY, LoraType
 
 
-
 class Flux2SaveLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

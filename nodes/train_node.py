@@ -7,7 +7,6 @@ from comfy_api.latest import io
 from .training import CATEGORY, ConfigType, DatasetType, LoraType, LossMapType, train_lora
 
 
-
 class Flux2TrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
