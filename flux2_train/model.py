@@ -116,7 +116,7 @@ class Flux2Backbone(Protocol):
         ...
 
 
-def spec_from_config(config: dict, distilled: bool | None = None) -> ModelSpec:
+def spec_from_config(config: dict, distilled: bool | None = None, param_count: int | None = None) -> ModelSpec:
     """Name the FLUX.2 family of a diffusers `Flux2Transformer2DModel` config."""
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     hidden = heads * head_dim
@@ -135,7 +135,7 @@ def spec_from_config(config: dict, distilled: bool | None = None) -> ModelSpec:
         in_channels=config.get("in_channels", 128),
         mlp_ratio=float(config.get("mlp_ratio", 3.0)),
         guidance_embeds=bool(config.get("guidance_embeds", True)),
-        param_count=_count_params(config),
+        param_count=param_count if param_count is not None else _count_params(config),
         distilled=distilled if family.startswith("klein") else None,
     )
 
@@ -277,6 +277,34 @@ def config_from_bfl_state_dict(shapes: dict[str, tuple]) -> dict:
         "patch_size": 1,
         "out_channels": shapes["final_layer.linear.weight"][0],
     }
+
+
+def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
+    """ModelSpec and stored weight bytes of a single-file FLUX.2 transformer, from its header alone (fast)."""
+    from safetensors import safe_open
+
+    shapes, stored = {}, 0
+    with safe_open(str(path), framework="pt") as f:
+        prefix, _ = _strip_prefix(list(f.keys()))
+        identify_checkpoint(list(f.keys()))
+        for key in f.keys():
+            s = f.get_slice(key)
+            shape, dtype = tuple(s.get_shape()), s.get_dtype()
+            stored += _numel(shape) * _DTYPE_BYTES.get(dtype, 2)
+            if key.startswith(prefix):
+                shapes[key[len(prefix):]] = shape
+    params = sum(_numel(s) for k, s in shapes.items() if not k.endswith((".weight_scale", ".comfy_quant", ".input_scale")))
+    return spec_from_config(config_from_bfl_state_dict(shapes), param_count=params), stored
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I64": 8, "I32": 4}
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _read_json(path: Path) -> dict:

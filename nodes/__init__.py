@@ -4,6 +4,13 @@ from comfy_api.latest import ComfyExtension, io
 
 
 class Flux2LoraExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from server import PromptServer
+
+        from .routes import register
+
+        register(PromptServer.instance.routes)
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .config_node import Flux2LoraConfig
         from .dataset_node import Flux2LoraDataset

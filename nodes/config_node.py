@@ -69,22 +69,27 @@ class Flux2LoraConfig(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, subject, quick_preset, rank, alpha, steps, learning_rate, optimizer, batch_size,
-                gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="") -> io.NodeOutput:
-        overrides = parse_advanced(advanced)
-        explicit = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                        gradient_accumulation=gradient_accumulation, save_every=save_every)
-        overrides.update({k: v for k, v in explicit.items() if v})
-        if optimizer != PRESET:
-            overrides["optimizer"] = optimizer
-        if gradient_checkpointing != PRESET:
-            overrides["gradient_checkpointing"] = gradient_checkpointing == "on"
-        overrides.update(dtype=dtype, seed=seed)
-        if rank and not alpha:
-            overrides["alpha"] = float(rank)  # alpha = rank: scale 1, the usual choice
-        quick = None if quick_preset == "none" else quick_preset
-        handle = ConfigHandle(subject_preset=subject, quick_preset=quick, overrides=overrides)
+    def execute(cls, **widgets) -> io.NodeOutput:
+        handle = config_handle(**widgets)
         return io.NodeOutput(handle, ui=ui.PreviewText(describe(handle)))
+
+
+def config_handle(subject, quick_preset, rank, alpha, steps, learning_rate, optimizer, batch_size,
+                  gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="") -> ConfigHandle:
+    """The node's widget values as engine overrides (also used for the vRAM bar before the graph runs)."""
+    overrides = parse_advanced(advanced or "")
+    explicit = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                    gradient_accumulation=gradient_accumulation, save_every=save_every)
+    overrides.update({k: v for k, v in explicit.items() if v})
+    if optimizer != PRESET:
+        overrides["optimizer"] = optimizer
+    if gradient_checkpointing != PRESET:
+        overrides["gradient_checkpointing"] = gradient_checkpointing == "on"
+    overrides.update(dtype=dtype, seed=seed)
+    if rank and not alpha:
+        overrides["alpha"] = float(rank)  # alpha = rank: scale 1, the usual choice
+    quick = None if quick_preset == "none" else quick_preset
+    return ConfigHandle(subject_preset=subject, quick_preset=quick, overrides=overrides)
 
 
 def parse_advanced(text: str) -> dict:

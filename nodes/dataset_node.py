@@ -58,12 +58,19 @@ class Flux2LoraDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
                 flip) -> io.NodeOutput:
-        options = dict(dataset=str(paths.dataset_folder(folder)), caption_ext=caption_extension,
-                       trigger_word=trigger_word.strip(), default_caption=default_caption, repeats=repeats,
-                       resolution=resolution, max_aspect_ratio=3.0 if buckets else 1.0, flip=flip)
+        options = dataset_options(str(paths.dataset_folder(folder)), caption_extension, trigger_word, default_caption,
+                                  repeats, resolution, buckets, flip)
         report = scan_dataset(options["dataset"], caption_ext=caption_extension, trigger_word=options["trigger_word"],
                               default_caption=default_caption, resolution=resolution,
                               max_aspect_ratio=options["max_aspect_ratio"])
         paths.check_dataset_files([f for item in report.items
                                    for f in (item.path, item.path.with_suffix(caption_extension))])
         return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(report.summary()))
+
+
+def dataset_options(folder: str, caption_extension: str, trigger_word: str, default_caption: str, repeats: int,
+                    resolution: int, buckets: bool, flip: bool, **_) -> dict:
+    """The node's widget values as engine options."""
+    return dict(dataset=folder, caption_ext=caption_extension, trigger_word=trigger_word.strip(),
+                default_caption=default_caption, repeats=repeats, resolution=resolution,
+                max_aspect_ratio=3.0 if buckets else 1.0, flip=flip)

@@ -36,6 +36,8 @@ LoraType = io.Custom("FLUX2_LORA")
 LossMapType = io.Custom("LOSS_MAP")  # the type of ComfyUI's own loss-graph node
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# Events of each training node's latest run, by node id: the chart asks for them after a page reload.
+RUN_LOGS: dict[str, list[dict]] = {}
 
 
 @dataclass
@@ -129,6 +131,7 @@ class ComfyProgress:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.memory_total = device_memory(comfy.model_management.get_torch_device()) or 0
         self.stop_requested = False
+        self.log = RUN_LOGS[str(node_id)] = []
 
     def should_stop(self) -> bool:
         return self.stop_requested or comfy.model_management.processing_interrupted()
@@ -146,7 +149,9 @@ class ComfyProgress:
             payload = event.to_dict()
         else:
             return
-        self.send(PROGRESS_EVENT, {"node": self.node_id, **payload})
+        message = {"node": self.node_id, **payload}
+        self.log.append(message)
+        self.send(PROGRESS_EVENT, message)
 
 
 def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",

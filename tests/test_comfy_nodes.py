@@ -230,3 +230,36 @@ def test_the_example_workflows_are_listed_as_templates_of_the_pack(comfy_server)
     with urllib.request.urlopen(f"{comfy_server.url}/workflow_templates") as r:
         templates = json.load(r)
     assert sorted(templates["comfyui-flux2-lora-trainer"]) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+
+
+def _http_json(server, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+
+
+def test_the_history_route_gives_a_reloaded_page_the_whole_run(comfy_server, dataset_name):
+    prompt = training_prompt(dataset_name, steps=3, file_name="history", seed=11)
+    entry, events = comfy_server.run(prompt, timeout=300)
+    sent = [d for kind, d in events if kind == "flux2_lora.progress"]
+    history = _http_json(comfy_server, "/flux2_lora/history/6")
+    assert history["events"] == sent
+    assert [e["step"] for e in sent if e["kind"] == "step"] == [1, 2, 3] and sent[-1]["kind"] == "finished"
+    assert _http_json(comfy_server, "/flux2_lora/history/999") == {"node": "999", "events": []}
+
+
+def test_the_estimate_route_answers_from_widget_values_before_the_graph_runs(comfy_server):
+    config = training_prompt("robots")["5"]["inputs"]
+    dataset = training_prompt("robots")["4"]["inputs"]
+    body = {"unet_name": TINY_MODEL_FILES["dev"], "weight_dtype": "default", "config": config, "dataset": dataset}
+    answer = _http_json(comfy_server, "/flux2_lora/estimate", body)
+    assert answer["total"] == sum(answer["parts"].values()) and answer["verdict"] == "unknown"  # CPU: no card
+    assert "[dev]-like" in answer["model"] and "estimated peak" in answer["text"]
+    fp8 = _http_json(comfy_server, "/flux2_lora/estimate", dict(body, weight_dtype="fp8_e4m3fn"))
+    assert fp8["parts"]["frozen weights"] * 4 == answer["parts"]["frozen weights"]  # the tiny file is fp32
+    bigger = _http_json(comfy_server, "/flux2_lora/estimate", dict(body, dataset=dict(dataset, resolution=1024)))
+    assert bigger["parts"]["activations"] > answer["parts"]["activations"]
+    assert "Load Diffusion Model" in _http_json(comfy_server, "/flux2_lora/estimate", dict(body, unet_name=None))["error"]

@@ -1,0 +1,72 @@
+"""The pack's HTTP routes, for its front end: a training node's run history, and the vRAM estimate
+of a graph that has not run yet (the bar on the estimate node follows widget edits)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from aiohttp import web
+
+import comfy.model_management
+import folder_paths
+from flux2_train.config import resolve_config
+from flux2_train.errors import Flux2TrainError
+from flux2_train.memory import estimate_memory
+from flux2_train.model import spec_from_file
+
+from .config_node import config_handle
+from .dataset_node import dataset_options
+from .training import RUN_LOGS, device_memory
+
+log = logging.getLogger(__name__)
+_WEIGHT_BYTES = {"fp8_e4m3fn": 1, "fp8_e4m3fn_fast": 1, "fp8_e5m2": 1}  # UNETLoader's weight_dtype choices
+
+
+def register(routes: web.RouteTableDef) -> None:
+    routes.get("/flux2_lora/history/{node}")(history)
+    routes.post("/flux2_lora/estimate")(estimate)
+
+
+async def history(request: web.Request) -> web.Response:
+    node = request.match_info["node"]
+    return web.json_response({"node": node, "events": list(RUN_LOGS.get(node, []))})
+
+
+async def estimate(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        return web.json_response(estimate_for_widgets(body))
+    except Flux2TrainError as e:
+        return web.json_response({"error": str(e)})
+    except (ValueError, TypeError, KeyError) as e:
+        return web.json_response({"error": f"cannot estimate from these settings: {e}"}, status=400)
+
+
+def estimate_for_widgets(body: dict) -> dict:
+    """The estimate node's answer from the widget values of the nodes wired to it."""
+    unet = body.get("unet_name")
+    path = folder_paths.get_full_path("diffusion_models", unet) if unet else None
+    if not path:
+        return {"error": "connect a Load Diffusion Model with a FLUX.2 model to estimate"}
+    spec, stored = _file_spec(path, os.path.getmtime(path))
+    weight_bytes = spec.param_count * _WEIGHT_BYTES[body["weight_dtype"]] if body.get(
+        "weight_dtype") in _WEIGHT_BYTES else stored
+    handle = config_handle(**body["config"])
+    overrides = dict(handle.overrides)
+    overrides.pop("dtype", None)
+    dataset = body.get("dataset") or {}
+    if dataset:
+        overrides.update({k: v for k, v in dataset_options(**dataset).items() if k != "dataset"})
+    quick = "fast" if handle.quick_preset == "auto" else handle.quick_preset
+    cfg = resolve_config(handle.subject_preset, quick, overrides=overrides)
+    est = estimate_memory(spec, cfg, weight_bytes=weight_bytes,
+                          available=device_memory(comfy.model_management.get_torch_device()))
+    return {"total": est.total, "available": est.available, "verdict": est.verdict, "parts": est.parts,
+            "advice": est.advice, "text": est.summary(), "model": spec.title}
+
+
+@functools.lru_cache(maxsize=16)
+def _file_spec(path: str, mtime: float):
+    return spec_from_file(path)  # the header only: fast enough to answer while widgets change
