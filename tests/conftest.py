@@ -88,3 +88,12 @@ def comfy_server(comfyui_dir, tmp_path_factory):
     write_tiny_models(server.models_dir)
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def comfy_dataset(comfy_server) -> str:
+    """The bundled sample images in the test server's input folder; the name the dataset node takes."""
+    dst = comfy_server.input_dir / "robots"
+    if not dst.exists():
+        shutil.copytree(DEMO_DATA, dst, ignore=shutil.ignore_patterns("*.md"))
+    return "robots"

@@ -7,24 +7,19 @@ Load Diffusion Model, the text encoder and VAE through test-only loaders.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from comfyui_harness import ExecutionFailed, TINY_MODEL_FILES, output_images
-from flux2_train.demo import DEMO_DATA
 
 pytestmark = pytest.mark.comfyui
 NODE_IDS = ["Flux2LoraDataset", "Flux2LoraConfig", "Flux2VramEstimate", "Flux2TrainLora", "Flux2SaveLora"]
 
 
-@pytest.fixture(scope="module")
-def dataset_name(comfy_server) -> str:
-    dst = comfy_server.input_dir / "robots"
-    if not dst.exists():
-        shutil.copytree(DEMO_DATA, dst, ignore=shutil.ignore_patterns("*.md"))
-    return "robots"
+@pytest.fixture
+def dataset_name(comfy_dataset) -> str:
+    return comfy_dataset
 
 
 def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora", resume: str = "",
@@ -246,7 +241,8 @@ def test_the_history_route_gives_a_reloaded_page_the_whole_run(comfy_server, dat
     entry, events = comfy_server.run(prompt, timeout=300)
     sent = [d for kind, d in events if kind == "flux2_lora.progress"]
     history = _http_json(comfy_server, "/flux2_lora/history/6")
-    assert history["events"] == sent
+    assert history["events"] == sent and len({e["run"] for e in sent}) == 1
+    assert [e["seq"] for e in sent] == list(range(len(sent)))
     assert [e["step"] for e in sent if e["kind"] == "step"] == [1, 2, 3] and sent[-1]["kind"] == "finished"
     assert _http_json(comfy_server, "/flux2_lora/history/999") == {"node": "999", "events": []}
 
