@@ -312,7 +312,6 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
-            self.events.emit(StatusEvent("info", f"resumed from step {step}", step=step, total=cfg.steps))
 
         plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
         console = None
@@ -332,6 +331,9 @@ class Trainer:
                      weight_dtype=weight_dtype, spec=spec)
         smoother = Smoother(cfg.smoothing)
         smoothed_all = [smoother.add(x) for x in losses]  # history of a resumed run
+        if resume_info:  # with the earlier losses, so a live chart can draw the whole run
+            self.events.emit(StatusEvent("info", f"resumed from step {step}", step=step, total=cfg.steps,
+                                         data={"losses": list(losses), "smoothed_losses": list(smoothed_all)}))
         step_time_avg = None
         checkpoints = []
         epoch = 0

@@ -50,6 +50,8 @@ def estimate_for_widgets(body: dict) -> dict:
     path = folder_paths.get_full_path("diffusion_models", unet) if unet else None
     if not path:
         return {"error": "connect a Load Diffusion Model with a FLUX.2 model to estimate"}
+    if not body.get("config"):
+        return {"error": "connect a FLUX.2 LoRA Config to estimate"}
     spec, stored = _file_spec(path, os.path.getmtime(path))
     weight_bytes = spec.param_count * _WEIGHT_BYTES[body["weight_dtype"]] if body.get(
         "weight_dtype") in _WEIGHT_BYTES else stored

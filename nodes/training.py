@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,6 +133,7 @@ class ComfyProgress:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.memory_total = device_memory(comfy.model_management.get_torch_device()) or 0
         self.stop_requested = False
+        self.run_id = uuid.uuid4().hex[:12]  # tells the chart a new run from a repeated event
         self.log = RUN_LOGS[str(node_id)] = []
 
     def should_stop(self) -> bool:
@@ -149,9 +152,20 @@ class ComfyProgress:
             payload = event.to_dict()
         else:
             return
-        message = {"node": self.node_id, **payload}
+        message = _json_safe({"node": self.node_id, "run": self.run_id, "seq": len(self.log), **payload})
         self.log.append(message)
         self.send(PROGRESS_EVENT, message)
+
+
+def _json_safe(value):
+    """NaN and infinities as null: the browser's JSON parser rejects a whole message with them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",
