@@ -16,8 +16,12 @@ from typing import Callable
 from .errors import PathRefused
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)`, fsync it, then rename it onto `path`."""
+def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> Path:
+    """Call `write(tmp_path)`, fsync it, then rename it onto `path`.
+
+    With `overwrite=False` the file is linked into place instead, which fails with
+    FileExistsError when `path` appeared meanwhile: nothing is ever replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,7 +30,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -48,11 +56,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, write)
 
 
-def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None,
+                            overwrite: bool = True) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -143,8 +143,9 @@ def _shareable(config: dict) -> dict:
 
 
 def save_lora(path: str | Path, state: dict[str, torch.Tensor], *, rank: int, alpha: float, fmt: str,
-              metadata: dict[str, str], dtype: torch.dtype = torch.bfloat16) -> Path:
-    return save_safetensors_atomic(to_format(state, rank, alpha, fmt, dtype), path, metadata=metadata)
+              metadata: dict[str, str], dtype: torch.dtype = torch.bfloat16, overwrite: bool = True) -> Path:
+    return save_safetensors_atomic(to_format(state, rank, alpha, fmt, dtype), path, metadata=metadata,
+                                   overwrite=overwrite)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -35,8 +35,13 @@ class Flux2SaveLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, file_name, overwrite, format="diffusers") -> io.NodeOutput:
-        path = paths.lora_file(file_name, overwrite)
-        save_lora(path, lora.adapter, rank=lora.cfg.rank, alpha=lora.cfg.alpha, fmt=format,
-                  metadata=lora.metadata(format))
+        while True:  # another save may take the free name between the check and the write
+            path = paths.lora_file(file_name, overwrite)
+            try:
+                save_lora(path, lora.adapter, rank=lora.cfg.rank, alpha=lora.cfg.alpha, fmt=format,
+                          metadata=lora.metadata(format), overwrite=overwrite)
+                break
+            except FileExistsError:
+                continue
         name = path.relative_to(paths.loras_folder()).as_posix()
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved {path}"))

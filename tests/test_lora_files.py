@@ -334,3 +334,14 @@ def test_presets_leave_modulation_embedding_and_norm_layers_out():
     assert "transformer_blocks.0.ff.linear_in" not in resolve_targets(module, "attention")
     assert "transformer_blocks.0.ff.linear_in" in resolve_targets(module, "attention_mlp")
     assert "x_embedder" in resolve_targets(module, "all_linear")
+
+
+def test_a_save_without_overwrite_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+    from flux2_train.fsutil import atomic_write_bytes, save_safetensors_atomic
+
+    path = tmp_path / "lora.safetensors"
+    atomic_write_bytes(path, b"someone else's file")
+    with pytest.raises(FileExistsError):
+        save_safetensors_atomic({"x": torch.zeros(1)}, path, overwrite=False)
+    assert path.read_bytes() == b"someone else's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]  # no temporary file left
