@@ -55,25 +55,24 @@ VRAM_STATE_JS = """async (id) => {
   if (!bar || bar.loading || !bar.estimate) return null;
   const {buildEstimateRequest} = await import('/extensions/comfyui-flux2-lora-trainer/vram_data.js');
   const key = JSON.stringify(buildEstimateRequest(bar.node));
-  if (bar.sentKey !== key) return null;
+  if (bar.answeredKey !== key) return null;
   const res = await window.app.api.fetchApi('/flux2_lora/estimate', {method: 'POST', body: key,
                                             headers: {'Content-Type': 'application/json'}});
   const answer = await res.json();
-  if (bar.sentKey !== key || bar.loading || bar.estimate.total !== answer.total) return null;
+  if (bar.answeredKey !== key || bar.loading || bar.estimate.total !== answer.total) return null;
   return {request: JSON.parse(key), estimate: bar.estimate, answer};
 }"""
 
-# What the canvas shows in the chart's widget (node at scale 1, see ComfyPage.focus_node):
+# What the canvas shows in the chart's plot (node at scale 1, see ComfyPage.focus_node):
 # the plot lines are the theme's accent blue, the only strongly blue pixels in the node.
 CHART_PIXELS_JS = """(id) => {
-  const app = window.app, node = app.graph.getNodeById(id), widget = node.flux2LossChart.widget;
+  const app = window.app, node = app.graph.getNodeById(id);
   const canvas = app.canvas.canvas, ds = app.canvas.ds;
   const ratio = canvas.width / canvas.getBoundingClientRect().width;
-  const margin = 10;  // the widget's side margin (MARGIN in flux2_lora_chart.js)
-  const top = widget.y ?? widget.last_y;
+  const r = node.flux2LossChart.plotRect;  // where the chart drew its plot, in node coordinates
   const toPx = ([x, y]) => ds.convertOffsetToCanvas([node.pos[0] + x, node.pos[1] + y]).map((v) => Math.round(v * ratio));
-  const [x0, y0] = toPx([margin, top]);
-  const [x1, y1] = toPx([node.size[0] - margin, node.size[1]]);
+  const [x0, y0] = toPx([r.x, r.y]);
+  const [x1, y1] = toPx([r.x + r.w, r.y + r.h]);
   const data = canvas.getContext('2d').getImageData(x0, y0, x1 - x0, y1 - y0).data;
   const w = x1 - x0, h = y1 - y0, colours = new Set();
   let blue = 0, right = -1, left = w;

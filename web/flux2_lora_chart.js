@@ -126,6 +126,7 @@ class LossChart {
   }
 
   #drawPlot(ctx, c, x, y, w, h) {
+    this.plotRect = { x, y, w, h }; // in node coordinates: where the plot is drawn
     if (h < 40) return;
     const run = this.run;
     ctx.font = "10px Arial, sans-serif";

@@ -82,6 +82,7 @@ class VramBar {
     if (seq !== this.seq) return;
     this.loading = false;
     this.estimate = estimate;
+    this.answeredKey = body; // the request this estimate answers (tests compare it with the widgets)
     this.requestDraw();
   }
 
