@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from .config import TrainConfig
 from .errors import OutOfMemory
-from .model import ModelSpec
+from .lora import resolve_targets
+from .model import ModelSpec, spec_linear_shapes
 
 GIB = 2**30
 _ACT_VECTORS_PER_BLOCK = 24.0  # saved activations per token and block, in hidden-size vectors (no checkpointing)
@@ -25,9 +26,12 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  
 @dataclass
 class MemoryEstimate:
     parts: dict[str, int]  # name -> bytes
-    total: int
     available: int | None = None  # bytes the device can give the run, when known
     advice: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
 
     @property
     def verdict(self) -> str:
@@ -60,14 +64,10 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def lora_parameter_count(spec: ModelSpec, rank: int, targets: str) -> int:
-    """LoRA parameters of a target preset: rank x (in + out) per adapted Linear."""
-    h, mlp = spec.hidden_size, int(spec.hidden_size * spec.mlp_ratio)
-    attention = 4 * (h + h) * 2  # q, k, v, out of the image and the text stream
-    double_mlp = 2 * ((h + 2 * mlp) + (mlp + h))  # SwiGLU in (gate+up) and out, both streams
-    single = (h + 3 * h + 2 * mlp) + (h + mlp + h)  # fused qkv+mlp in, fused out
-    per_double = attention + (double_mlp if targets in ("attention_mlp", "all_linear") else 0)
-    return rank * (spec.num_double * per_double + spec.num_single * single)
+def lora_parameter_count(spec: ModelSpec, cfg: TrainConfig) -> int:
+    """LoRA parameters of the run's targets: rank x (in + out) per adapted Linear of the real class."""
+    shapes = spec_linear_shapes(spec)
+    return cfg.rank * sum(sum(shapes[n]) for n in resolve_targets(shapes, cfg.targets, cfg.target_modules))
 
 
 def estimate_memory(spec: ModelSpec, cfg: TrainConfig, weight_bytes: int | None = None,
@@ -80,7 +80,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, weight_bytes: int | None 
     act_bytes = 4 if cfg.dtype == "float32" else 2
     if weight_bytes is None:
         weight_bytes = spec.param_count * act_bytes
-    lora = lora_parameter_count(spec, cfg.rank, cfg.targets)
+    lora = lora_parameter_count(spec, cfg)
     tokens = (cfg.resolution // 16) ** 2 + cfg.max_sequence_length
     vector = tokens * spec.hidden_size * act_bytes * cfg.batch_size
     blocks = spec.num_double + spec.num_single
@@ -95,7 +95,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, weight_bytes: int | None 
         "activations": int(activations),
         "runtime overhead": int(_RUNTIME_OVERHEAD),
     }
-    est = MemoryEstimate(parts=parts, total=sum(parts.values()), available=available)
+    est = MemoryEstimate(parts=parts, available=available)
     if not cfg.gradient_checkpointing:
         est.advice.append("turn on gradient checkpointing")
     if cfg.batch_size > 1:

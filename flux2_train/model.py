@@ -8,8 +8,10 @@ the same protocol in `nodes/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +140,19 @@ def spec_from_config(config: dict, distilled: bool | None = None, param_count: i
         param_count=param_count if param_count is not None else _count_params(config),
         distilled=distilled if family.startswith("klein") else None,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def spec_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """Every Linear of the real diffusers class at this size, built on the meta device (no memory used)."""
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(
+            num_layers=spec.num_double, num_single_layers=spec.num_single, num_attention_heads=spec.num_heads,
+            attention_head_dim=spec.head_dim, joint_attention_dim=spec.context_dim, in_channels=spec.in_channels,
+            mlp_ratio=spec.mlp_ratio, guidance_embeds=spec.guidance_embeds)
+    return linear_shapes(model)
 
 
 def _count_params(config: dict) -> int:
@@ -290,21 +305,15 @@ def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
         for key in f.keys():
             s = f.get_slice(key)
             shape, dtype = tuple(s.get_shape()), s.get_dtype()
-            stored += _numel(shape) * _DTYPE_BYTES.get(dtype, 2)
+            stored += math.prod(shape) * _DTYPE_BYTES.get(dtype, 2)
             if key.startswith(prefix):
                 shapes[key[len(prefix):]] = shape
-    params = sum(_numel(s) for k, s in shapes.items() if not k.endswith((".weight_scale", ".comfy_quant", ".input_scale")))
+    params = sum(math.prod(s) for k, s in shapes.items()
+                 if not k.endswith((".weight_scale", ".comfy_quant", ".input_scale")))  # fp8 scales are not weights
     return spec_from_config(config_from_bfl_state_dict(shapes), param_count=params), stored
 
 
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I64": 8, "I32": 4}
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _read_json(path: Path) -> dict:
