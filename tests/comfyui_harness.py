@@ -91,22 +91,16 @@ def locate_comfyui() -> Path | None:
         path = Path(archive).expanduser().resolve()
         if not path.is_file():
             raise ComfyUISetupError(f"COMFYUI_ARCHIVE={archive} does not exist")
+        from flux2_train.cache import file_sha256
+
         try:
-            tree = _extract_once(path, cache_root() / f"comfyui-{_sha256(path)[:12]}") / "ComfyUI"
+            tree = _extract_once(path, cache_root() / f"comfyui-{file_sha256(path)[:12]}") / "ComfyUI"
         except (tarfile.TarError, OSError) as e:
             raise ComfyUISetupError(f"COMFYUI_ARCHIVE={archive} could not be extracted: {e}") from e
         if not (tree / "main.py").is_file():
             raise ComfyUISetupError(f"COMFYUI_ARCHIVE={archive} has no ComfyUI/main.py")
         return tree
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _extract_once(archive: Path, dest: Path) -> Path:

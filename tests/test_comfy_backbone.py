@@ -146,18 +146,29 @@ def test_training_reads_the_loaded_weights_without_copying_them(comfy, pack, tmp
     assert seen and all(s == storages for s in seen.values())
 
 
-def test_a_lora_applied_upstream_is_trained_on_top_of(comfy, pack, tiny_pipeline_dir):
-    """Load LoRA before the trainer: the frozen base the adapters learn on includes it."""
+def with_upstream_lora(comfy, patcher, layer: str, in_features: int, bypass: bool):
+    """The MODEL after a random rank-4 LoRA on one diffusers layer, through Load LoRA or Load LoRA (Bypass)."""
     from flux2_train.lora_files import to_format
 
-    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
     g = torch.Generator().manual_seed(0)
-    upstream = {"single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.randn(4, 512, generator=g),
-                "single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.randn(128, 4, generator=g)}
+    state = to_format({f"{layer}.lora_A.weight": torch.randn(4, in_features, generator=g),
+                       f"{layer}.lora_B.weight": torch.randn(128, 4, generator=g)}, 4, 4.0, "comfyui",
+                      dtype=torch.float32)
+    load = comfy.sd.load_bypass_lora_for_models if bypass else comfy.sd.load_lora_for_models
     with torch.inference_mode():
-        with_lora, _ = comfy.sd.load_lora_for_models(patcher, None, to_format(upstream, 4, 4.0, "comfyui",
-                                                                                 dtype=torch.float32), 1.0, 0)
-    x, ctx, sigma = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g), torch.tensor([0.5])
+        return load(patcher, None, state, 1.0, 0)[0]
+
+
+def probe_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g), torch.tensor([0.5])
+
+
+def test_a_lora_applied_upstream_is_trained_on_top_of(comfy, pack, tiny_pipeline_dir):
+    """Load LoRA before the trainer: the frozen base the adapters learn on includes it."""
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    with_lora = with_upstream_lora(comfy, patcher, "single_transformer_blocks.0.attn.to_out", 512, bypass=False)
+    x, ctx, sigma = probe_inputs()
 
     def prediction(p, train: bool):
         backbone = pack.ComfyFlux2Backbone(p)
@@ -279,16 +290,9 @@ def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, 
 
 def test_a_bypass_lora_applied_upstream_is_trained_on_top_of_and_left_in_place(comfy, pack, tiny_pipeline_dir):
     """Load LoRA (Bypass) before the trainer: ComfyUI injects it into the same modules the adapters hook."""
-    from flux2_train.lora_files import to_format
-
     patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
-    g = torch.Generator().manual_seed(0)
-    upstream = {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 128, generator=g),
-                "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(128, 4, generator=g)}
-    with torch.inference_mode():
-        bypassed, _ = comfy.sd.load_bypass_lora_for_models(
-            patcher, None, to_format(upstream, 4, 4.0, "comfyui", dtype=torch.float32), 1.0, 0)
-    x, ctx, sigma = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g), torch.tensor([0.5])
+    bypassed = with_upstream_lora(comfy, patcher, "transformer_blocks.0.attn.to_q", 128, bypass=True)
+    x, ctx, sigma = probe_inputs()
 
     def loaded_prediction(p):
         comfy.model_management.load_models_gpu([p])
