@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from comfy_api.latest import io, ui
-from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help, resolve_config
+from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help
 from flux2_train.errors import ConfigError
 
 from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
@@ -114,9 +114,7 @@ def parse_advanced(text: str) -> dict:
 
 def describe(handle: ConfigHandle) -> str:
     """The options as they will train (the dtype and an auto preset are settled by the MODEL)."""
-    overrides = {k: v for k, v in handle.overrides.items() if k != "dtype"}
-    quick = "fast" if handle.quick_preset == "auto" else handle.quick_preset
-    cfg = resolve_config(handle.subject_preset, quick, overrides=overrides)
+    cfg = handle.preview()
     lines = [f"subject {handle.subject_preset}, quick preset {handle.quick_preset or 'none'}"
              + (" (fast or low_vram, decided by the GPU)" if handle.quick_preset == "auto" else ""),
              f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {cfg.targets}",

@@ -11,7 +11,6 @@ from aiohttp import web
 
 import comfy.model_management
 import folder_paths
-from flux2_train.config import resolve_config
 from flux2_train.errors import Flux2TrainError
 from flux2_train.memory import estimate_memory
 from flux2_train.model import spec_from_file
@@ -53,16 +52,11 @@ def estimate_for_widgets(body: dict) -> dict:
     if not body.get("config"):
         return {"error": "connect a FLUX.2 LoRA Config to estimate"}
     spec, stored = _file_spec(path, os.path.getmtime(path))
-    weight_bytes = spec.param_count * _WEIGHT_BYTES[body["weight_dtype"]] if body.get(
-        "weight_dtype") in _WEIGHT_BYTES else stored
-    handle = config_handle(**body["config"])
-    overrides = dict(handle.overrides)
-    overrides.pop("dtype", None)
-    dataset = body.get("dataset") or {}
-    if dataset:
-        overrides.update({k: v for k, v in dataset_options(**dataset).items() if k != "dataset"})
-    quick = "fast" if handle.quick_preset == "auto" else handle.quick_preset
-    cfg = resolve_config(handle.subject_preset, quick, overrides=overrides)
+    cast = _WEIGHT_BYTES.get(body.get("weight_dtype"))  # the loader may store the weights in fp8
+    weight_bytes = spec.param_count * cast if cast else stored
+    dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
+    dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
+    cfg = config_handle(**body["config"]).preview(**dataset)
     est = estimate_memory(spec, cfg, weight_bytes=weight_bytes,
                           available=device_memory(comfy.model_management.get_torch_device()))
     return {"total": est.total, "available": est.available, "verdict": est.verdict, "parts": est.parts,

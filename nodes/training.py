@@ -59,6 +59,13 @@ class ConfigHandle:
     overrides: dict = field(default_factory=dict)
 
 
+    def preview(self, **extra) -> TrainConfig:
+        """The config as it will train before a MODEL settles the dtype and an `auto` preset (taken as fast)."""
+        overrides = {k: v for k, v in self.overrides.items() if k != "dtype"} | extra
+        quick = "fast" if self.quick_preset == "auto" else self.quick_preset
+        return resolve_config(self.subject_preset, quick, overrides=overrides)
+
+
 @dataclass
 class LoraHandle:
     """A trained adapter: PEFT-named weights plus what a LoRA file needs beside them."""
