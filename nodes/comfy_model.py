@@ -29,6 +29,7 @@ import comfy.model_management
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
+from flux2_train.memory import Placement
 from flux2_train.model import ModelSpec, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,9 @@ class RecomputeInBackward(torch.autograd.Function):
 class ComfyFlux2Backbone:
     """`Flux2Backbone` over a ComfyUI FLUX.2 ModelPatcher, trained in place without a copy."""
 
-    def __init__(self, model_patcher, memory_required: int = 0):
+    def __init__(self, model_patcher):
         check_flux2(model_patcher)
         self.patcher = model_patcher.clone()
-        self.memory_required = memory_required
         self.spec = comfy_spec(model_patcher)
         self.diffusion_model = self.patcher.model.diffusion_model
         self._named = dict(self.diffusion_model.named_modules())
@@ -169,16 +169,29 @@ class ComfyFlux2Backbone:
             layers[name] = (m.in_features, m.out_features // target.parts)
         return layers
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def memory_placement(self) -> Placement:
+        return self.placement_of(self.patcher)
+
+    @staticmethod
+    def placement_of(model_patcher) -> Placement:
+        """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
+        stored = model_patcher.model.get_dtype()
+        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(stored, "fp8")
+        return Placement("comfyui", fmt, stored_bytes=model_patcher.model_size())
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()
         if dtype != compute:
             raise ConfigError(f"this MODEL computes in {str(compute).removeprefix('torch.')}; train it with that "
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
         # Through ComfyUI's model management, so other models leave the GPU first.
-        comfy.model_management.load_models_gpu([self.patcher], memory_required=self.memory_required)
-        self.streams_weights = self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size()
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=training_bytes)
+        # Weights cast per op (offloaded, streamed, or stored in another dtype such as fp8) would
+        # otherwise be kept in their cast form by autograd: a second copy of the model.
+        self.streams_weights = (self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size()
+                                or any(getattr(m, "comfy_cast_weights", False) for m in self.diffusion_model.modules()))
         if self.streams_weights:
-            log.info("MODEL weights are offloaded or streamed: their ops run again in the backward pass")
+            log.info("MODEL weights are offloaded, streamed or cast per op: their ops run again in the backward pass")
             self._recompute_weighted_ops()
         self._make_weights_trainable()
         # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
@@ -256,7 +269,7 @@ class ComfyFlux2Backbone:
                 continue
             own = module.__dict__.get("forward")
             current = module.forward
-            module.forward = functools.partial(_recompute_call, current)
+            module.forward = functools.partial(_recompute_call, current, isinstance(module, nn.Linear))
             self._wrapped.append((module, own))
 
     def _make_weights_trainable(self) -> None:
@@ -302,9 +315,14 @@ def _storage_view(t: torch.Tensor) -> torch.Tensor:
     return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
-def _recompute_call(forward, x, *args, **kwargs):
+def _recompute_call(forward, casts_input, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled():
         return forward(x, *args, **kwargs)
+    device = x.device.type
+    if casts_input and x.is_floating_point() and torch.is_autocast_enabled(device):
+        # A Linear casts its input under autocast anyway; keeping that cast instead of an
+        # fp32 input (LayerNorm and modulation run in fp32) halves what the input costs.
+        x = x.to(torch.get_autocast_dtype(device))
     return RecomputeInBackward.apply(x, forward)
 
 
