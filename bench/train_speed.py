@@ -113,18 +113,20 @@ class SyntheticEncoder:
         return torch.randn(b, 128, h // 16, w // 16, generator=self.g)
 
 
-def write_dataset(folder: Path, resolution: int, count: int, seed: int = 0) -> None:
-    """`count` random RGB PNGs of resolution x resolution with a caption file each."""
+def write_dataset(folder: Path, resolution: int, count: int, seed: int = 0,
+                  size: tuple[int, int] | None = None) -> None:
+    """`count` random RGB PNGs of resolution x resolution (or `size` = (width, height)) with a caption file each."""
     import numpy as np
     from PIL import Image
 
+    width, height = size or (resolution, resolution)
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         # Smooth colour fields plus noise: realistic PNG sizes, quick to write.
-        small = rng.integers(0, 256, (resolution // 16, resolution // 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((resolution, resolution), Image.BILINEAR)
-        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (resolution, resolution, 3))
+        small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (height, width, 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
         (folder / f"img{i:02d}.txt").write_text(f"a photo of sks object number {i}, random test image", encoding="utf-8")
 

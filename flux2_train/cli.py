@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import QUICK_PRESETS, SUBJECT_PRESETS, TrainConfig, resolve_config, save_yaml
-from .errors import Flux2TrainError, TrainingCancelled
+from .errors import ConfigError, Flux2TrainError, TrainingCancelled
+from .memory import HOSTS, WEIGHT_FORMATS
 
 log = logging.getLogger("flux2_train")
 
@@ -51,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-config", help="Write the resolved config to this YAML file and exit.")
     _add_config_options(train)
 
+    est = sub.add_parser("estimate", help="Peak GPU memory of a run: breakdown, what to change, what fits which card.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    est.add_argument("--preset", choices=SUBJECT_PRESETS, help="Subject preset: sets defaults for the subject.")
+    est.add_argument("--quick", choices=QUICK_PRESETS, help="Quick preset (auto: also shows what it would pick).")
+    est.add_argument("--config", help="YAML file of options (explicit options win).")
+    est.add_argument("--weights", choices=sorted(WEIGHT_FORMATS),
+                     help="How the frozen weights are stored (default: as in --model's file, else --dtype).")
+    est.add_argument("--host", choices=HOSTS, default="engine",
+                     help="engine: this CLI (diffusers); comfyui: the ComfyUI training node (can offload weights).")
+    est.add_argument("--offload-gb", type=float, default=0.0, help="GiB of frozen weights kept in CPU memory (comfyui).")
+    est.add_argument("--gpu-memory", type=float, help="GiB the GPU gives the run (default: this machine's GPU, if any).")
+    _add_config_options(est)
+    for action in est._actions:  # --model here also takes a name: dev, klein-4b, klein-9b
+        if action.dest == "model":
+            action.help = "dev, klein-4b, klein-9b, or a FLUX.2 transformer file or diffusers folder."
+
     demo = sub.add_parser("demo", help="Train the tiny built-in model on the bundled sample images (CPU, < 1 min).")
     demo.add_argument("--steps", type=int, default=120, help="Training steps.")
     demo.add_argument("--output-dir", default="runs", help="Where the demo run folder goes.")
@@ -71,25 +89,57 @@ def _install_sigint(flag: dict) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _resolve(args: argparse.Namespace, config_file=None):
+    """The config, the model's spec (headers only), and the dataset's scan when it names one.
+
+    The scan gives the buckets for the estimate and the image count for the `auto` schedule.
+    """
+    from .data import scan_dataset_for
+    from .model import spec_for
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+    cfg = resolve_config(args.preset, args.quick, config_file, overrides)
+    if not cfg.model:
+        raise ConfigError("--model is required: a FLUX.2 file or diffusers folder"
+                          + (" (or dev, klein-4b, klein-9b)" if args.command == "estimate" else ""))
+    spec, stored = spec_for(cfg.model)
+    report = scan_dataset_for(cfg) if cfg.dataset else None
+    if report and cfg.quick_preset == "auto":
+        cfg = resolve_config(args.preset, args.quick, config_file, overrides, image_count=len(report.items))
+    return cfg, report, spec, stored
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .encoders import load_pipeline_encoders
+    from .memory import Placement, device_available_memory, plan_run
     from .model import load_transformer
     from .train import Trainer, precision_plan, resolve_device
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
     config_file = args.config
     if args.resume and not config_file:
         from .checkpoint import find_checkpoint
 
         saved = find_checkpoint(args.resume).parent.parent / "config.yaml"
         config_file = saved if saved.is_file() else None
-    cfg = resolve_config(args.preset, args.quick, config_file, overrides)
     if args.save_config:
-        save_yaml(cfg, args.save_config)
+        overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+        save_yaml(resolve_config(args.preset, args.quick, config_file, overrides), args.save_config)
         print(f"config written to {args.save_config}")
         return 0
+    cfg, report, spec, _ = _resolve(args, config_file)
+    if report is None:
+        from .data import scan_dataset_for
+
+        report = scan_dataset_for(cfg)  # names what is wrong with the folder
 
     device = resolve_device(cfg.device)
+    # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
+    # that cannot fit. The Trainer repeats it on the loaded model.
+    plan = plan_run(spec, cfg, Placement("engine"), device_available_memory(device), list(report.bucket_counts))
+    if plan.reason:
+        print(plan.reason)
+    if cfg.memory_check:
+        plan.estimate.check()
     weight_dtype, _, _ = precision_plan(cfg.dtype, device)
     encoders_path = cfg.encoders or cfg.model
     # The transformer waits in CPU memory while the encoders fill the cache on the
@@ -99,10 +149,63 @@ def run_train(args: argparse.Namespace) -> int:
                                      text_layers=cfg.text_encoder_layers or None)
     flag: dict = {}
     _install_sigint(flag)
-    trainer = Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free, resume=args.resume,
+    trainer = Trainer(cfg, backbone, encoder=encoder, dataset=report, free_encoder=encoder.free, resume=args.resume,
                       should_stop=lambda: flag.get("stop", False), console=True)
     result = trainer.run()
     print(result.summary)
+    return 0
+
+
+# Common cards and the memory they report (MiB).
+CARDS = (("16 GB (RTX 4080)", 16376), ("24 GB (RTX 4090)", 24564), ("32 GB (RTX 5090)", 32607),
+         ("48 GB (RTX 6000 Ada)", 49140), ("80 GB (H100)", 81559), ("96 GB (RTX PRO 6000)", 97887),
+         ("141 GB (H200)", 143771))
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from .config import suggest_schedule
+    from .memory import GIB, Placement, device_available_memory, estimate_memory, plan_auto
+    from .train import resolve_device
+
+    cfg, report, spec, stored = _resolve(args, args.config)
+    placement = Placement(args.host, args.weights or "", None if args.weights else stored,
+                          offloaded_bytes=int(args.offload_gb * GIB))
+    if args.gpu_memory:
+        available = int(args.gpu_memory * GIB)
+    else:
+        available = device_available_memory(resolve_device(cfg.device)) if cfg.device != "cpu" else None
+    buckets = list(report.bucket_counts) if report else None
+    est = estimate_memory(spec, cfg, placement, available, buckets)
+    print(f"{spec.title}, {spec.param_count / 1e9:.2f} B parameters, on the {args.host} path")
+    print("; ".join(f"{k} {v}" for k, v in est.settings.items()))
+    print()
+    print(est.table())
+    print()
+    print(est.summary().splitlines()[0] + " (within ±5% of the peaks measured on an H100: bench/README.md)")
+    if cfg.quick_preset == "auto" and available:
+        try:
+            print(plan_auto(spec, cfg, placement, available, buckets).reason)
+        except Flux2TrainError as e:
+            print(f"auto: {e}".splitlines()[0])
+    if est.advice:
+        print("to use less (cheapest in speed first):")
+        for a in est.advice:
+            print(f"  - {a}")
+    print()
+    print("| GPU | as given | auto would train with |")
+    print("|---|---|---|")
+    for name, mib in CARDS:
+        card = mib * 2**20
+        verdict = estimate_memory(spec, cfg, placement, card, buckets, advise=False).verdict
+        try:
+            plan = plan_auto(spec, cfg, placement, card, buckets)
+            picked = f"{', '.join(plan.changes) or 'the settings as given'} ({plan.estimate.total / GIB:.1f} GiB)"
+        except Flux2TrainError:
+            picked = "nothing fits (see the advice)"
+        print(f"| {name} | {verdict} | {picked} |")
+    if report:
+        plan = suggest_schedule(len(report.items), cfg.subject_preset, cfg.effective_batch, cfg.rank)
+        print(f"\nfor this dataset: {plan['reason']}")
     return 0
 
 
@@ -119,12 +222,16 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Set before CUDA starts: fewer fragments, so the peak stays near the estimate (bench/README.md).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "estimate":
+            return run_estimate(args)
         from .demo import run_demo
 
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)

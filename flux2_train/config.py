@@ -30,7 +30,7 @@ LR_SCHEDULERS = (
 TARGET_PRESETS = ("attention", "attention_mlp", "all_linear")
 LORA_FORMATS = ("diffusers", "comfyui", "kohya")
 SUBJECT_PRESETS = ("character", "style", "concept")
-QUICK_PRESETS = ("fast", "quality", "low_vram")
+QUICK_PRESETS = ("fast", "quality", "low_vram", "auto")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -98,6 +98,7 @@ class TrainConfig:
     dtype: str = _opt("bfloat16", "Precision of the frozen weights; autocast follows it (float32 turns mixed precision off).", DTYPES)
     gradient_checkpointing: bool = _opt(False, "Recompute block activations in the backward pass ([klein] 4B at 1024²: 60% less memory, 43% slower; bench/README.md).")
     device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
+    memory_check: bool = _opt(True, "Refuse, before any heavy work, a run whose estimated peak exceeds the GPU's free memory (--no-memory-check: try anyway).")
 
     # --- output -----------------------------------------------------------
     output_dir: str = _opt("runs", "Folder that receives one sub-folder per run.")
@@ -192,7 +193,38 @@ QUICK_PRESET_VALUES: dict[str, dict[str, Any]] = {
     "quality": dict(steps=2000, rank=32, alpha=32.0, learning_rate=5e-5, lr_scheduler="cosine",
                     lr_warmup_steps=100, save_every=250),
     "low_vram": dict(gradient_checkpointing=True, batch_size=1, rank=16, alpha=16.0, optimizer="adamw8bit"),
+    # `auto`: rank 16; steps, learning rate and repeats from the dataset (`suggest_schedule`),
+    # and memory settings from the GPU when the run starts (`memory.plan_auto`).
+    "auto": dict(rank=16, alpha=16.0, save_every=200),
 }
+
+# Times the run shows each image, by subject: a character needs the most exposures to be
+# recognisable, a style the fewest per image (style sets are larger and varied).
+EXPOSURES_PER_IMAGE = {"character": 100, "concept": 80, "style": 50, "": 80}
+SAMPLES_PER_EPOCH = 100  # repeats make an epoch about this long: shuffles and epoch counts stay meaningful
+
+
+def suggest_schedule(image_count: int, subject_preset: str = "", effective_batch: int | None = None,
+                     rank: int = 16) -> dict[str, Any]:
+    """Steps, learning rate and repeats for `image_count` images; `reason` says how they were found.
+
+    Steps give each image the subject's exposures (clamped to 400-4000); the learning rate
+    is the presets' 1e-4 at the presets' batch, scaled by the square root of the effective
+    batch and lowered for ranks above 16 (alpha = rank keeps the update larger).
+    """
+    if image_count < 1:
+        raise ConfigError("no images to plan a schedule for")
+    preset = SUBJECT_PRESET_VALUES.get(subject_preset, {})
+    batch = effective_batch or preset.get("batch_size", 1) * preset.get("gradient_accumulation", 1)
+    exposures = EXPOSURES_PER_IMAGE.get(subject_preset, EXPOSURES_PER_IMAGE[""])
+    steps = int(min(4000, max(400, round(image_count * exposures / batch / 50) * 50)))
+    lr = 1e-4 * (batch / 2) ** 0.5 * (16 / max(rank, 16)) ** 0.5
+    repeats = max(1, min(20, -(-SAMPLES_PER_EPOCH // image_count)))
+    reason = (f"{image_count} images x {exposures} exposures ({subject_preset or 'no subject preset'}) / effective batch "
+              f"{batch} = {steps} steps; learning rate {lr:.2g} (1e-4 at batch 2, x sqrt(batch / 2)"
+              + (f", x sqrt(16 / rank {rank})" if rank > 16 else "") + f"); repeats {repeats}: epochs of "
+              f"about {image_count * repeats} images")
+    return {"steps": steps, "learning_rate": float(f"{lr:.2g}"), "repeats": repeats, "reason": reason}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -228,8 +260,13 @@ def resolve_config(
     quick_preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    image_count: int | None = None,
 ) -> TrainConfig:
-    """Merge defaults, presets, a YAML file and explicit options, then validate."""
+    """Merge defaults, presets, a YAML file and explicit options, then validate.
+
+    The `auto` quick preset takes steps, learning rate and repeats from `suggest_schedule`
+    when `image_count` is known; explicit options and the file still win.
+    """
     values: dict[str, Any] = {}
     if config_file:
         file_values = load_yaml(config_file)
@@ -246,6 +283,11 @@ def resolve_config(
         if quick_preset not in QUICK_PRESETS:
             raise ConfigError(f"unknown quick preset {quick_preset!r}; choose one of {', '.join(QUICK_PRESETS)}")
         values.update(QUICK_PRESET_VALUES[quick_preset], quick_preset=quick_preset)
+        if quick_preset == "auto" and image_count:
+            merged = {**values, **file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+            batch = int(merged.get("batch_size", 1)) * int(merged.get("gradient_accumulation", 1))
+            plan = suggest_schedule(image_count, subject_preset or "", batch, int(merged.get("rank", 16)))
+            values.update({k: plan[k] for k in ("steps", "learning_rate", "repeats")})
     values.update(file_values)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_known(overrides, "the options")

@@ -1,13 +1,26 @@
-"""Peak accelerator memory of a training run, estimated from the model's sizes and the options.
+"""Peak accelerator memory of a training run, what to change when it does not fit, and the `auto` plan.
 
-The activation term is calibrated on measured runs (bench/README.md: H100,
-bf16, 1024², rank 16): without checkpointing a FLUX.2 block keeps about 24
-hidden-size vectors per token in bf16 for its backward pass, with per-block
-checkpointing about one.
+The estimate is the device's peak in use (what nvidia-smi shows), built from parts:
+
+* frozen weights as stored (bf16, fp16, fp8, 8-bit, 4-bit), less what is offloaded;
+* weight casts: where weights are stored in another dtype than the compute dtype or
+  stream in from the CPU, each op casts its weight just in time (two layers in flight);
+* LoRA weights and gradients (float32) with their compute-dtype casts, and the
+  optimizer state, counted exactly from the real class's Linear shapes;
+* activations: the tensors a block keeps for its backward pass, per token and block,
+  for double-stream and single-stream blocks, with or without checkpointing;
+* batch tensors: latents, noise, targets and text embeddings of one micro-batch;
+* runtime: the CUDA context, and the allocator's slack as a share of the rest.
+
+The per-block activation sizes and the runtime terms are calibrated on measured peaks
+of real-size FLUX.2 models on an H100 (bench/memory_grid.py, bench/README.md);
+everything else follows from the model's config and the options.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
@@ -16,18 +29,72 @@ from .lora import resolve_targets
 from .model import ModelSpec, spec_linear_shapes
 
 GIB = 2**30
-_ACT_VECTORS_PER_BLOCK = 24.0  # saved activations per token and block, in hidden-size vectors (no checkpointing)
-_ACT_VECTORS_CHECKPOINTED = 1.0  # with checkpointing: each block's input...
-_ONE_BLOCK_RECOMPUTE = 24.0  # ...plus one block's full activations while it is recomputed
-_RUNTIME_OVERHEAD = 1.0 * GIB  # CUDA context, allocator slack, kernels' workspaces
+
+# Bytes per stored weight. 8-bit and 4-bit formats carry a scale per block of 64 weights.
+WEIGHT_FORMATS = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0 + 4 / 64, "nf4": 0.5 + 4 / 64}
+_DTYPE_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+HOSTS = ("engine", "comfyui")
+
+# Activations in hidden-size vectors per token (compute dtype), fitted on the H100 grid
+# (bench/README.md): what a block keeps for its backward pass; with checkpointing, what a
+# checkpointed block keeps (its inputs) and the peak while one block is recomputed.
+ACT_VECTORS_PER_BLOCK = 23.8
+ACT_VECTORS_CHECKPOINTED = 1.08
+RECOMPUTE_VECTORS = 37.0
+# ComfyUI, weights cast per op (fp8, offloaded) and no checkpointing: each op's input is kept
+# by the recompute of the cast (nodes/comfy_model.py), 5 more vectors per block.
+CAST_RECOMPUTE_VECTORS = 5.0
+# Outside the tensors: the driver context, kernels and library handles (nvidia-smi minus the
+# allocator's pool), and the pool's slack over what is allocated. The CLI runs PyTorch's
+# allocator with expandable segments; ComfyUI runs cudaMallocAsync, which keeps more.
+CUDA_CONTEXT = {"engine": int(0.75 * GIB), "comfyui": int(0.80 * GIB)}
+ALLOCATOR_SLACK = {"engine": 0.015, "comfyui": 0.0}  # share of all tensors
+# cudaMallocAsync keeps freed blocks in its pool: a fixed part and a share of the activations
+# (the same ComfyUI run measured 0.9 and 2.4 GiB over its tensors on two calls).
+ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.75 * GIB)}
+ALLOCATOR_POOL_ACTIVATIONS = {"engine": 0.0, "comfyui": 0.07}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  # per LoRA parameter
+
+# Relative cost of the memory savings, for the advice and the `auto` plan (bench/README.md).
+CHECKPOINTING_SLOWDOWN = 0.40  # [klein] 4B at 1024² on an H100: 0.286 -> 0.384..0.481 s
+BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
+FP8_SLOWDOWN = 0.06  # ComfyUI's fp8 weights cast per layer
+HOST_TO_DEVICE_BYTES_PER_S = 20e9  # effective PCIe rate of streamed weights
+_EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about 30%)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the frozen weights live and who runs the model."""
+
+    host: str = "engine"  # "engine" (diffusers) or "comfyui" (ComfyUI's model, the training node)
+    weight_format: str = ""  # as stored: a WEIGHT_FORMATS key ("" = the run's dtype)
+    stored_bytes: int | None = None  # exact stored size when known (a loaded model, a file header)
+    offloaded_bytes: int = 0  # frozen weights kept in CPU memory and streamed in per layer
+
+    @property
+    def can_offload(self) -> bool:
+        return self.host == "comfyui"  # ComfyUI streams what does not fit; the engine keeps all on the GPU
+
+
+@dataclass(frozen=True)
+class Advice:
+    change: str  # in plain words
+    saves: int  # bytes
+    slowdown: float | None  # relative step time, None where the change alters the result instead
+
+    def __str__(self) -> str:
+        cost = "" if self.slowdown is None else (f", ≈{self.slowdown:.0%} slower" if self.slowdown >= 0.005 else "")
+        return f"{self.change} (−{self.saves / GIB:.1f} GiB{cost})"
 
 
 @dataclass
 class MemoryEstimate:
     parts: dict[str, int]  # name -> bytes
     available: int | None = None  # bytes the device can give the run, when known
-    advice: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # what the figure assumes
+    advice: list[Advice] = field(default_factory=list)
+    streamable: int = 0  # bytes of frozen weights the host could offload instead
 
     @property
     def total(self) -> int:
@@ -37,31 +104,44 @@ class MemoryEstimate:
     def verdict(self) -> str:
         if self.available is None:
             return "unknown"
-        if self.total <= 0.85 * self.available:
+        if self.total <= 0.9 * self.available:
             return "fits"
         if self.total <= self.available:
             return "tight"
+        if self.total - self.streamable <= 0.9 * self.available:
+            return "fits with offload"
         return "does not fit"
 
-    def check(self, margin: float = 1.5, weights_can_stream: bool = False) -> None:
-        """Refuse a run that needs far more than the device has (estimates are approximate: a margin).
+    def check(self, margin: float = 1.05) -> None:
+        """Refuse a run whose estimate exceeds the device by more than the estimate's own error.
 
-        Where the frozen weights can stay off the device and stream in per layer
-        (ComfyUI offloads them), only the rest has to fit.
+        Where the host can offload frozen weights (ComfyUI), only the rest has to fit.
         """
-        need = self.total - (self.parts["frozen weights"] if weights_can_stream else 0)
+        need = self.total - self.streamable
         if self.available and need > margin * self.available:
-            raise OutOfMemory(f"this run needs about {need / GIB:.0f} GiB"
-                              + (" besides the model's weights" if weights_can_stream else "")
-                              + f"; the GPU has {self.available / GIB:.0f} GiB.\n{self.summary()}")
+            besides = " besides the weights it can offload" if self.streamable else ""
+            raise OutOfMemory(
+                f"this run needs about {need / GIB:.1f} GiB{besides}, and the GPU has {self.available / GIB:.1f} GiB "
+                f"free for it; it would run out of memory. Change the settings (or use quick preset 'auto'):\n"
+                + self.summary())
 
     def summary(self) -> str:
         lines = [f"estimated peak {self.total / GIB:.1f} GiB"
                  + (f" of {self.available / GIB:.1f} GiB available: {self.verdict}" if self.available else "")]
-        lines += [f"  {name:<22} {size / GIB:6.2f} GiB" for name, size in self.parts.items()]
-        if self.verdict in ("tight", "does not fit") and self.advice:
-            lines.append("to use less: " + "; ".join(self.advice))
+        if self.settings:
+            lines.append("  for " + ", ".join(f"{k} {v}" for k, v in self.settings.items()))
+        lines += [f"  {name:<22} {size / GIB:7.2f} GiB" for name, size in self.parts.items()]
+        if self.verdict in ("tight", "fits with offload", "does not fit") and self.advice:
+            lines.append("to use less:")
+            lines += [f"  - {a}" for a in self.advice]
         return "\n".join(lines)
+
+    def table(self) -> str:
+        """The breakdown as a markdown table (the CLI prints it)."""
+        rows = ["| part | GiB |", "|---|---:|"]
+        rows += [f"| {name} | {size / GIB:.2f} |" for name, size in self.parts.items()]
+        rows.append(f"| **total** | **{self.total / GIB:.2f}** |")
+        return "\n".join(rows)
 
 
 def lora_parameter_count(spec: ModelSpec, cfg: TrainConfig) -> int:
@@ -70,40 +150,214 @@ def lora_parameter_count(spec: ModelSpec, cfg: TrainConfig) -> int:
     return cfg.rank * sum(sum(shapes[n]) for n in resolve_targets(shapes, cfg.targets, cfg.target_modules))
 
 
-def estimate_memory(spec: ModelSpec, cfg: TrainConfig, weight_bytes: int | None = None,
-                    available: int | None = None) -> MemoryEstimate:
-    """Estimated peak memory of training `spec` with `cfg`.
+def weight_format(placement: Placement, cfg: TrainConfig) -> str:
+    return placement.weight_format or _DTYPE_FORMAT[cfg.dtype]
 
-    `weight_bytes`: what the frozen weights take on the device (ComfyUI knows the
-    loaded size, fp8 included); by default the parameter count in `cfg.dtype`.
-    """
-    act_bytes = 4 if cfg.dtype == "float32" else 2
-    if weight_bytes is None:
-        weight_bytes = spec.param_count * act_bytes
+
+def stored_weight_bytes(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement()) -> int:
+    if placement.stored_bytes is not None:
+        return int(placement.stored_bytes)
+    return int(spec.param_count * WEIGHT_FORMATS[weight_format(placement, cfg)])
+
+
+def image_tokens_of(cfg: TrainConfig, buckets: list[tuple[int, int]] | None = None) -> int:
+    """Image tokens of the largest micro-batch: the largest bucket, or resolution² without a dataset."""
+    if buckets:
+        return max((w // 16) * (h // 16) for w, h in buckets)
+    return (cfg.resolution // 16) ** 2
+
+
+def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement(),
+                    available: int | None = None, buckets: list[tuple[int, int]] | None = None,
+                    advise: bool = True) -> MemoryEstimate:
+    """Estimated peak device memory of training `spec` with `cfg` (see the module's notes)."""
+    compute_bytes = 4 if cfg.dtype == "float32" else 2
+    stored = stored_weight_bytes(spec, cfg, placement)
+    offloaded = min(placement.offloaded_bytes, stored)
+    fmt = weight_format(placement, cfg)
+    casts = offloaded > 0 or WEIGHT_FORMATS[fmt] != compute_bytes
+    largest_layer = max(i * o for i, o in spec_linear_shapes(spec).values())
+
     lora = lora_parameter_count(spec, cfg)
-    tokens = (cfg.resolution // 16) ** 2 + cfg.max_sequence_length
-    vector = tokens * spec.hidden_size * act_bytes * cfg.batch_size
+    tokens = image_tokens_of(cfg, buckets) + cfg.max_sequence_length
+    vector = tokens * spec.hidden_size * compute_bytes * cfg.batch_size  # one hidden-size vector per token
     blocks = spec.num_double + spec.num_single
+    # The peak is at one end of the backward pass: all saved activations and no LoRA
+    # gradients yet, or all gradients while the first block's activations are still held.
     if cfg.gradient_checkpointing:
-        activations = vector * (blocks * _ACT_VECTORS_CHECKPOINTED + _ONE_BLOCK_RECOMPUTE)
+        held = vector * (blocks * ACT_VECTORS_CHECKPOINTED + RECOMPUTE_VECTORS)
+        last = vector * RECOMPUTE_VECTORS
     else:
-        activations = vector * blocks * _ACT_VECTORS_PER_BLOCK
+        per_block = ACT_VECTORS_PER_BLOCK + (CAST_RECOMPUTE_VECTORS if casts and placement.host == "comfyui" else 0)
+        held = vector * blocks * per_block
+        last = vector * per_block
+    grads = 4 * lora
+    latent_elems = cfg.batch_size * spec.in_channels * image_tokens_of(cfg, buckets)
+    batch = latent_elems * 4 * 5 + cfg.batch_size * cfg.max_sequence_length * spec.context_dim * compute_bytes
+
     parts = {
-        "frozen weights": int(weight_bytes),
-        "LoRA weights + grads": lora * 8,
+        "frozen weights": stored - offloaded,
+        # In flight: the op's own cast; streamed weights also the next op's and the recompute's.
+        "weight casts": (3 if offloaded else 1) * largest_layer * compute_bytes if casts else 0,
+        "LoRA weights": lora * (4 + compute_bytes),  # float32, and the autocast copy
         "optimizer state": lora * _OPTIMIZER_BYTES.get(cfg.optimizer, 8),
-        "activations": int(activations),
-        "runtime overhead": int(_RUNTIME_OVERHEAD),
+        "activations + grads": int(max(held, last + grads)),
+        "batch tensors": int(batch),
     }
-    est = MemoryEstimate(parts=parts, available=available)
-    if not cfg.gradient_checkpointing:
-        est.advice.append("turn on gradient checkpointing")
-    if cfg.batch_size > 1:
-        est.advice.append(f"batch 1 with gradient accumulation {cfg.batch_size * cfg.gradient_accumulation}")
-    if cfg.resolution > 512:
-        est.advice.append(f"resolution {max(512, cfg.resolution * 3 // 4 // 16 * 16)}")
-    if cfg.optimizer in ("adamw", "prodigy"):
-        est.advice.append("optimizer adamw8bit")
-    if weight_bytes >= spec.param_count * 2:
-        est.advice.append("load the model in fp8 (e.g. the fp8 'mixed' checkpoint)")
+    host = placement.host
+    parts["runtime overhead"] = (CUDA_CONTEXT[host] + ALLOCATOR_POOL[host]
+                                 + int(ALLOCATOR_SLACK[host] * sum(parts.values()))
+                                 + int(ALLOCATOR_POOL_ACTIVATIONS[host] * parts["activations + grads"]))
+    settings = {"resolution": f"{cfg.resolution}" if not buckets else _bucket_text(buckets), "batch": cfg.batch_size,
+                "rank": cfg.rank, "targets": cfg.targets, "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)"
+                                                                             if offloaded else ""),
+                "checkpointing": "on" if cfg.gradient_checkpointing else "off", "optimizer": cfg.optimizer}
+    est = MemoryEstimate(parts=parts, available=available, settings=settings,
+                         streamable=(stored - offloaded) if placement.can_offload else 0)
+    if advise:
+        est.advice = advice(spec, cfg, placement, est, buckets)
     return est
+
+
+def _bucket_text(buckets) -> str:
+    w, h = max(buckets, key=lambda b: (b[0] // 16) * (b[1] // 16))
+    return f"{w}x{h} (largest bucket)"
+
+
+def step_seconds(spec: ModelSpec, cfg: TrainConfig, buckets=None) -> float:
+    """Rough H100 seconds of one micro-batch: 4 x P x T FLOPs of frozen Linears plus attention."""
+    tokens = image_tokens_of(cfg, buckets) + cfg.max_sequence_length
+    blocks = spec.num_double + spec.num_single
+    flops = 4 * spec.param_count * tokens + 12 * tokens * tokens * spec.hidden_size * blocks
+    return cfg.batch_size * flops / _EFFECTIVE_FLOPS
+
+
+def offload_slowdown(spec: ModelSpec, cfg: TrainConfig, offloaded: int, buckets=None) -> float:
+    """Streamed weights cross the bus in the forward pass, the backward pass, and the recompute."""
+    passes = 3 if cfg.gradient_checkpointing else 2
+    return passes * offloaded / HOST_TO_DEVICE_BYTES_PER_S / step_seconds(spec, cfg, buckets)
+
+
+def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
+    """Changes that lower the estimate, cheapest in speed first; those that change the result last."""
+
+    def saving(**changes) -> int:
+        p = changes.pop("placement", placement)
+        new = dataclasses.replace(cfg, **changes)
+        return est.total - estimate_memory(spec, new, p, buckets=buckets, advise=False).total
+
+    found: list[Advice] = []
+    if cfg.optimizer in ("adamw", "prodigy"):
+        found.append(Advice("optimizer adamw8bit", saving(optimizer="adamw8bit"), 0.0))
+    fmt = weight_format(placement, cfg)
+    if WEIGHT_FORMATS[fmt] >= 2:
+        how = ("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)" if placement.host == "comfyui"
+               else "fp8 base: train in ComfyUI with the model loaded in fp8")
+        found.append(Advice(how, saving(placement=dataclasses.replace(placement, weight_format="fp8",
+                                                                      stored_bytes=None)), FP8_SLOWDOWN))
+    if cfg.batch_size > 1:
+        found.append(Advice(f"batch 1 with gradient accumulation {cfg.batch_size * cfg.gradient_accumulation}",
+                            saving(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation),
+                            BATCH_SPLIT_SLOWDOWN))
+    if not cfg.gradient_checkpointing:
+        found.append(Advice("turn gradient checkpointing on", saving(gradient_checkpointing=True),
+                            CHECKPOINTING_SLOWDOWN))
+    if placement.can_offload and est.available and est.total > 0.9 * est.available:
+        blocks = spec.num_double + spec.num_single
+        per_block = est.parts["frozen weights"] / blocks
+        k = min(blocks, math.ceil((est.total - 0.9 * est.available) / per_block))
+        off = int(k * per_block)
+        found.append(Advice(f"offload {k} of {blocks} blocks to the CPU (ComfyUI does this when the model does "
+                            "not fit)", off, offload_slowdown(spec, cfg, off, buckets)))
+    found.sort(key=lambda a: a.slowdown)
+    if cfg.resolution > 512:
+        lower = max(512, cfg.resolution * 3 // 4 // 64 * 64)
+        found.append(Advice(f"resolution {lower}", saving(resolution=lower), None))
+    if cfg.rank > 16:
+        found.append(Advice("rank 16", saving(rank=16, alpha=cfg.alpha * 16 / cfg.rank), None))
+    return [a for a in found if a.saves >= 0.05 * GIB]
+
+
+@dataclass
+class AutoPlan:
+    cfg: TrainConfig
+    estimate: MemoryEstimate
+    reason: str  # what was chosen and why, in a sentence ("" when nothing was planned)
+    changes: list[str] = field(default_factory=list)
+
+
+def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None,
+              buckets=None, margin: float = 0.9) -> AutoPlan:
+    """The fastest memory settings that fit `margin` x `available`, keeping what the run learns.
+
+    Candidates keep the effective batch, resolution, rank and optimizer: gradient
+    checkpointing on or off, the batch as one pass or as accumulated micro-batches of 1,
+    and (where the host streams weights) what must be offloaded. Ranked by the step-time
+    model of `step_seconds` with the measured costs of each saving.
+    """
+    if available is None:
+        est = estimate_memory(spec, cfg, placement, None, buckets)
+        return AutoPlan(cfg, est, "auto: no GPU memory limit known: the settings as given")
+    candidates = []
+    for ckpt in (False, True):
+        for split in ((False, True) if cfg.batch_size > 1 else (False,)):
+            changes = dict(gradient_checkpointing=ckpt)
+            if split:
+                changes.update(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation)
+            c = dataclasses.replace(cfg, **changes)
+            p = placement
+            est = estimate_memory(spec, c, p, available, buckets, advise=False)
+            for _ in range(3):  # offloading adds cast buffers: settle in a few rounds
+                over = est.total - int(margin * available)
+                if over <= 0 or not p.can_offload or over > est.parts["frozen weights"]:
+                    break
+                p = dataclasses.replace(p, offloaded_bytes=p.offloaded_bytes + over)
+                est = estimate_memory(spec, c, p, available, buckets, advise=False)
+            if est.total > margin * available:
+                continue
+            cost = 1.0 + (CHECKPOINTING_SLOWDOWN if ckpt else 0.0) + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
+            cost += offload_slowdown(spec, c, p.offloaded_bytes - placement.offloaded_bytes, buckets)
+            candidates.append((cost, c, est, p))
+    if not candidates:
+        smallest = estimate_memory(spec, dataclasses.replace(cfg, gradient_checkpointing=True, batch_size=1),
+                                   placement, available, buckets)
+        raise OutOfMemory(f"no setting of gradient checkpointing and batch split fits this GPU "
+                          f"({available / GIB:.1f} GiB available, {margin:.0%} used at most); the smallest "
+                          f"needs about {smallest.total / GIB:.1f} GiB:\n{smallest.summary()}")
+    cost, chosen, est, p = min(candidates, key=lambda c: c[0])
+    est = estimate_memory(spec, chosen, p, available, buckets)
+    what = []
+    if chosen.gradient_checkpointing != cfg.gradient_checkpointing:
+        what.append("gradient checkpointing on")
+    if chosen.batch_size != cfg.batch_size:
+        what.append(f"batch {chosen.batch_size} with gradient accumulation {chosen.gradient_accumulation}")
+    if p.offloaded_bytes > placement.offloaded_bytes:
+        what.append(f"{(p.offloaded_bytes - placement.offloaded_bytes) / GIB:.1f} GiB of weights offloaded")
+    plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
+    if what:
+        reason = (f"auto: {', '.join(what)}: as given the run needs about {plain.total / GIB:.1f} GiB, over "
+                  f"{margin:.0%} of the {available / GIB:.1f} GiB available; now about {est.total / GIB:.1f} GiB "
+                  f"(≈{cost - 1:.0%} slower)")
+    else:
+        reason = (f"auto: the settings as given fit ({est.total / GIB:.1f} of {available / GIB:.1f} GiB): "
+                  "no memory saving is needed, none is switched on")
+    return AutoPlan(chosen, est, reason, what)
+
+
+def plan_run(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None,
+             buckets=None) -> AutoPlan:
+    """The preflight of every run: the `auto` plan when asked for, else the estimate of the settings as given."""
+    if cfg.quick_preset == "auto":
+        return plan_auto(spec, cfg, placement, available, buckets)
+    return AutoPlan(cfg, estimate_memory(spec, cfg, placement, available, buckets), "")
+
+
+def device_available_memory(device) -> int | None:
+    """Bytes this process can use on `device`: all of it less what other processes hold (None off CUDA)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    # Our own allocator pool and context count as ours; the estimate's total includes the context.
+    return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT["engine"]

@@ -15,13 +15,16 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
+
+if TYPE_CHECKING:
+    from .memory import Placement
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,16 @@ class Flux2Backbone(Protocol):
         """Linear layers an adapter can go on: name -> (in_features, out_features)."""
         ...
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Put the frozen weights on `device`, ready to train in `dtype`."""
+    def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
+        """Put the frozen weights on `device`, ready to train in `dtype`.
+
+        `training_bytes`: what training needs besides the weights (the memory estimate); a
+        host that can offload weights keeps that much free.
+        """
+        ...
+
+    def memory_placement(self) -> "Placement":
+        """How the frozen weights are stored and held, for the memory estimate."""
         ...
 
     def add_lora(self, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> list[nn.Parameter]:
@@ -186,7 +197,12 @@ class DiffusersFlux2Backbone:
     def lora_layers(self) -> dict[str, tuple[int, int]]:
         return linear_shapes(self.transformer)
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def memory_placement(self) -> "Placement":
+        from .memory import Placement
+
+        return Placement("engine")  # stored in the run's dtype, all on the device
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         self.transformer.to(device)
         if any(p.dtype != dtype for p in self.transformer.parameters()):
             self.transformer.to(dtype)
@@ -292,6 +308,34 @@ def config_from_bfl_state_dict(shapes: dict[str, tuple]) -> dict:
         "patch_size": 1,
         "out_channels": shapes["final_layer.linear.weight"][0],
     }
+
+
+def family_spec(family: str) -> ModelSpec:
+    """ModelSpec of a released FLUX.2 by name (dev, klein-4b, klein-9b), from the real class's config."""
+    if family not in KNOWN_FAMILIES:
+        raise ModelError(f"unknown FLUX.2 model {family!r}; name one of {', '.join(KNOWN_FAMILIES)} or give a path")
+    return spec_from_config(dict(KNOWN_FAMILIES[family], attention_head_dim=128, in_channels=128, mlp_ratio=3.0,
+                                 guidance_embeds=family == "dev"))
+
+
+def spec_for(model: str) -> tuple[ModelSpec, int | None]:
+    """ModelSpec and stored weight bytes (None when not known) of a family name, file or diffusers folder.
+
+    Reads headers and config files only: fast enough for the preflight before a model is loaded.
+    """
+    if model in KNOWN_FAMILIES:
+        return family_spec(model), None
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise ModelError(f"model path {p} does not exist; pass --model with a FLUX.2 transformer file or diffusers "
+                         f"folder (or one of {', '.join(KNOWN_FAMILIES)} to estimate)")
+    if p.is_file() and p.suffix == ".safetensors":
+        return spec_from_file(p)
+    folder = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
+    if (folder / "config.json").is_file():
+        return spec_from_config(_read_json(folder / "config.json"), distilled=_klein_distilled_hint(p)), None
+    raise ModelError(f"--model {model!r} is neither a FLUX.2 name ({', '.join(KNOWN_FAMILIES)}), a .safetensors "
+                     "file, nor a diffusers folder with a config.json")
 
 
 def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:

@@ -31,6 +31,7 @@ from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text
 from .lora import resolve_targets
 from .lora_files import lora_metadata, save_lora
+from .memory import MemoryEstimate, device_available_memory, plan_run
 from .model import Flux2Backbone, ModelSpec
 from .plot import Smoother, save_loss_plot
 
@@ -203,6 +204,7 @@ class Trainer:
         free_encoder: Callable[[], None] | None = None,
         console: bool = False,
         stop_exceptions: tuple[type[BaseException], ...] = (),
+        available_memory: int | None | str = "device",
     ):
         self.cfg = cfg.validate()
         self.backbone = backbone
@@ -217,12 +219,26 @@ class Trainer:
         # is dropped and the run ends as if stopped between steps.
         self.stop_exceptions = stop_exceptions
         self.step_hooks: list[Callable[[int, "Trainer"], None]] = []
+        # Bytes the run may use on the device: "device" asks the device; a host that manages
+        # the memory itself (ComfyUI) passes its own figure; None: no limit known.
+        self.available_memory = available_memory
+        self.estimate: MemoryEstimate | None = None
 
     # ------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, spec = self.cfg, self.backbone.spec
         device = resolve_device(cfg.device)
         weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
+
+        # Before any heavy work (and before a run folder exists): the dataset's buckets
+        # and the memory plan. A run that cannot fit stops here.
+        try:
+            report = self.dataset = self.dataset or scan_dataset_for(cfg)
+            cfg = self._preflight(cfg, spec, device, report)
+        except Exception as e:
+            self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
+            self.events.close()
+            raise
 
         resume_info = None
         if self.resume:
@@ -266,7 +282,7 @@ class Trainer:
         log.info("%s on %s: %s", spec.title, device, precision_text)
         self.events.emit(StatusEvent("info", precision_text, total=cfg.steps))
 
-        report = self.dataset or scan_dataset_for(cfg)
+        report = self.dataset
         cache = FeatureCache(cfg.cache_dir or Path(cfg.output_dir) / "cache")
         if self.encoder is None:
             raise ConfigError("no text encoder / VAE given to fill the cache; pass --encoders with a FLUX.2 pipeline folder")
@@ -287,7 +303,8 @@ class Trainer:
         self.encoder = None
 
         backbone = self.backbone
-        backbone.prepare(device, weight_dtype)
+        backbone.prepare(device, weight_dtype,
+                         training_bytes=self.estimate.total - self.estimate.parts["frozen weights"])
         module = backbone.module
         targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
         params = backbone.add_lora(targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
@@ -400,6 +417,22 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------
+    def _preflight(self, cfg: TrainConfig, spec: ModelSpec, device: torch.device, report: DatasetReport) -> TrainConfig:
+        """Estimate the run's peak memory (adjusting the settings under `auto`) and refuse one that cannot fit."""
+        available = device_available_memory(device) if self.available_memory == "device" else self.available_memory
+        plan = plan_run(spec, cfg, self.backbone.memory_placement(), available, list(report.bucket_counts))
+        if plan.reason:
+            log.info("%s", plan.reason)
+            self.events.emit(StatusEvent("info", plan.reason, total=cfg.steps))
+        self.cfg = cfg = plan.cfg
+        self.estimate = plan.estimate
+        log.info("memory: %s", plan.estimate.summary().replace("\n", "; "))
+        self.events.emit(StatusEvent("info", plan.estimate.summary(), total=cfg.steps,
+                                     data={"estimate_bytes": plan.estimate.total, "available_bytes": available}))
+        if cfg.memory_check:
+            plan.estimate.check()
+        return cfg
+
     def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
         cfg = self.cfg
         g = _micro_generator(cfg.seed, micro_step)

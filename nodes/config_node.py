@@ -37,8 +37,8 @@ class Flux2LoraConfig(io.ComfyNode):
                                        "sets targets, learning rate, caption dropout, flip and accumulation."),
                 io.Combo.Input("quick_preset", options=quick_preset_options(), default="fast",
                                tooltip="fast: 800 steps rank 16; quality: 2000 steps rank 32, cosine schedule; "
-                                       "low_vram: checkpointing, 8-bit Adam; auto: fast if it fits the GPU, else "
-                                       "low_vram."),
+                                       "low_vram: checkpointing, 8-bit Adam; auto: steps, learning rate and repeats "
+                                       "from the dataset, and the fastest memory settings that fit the GPU."),
                 io.Int.Input("rank", default=0, min=0, max=256, tooltip=_zero_is_preset(helps["rank"])),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5,
                                tooltip=_zero_is_preset(helps["alpha"])),
@@ -116,7 +116,8 @@ def describe(handle: ConfigHandle) -> str:
     """The options as they will train (the dtype and an auto preset are settled by the MODEL)."""
     cfg = handle.preview()
     lines = [f"subject {handle.subject_preset}, quick preset {handle.quick_preset or 'none'}"
-             + (" (fast or low_vram, decided by the GPU)" if handle.quick_preset == "auto" else ""),
+             + (" (steps from the dataset, memory settings from the GPU when training starts)"
+                if handle.quick_preset == "auto" else ""),
              f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {cfg.targets}",
              f"{cfg.steps} steps, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), optimizer {cfg.optimizer}",
              f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation}, dtype {handle.overrides['dtype']}, "

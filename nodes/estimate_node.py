@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from .training import CATEGORY, ConfigType, DatasetType, memory_estimate, training_config
+from flux2_train.config import suggest_schedule
+
+from .training import CATEGORY, ConfigType, DatasetType, memory_plan, training_config
 
 
 class Flux2VramEstimate(io.ComfyNode):
@@ -26,5 +28,9 @@ class Flux2VramEstimate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config, dataset) -> io.NodeOutput:
-        text = memory_estimate(model, training_config(model, dataset, config)).summary()
+        cfg = training_config(model, dataset, config)
+        plan = memory_plan(model, cfg, dataset)
+        schedule = suggest_schedule(len(dataset.report.items), cfg.subject_preset, cfg.effective_batch, cfg.rank)
+        text = "\n".join(filter(None, [plan.estimate.summary(), plan.reason,
+                                        f"suggested for this dataset: {schedule['reason']}"]))
         return io.NodeOutput(text, ui=ui.PreviewText(text))

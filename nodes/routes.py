@@ -12,7 +12,7 @@ from aiohttp import web
 import comfy.model_management
 import folder_paths
 from flux2_train.errors import Flux2TrainError
-from flux2_train.memory import estimate_memory
+from flux2_train.memory import Placement, plan_run
 from flux2_train.model import spec_from_file
 
 from .config_node import config_handle
@@ -20,7 +20,7 @@ from .dataset_node import dataset_options
 from .training import RUN_LOGS, device_memory
 
 log = logging.getLogger(__name__)
-_WEIGHT_BYTES = {"fp8_e4m3fn": 1, "fp8_e4m3fn_fast": 1, "fp8_e5m2": 1}  # UNETLoader's weight_dtype choices
+_FP8_CHOICES = {"fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"}  # UNETLoader's weight_dtype choices
 
 
 def register(routes: web.RouteTableDef) -> None:
@@ -52,15 +52,18 @@ def estimate_for_widgets(body: dict) -> dict:
     if not body.get("config"):
         return {"error": "connect a FLUX.2 LoRA Config to estimate"}
     spec, stored = _file_spec(path, os.path.getmtime(path))
-    cast = _WEIGHT_BYTES.get(body.get("weight_dtype"))  # the loader may store the weights in fp8
-    weight_bytes = spec.param_count * cast if cast else stored
+    if body.get("weight_dtype") in _FP8_CHOICES:  # the loader stores the weights in fp8
+        placement = Placement("comfyui", "fp8")
+    else:
+        placement = Placement("comfyui", "", stored)
     dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
     dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
     cfg = config_handle(**body["config"]).preview(**dataset)
-    est = estimate_memory(spec, cfg, weight_bytes=weight_bytes,
-                          available=device_memory(comfy.model_management.get_torch_device()))
+    plan = plan_run(spec, cfg, placement, device_memory(comfy.model_management.get_torch_device()))
+    est = plan.estimate
+    text = est.summary() + (f"\n{plan.reason}" if plan.reason else "")
     return {"total": est.total, "available": est.available, "verdict": est.verdict, "parts": est.parts,
-            "advice": est.advice, "text": est.summary(), "model": spec.title}
+            "advice": [str(a) for a in est.advice], "text": text, "model": spec.title}
 
 
 @functools.lru_cache(maxsize=16)

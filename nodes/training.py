@@ -20,7 +20,7 @@ from flux2_train.data import DatasetReport
 from flux2_train.errors import ConfigError, TrainingCancelled
 from flux2_train.events import EventBus, StatusEvent, StepEvent
 from flux2_train.lora_files import lora_metadata, to_format
-from flux2_train.memory import MemoryEstimate, estimate_memory
+from flux2_train.memory import AutoPlan, plan_run
 from flux2_train.model import ModelSpec
 from flux2_train.train import Trainer, TrainResult
 
@@ -59,11 +59,10 @@ class ConfigHandle:
     overrides: dict = field(default_factory=dict)
 
 
-    def preview(self, **extra) -> TrainConfig:
-        """The config as it will train before a MODEL settles the dtype and an `auto` preset (taken as fast)."""
+    def preview(self, image_count: int | None = None, **extra) -> TrainConfig:
+        """The config as it will train, before a MODEL settles the dtype (and `auto` its memory settings)."""
         overrides = {k: v for k, v in self.overrides.items() if k != "dtype"} | extra
-        quick = "fast" if self.quick_preset == "auto" else self.quick_preset
-        return resolve_config(self.subject_preset, quick, overrides=overrides)
+        return resolve_config(self.subject_preset, self.quick_preset, overrides=overrides, image_count=image_count)
 
 
 @dataclass
@@ -92,7 +91,6 @@ def device_memory(device: torch.device) -> int | None:
 def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume: str = "") -> TrainConfig:
     """The engine config for this MODEL: presets, knobs, the dataset's options, ComfyUI's folders and device."""
     check_flux2(model)
-    spec = comfy_spec(model)
     device = comfy.model_management.get_torch_device()
     compute = model.model.get_dtype_inference()
     overrides = dict(config.overrides)
@@ -103,27 +101,18 @@ def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume:
                           f"{model_dtype}), or load the model with weight_dtype matching {dtype}")
     overrides.update(dataset.options, dtype=model_dtype, device=str(device), output_dir=str(paths.runs_root()),
                      cache_dir=str(paths.runs_root() / "cache"), max_sequence_length=COMFY_TEXT_TOKENS)
-    quick = config.quick_preset
-    if quick == "auto":
-        quick = _auto_quick_preset(spec, model, config, overrides, device)
-    cfg = resolve_config(config.subject_preset, quick, overrides=overrides)
+    cfg = resolve_config(config.subject_preset, config.quick_preset, overrides=overrides,
+                         image_count=len(dataset.report.items))
     if resume:
         cfg.name = paths.run_folder(resume).name
     return cfg
 
 
-def _auto_quick_preset(spec, model, config: ConfigHandle, overrides: dict, device) -> str:
-    """`fast` when it fits the card, else `low_vram`."""
-    available = device_memory(device)
-    fast = resolve_config(config.subject_preset, "fast", overrides=overrides)
-    if available is None or estimate_memory(spec, fast, model.model_size(), available).verdict == "fits":
-        return "fast"
-    return "low_vram"
-
-
-def memory_estimate(model, cfg: TrainConfig) -> MemoryEstimate:
-    device = comfy.model_management.get_torch_device()
-    return estimate_memory(comfy_spec(model), cfg, weight_bytes=model.model_size(), available=device_memory(device))
+def memory_plan(model, cfg: TrainConfig, dataset: DatasetHandle) -> AutoPlan:
+    """The training run's own preflight (the Trainer makes the same call): estimate, and `auto`'s choice."""
+    placement = ComfyFlux2Backbone.placement_of(model)
+    available = device_memory(comfy.model_management.get_torch_device())
+    return plan_run(comfy_spec(model), cfg, placement, available, list(dataset.report.bucket_counts))
 
 
 class ComfyProgress:
@@ -179,15 +168,14 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
                node_id: str | None = None) -> tuple[object, LoraHandle, dict]:
     """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history)."""
     cfg = training_config(model, dataset, config, resume)
-    estimate = memory_estimate(model, cfg)
-    log.info("FLUX.2 LoRA training: %s", estimate.summary().replace("\n", "; "))
-    estimate.check(weights_can_stream=True)  # before any heavy work; ComfyUI can offload the weights
     resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
 
     progress = ComfyProgress(node_id, cfg.steps)
     encoder = ComfyEncoders(clip, vae, model)
-    backbone = ComfyFlux2Backbone(model, memory_required=max(0, estimate.total - estimate.parts["frozen weights"]))
+    backbone = ComfyFlux2Backbone(model)
+    # The Trainer's preflight estimates (and under `auto` plans) the run before any heavy work.
     trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=EventBus([progress]),
+                      available_memory=device_memory(comfy.model_management.get_torch_device()),
                       should_stop=progress.should_stop, resume=resume_path,
                       stop_exceptions=(comfy.model_management.InterruptProcessingException,))
     with torch.inference_mode(False):
@@ -213,4 +201,4 @@ def apply_lora(model, lora: LoraHandle, strength: float = 1.0):
 
 
 def quick_preset_options() -> list[str]:
-    return ["none", *QUICK_PRESETS, "auto"]
+    return ["none", *QUICK_PRESETS]

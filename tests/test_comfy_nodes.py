@@ -257,5 +257,5 @@ def test_the_estimate_route_answers_from_widget_values_before_the_graph_runs(com
     fp8 = _http_json(comfy_server, "/flux2_lora/estimate", dict(body, weight_dtype="fp8_e4m3fn"))
     assert fp8["parts"]["frozen weights"] * 4 == answer["parts"]["frozen weights"]  # the tiny file is fp32
     bigger = _http_json(comfy_server, "/flux2_lora/estimate", dict(body, dataset=dict(dataset, resolution=1024)))
-    assert bigger["parts"]["activations"] > answer["parts"]["activations"]
+    assert bigger["parts"]["activations + grads"] > answer["parts"]["activations + grads"]
     assert "Load Diffusion Model" in _http_json(comfy_server, "/flux2_lora/estimate", dict(body, unet_name=None))["error"]

@@ -15,7 +15,7 @@ const MARGIN = 10;
 const HEIGHT = 108;
 
 // Hue of each verdict; "unknown" is grey (no saturation).
-const HUES = { fits: 140, tight: 38, "does not fit": 2, unknown: 0 };
+const HUES = { fits: 140, tight: 38, "fits with offload": 38, "does not fit": 2, unknown: 0 };
 
 const bars = new Set();
 let pollTimer = 0;

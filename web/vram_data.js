@@ -7,13 +7,13 @@ const MAX_HOPS = 16; // a model path longer than this is not a plain loader chai
 
 /** Stacked bar segments and the response parts each one adds up. */
 export const SEGMENTS = [
-  { label: "frozen weights", short: "weights", parts: ["frozen weights"] },
-  { label: "LoRA + optimizer", short: "LoRA + optimizer", parts: ["LoRA weights + grads", "optimizer state"] },
-  { label: "activations", short: "activations", parts: ["activations"] },
+  { label: "frozen weights", short: "weights", parts: ["frozen weights", "weight casts"] },
+  { label: "LoRA + optimizer", short: "LoRA + optimizer", parts: ["LoRA weights", "optimizer state"] },
+  { label: "activations", short: "activations", parts: ["activations + grads", "batch tensors"] },
   { label: "runtime / other", short: "runtime / other", parts: ["runtime overhead"] }, // and unknown keys
 ];
 
-export const VERDICTS = ["fits", "tight", "does not fit", "unknown"];
+export const VERDICTS = ["fits", "tight", "fits with offload", "does not fit", "unknown"];
 
 /** The node feeding input `name` of `node`, through Reroute nodes; null when unconnected. */
 export function inputNode(node, name) {

@@ -93,9 +93,10 @@ describe("answer", () => {
     verdict: "fits",
     parts: {
       "frozen weights": 16 * GIB,
-      "LoRA weights + grads": 1 * GIB,
+      "LoRA weights": 1 * GIB,
       "optimizer state": 2 * GIB,
-      activations: 9 * GIB,
+      "activations + grads": 8 * GIB,
+      "batch tensors": 1 * GIB,
       "runtime overhead": 1.5 * GIB,
       "something new": 0.5 * GIB,
     },
