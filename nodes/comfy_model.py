@@ -29,7 +29,7 @@ import comfy.model_management
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
-from flux2_train.memory import Placement
+from flux2_train.memory import DTYPE_FORMATS, Placement
 from flux2_train.model import ModelSpec, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -99,31 +99,44 @@ class FusedLoraAdapter(nn.Module):
 
 
 class RecomputeInBackward(torch.autograd.Function):
-    """`fn(x)` that keeps only `x` for the backward pass and runs `fn` again there.
+    """`fn(x)` that runs `fn` again in the backward pass instead of keeping what it used.
 
-    When ComfyUI offloads or streams weights, each op casts its weight into a
-    buffer that later ops reuse; autograd would keep a reference to that buffer
-    and compute input gradients from whatever weight was cast into it last. Running
-    the op again in the backward pass casts its own weight afresh.
+    When ComfyUI casts weights per op (fp8 storage, offloaded or streamed weights),
+    each op casts its weight into a buffer that later ops reuse; autograd would keep
+    a reference to that buffer (or a cast copy of every weight) and compute input
+    gradients from whatever weight was cast into it last. Running the op again in the
+    backward pass casts its own weight afresh.
+
+    For an affine op (a Linear) the input gradient does not depend on the input, so
+    nothing is kept: the op runs again on zeros of the input's shape. Other ops (norms
+    with weights) keep their input.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: torch.Tensor, fn) -> torch.Tensor:
-        ctx.save_for_backward(x)
+    def forward(ctx, x: torch.Tensor, fn, affine: bool) -> torch.Tensor:
         ctx.fn = fn
+        if affine:
+            ctx.input_like = (x.shape, x.dtype, x.device)
+        else:
+            ctx.input_like = None
+            ctx.save_for_backward(x)
         with torch.no_grad():
             return fn(x)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        if ctx.input_like is not None:
+            shape, dtype, device = ctx.input_like
+            x = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            (x,) = ctx.saved_tensors
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             out = ctx.fn(x)
         (grad_x,) = torch.autograd.grad(out, x, grad)
-        return grad_x, None
+        return grad_x, None, None
 
 
 class ComfyFlux2Backbone:
@@ -175,8 +188,8 @@ class ComfyFlux2Backbone:
     @staticmethod
     def placement_of(model_patcher) -> Placement:
         """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
-        stored = model_patcher.model.get_dtype()
-        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(stored, "fp8")
+        stored = str(model_patcher.model.get_dtype()).removeprefix("torch.")
+        fmt = DTYPE_FORMATS.get(stored, "fp8")  # ComfyUI stores other dtypes as fp8 variants
         return Placement("comfyui", fmt, stored_bytes=model_patcher.model_size())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
@@ -269,7 +282,9 @@ class ComfyFlux2Backbone:
                 continue
             own = module.__dict__.get("forward")
             current = module.forward
-            module.forward = functools.partial(_recompute_call, current, isinstance(module, nn.Linear))
+            # Quantized weights (fp8 "mixed" files) may quantize the input too: not affine.
+            affine = isinstance(module, nn.Linear) and not hasattr(type(module.weight), "__tensor_unflatten__")
+            module.forward = functools.partial(_recompute_call, current, affine)
             self._wrapped.append((module, own))
 
     def _make_weights_trainable(self) -> None:
@@ -315,15 +330,10 @@ def _storage_view(t: torch.Tensor) -> torch.Tensor:
     return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
-def _recompute_call(forward, casts_input, x, *args, **kwargs):
+def _recompute_call(forward, affine, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled():
         return forward(x, *args, **kwargs)
-    device = x.device.type
-    if casts_input and x.is_floating_point() and torch.is_autocast_enabled(device):
-        # A Linear casts its input under autocast anyway; keeping that cast instead of an
-        # fp32 input (LayerNorm and modulation run in fp32) halves what the input costs.
-        x = x.to(torch.get_autocast_dtype(device))
-    return RecomputeInBackward.apply(x, forward)
+    return RecomputeInBackward.apply(x, forward, affine)
 
 
 class TrainingForward(TorchFunctionMode):
