@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="How the frozen weights are stored (default: as in --model's file, else --dtype).")
     est.add_argument("--host", choices=HOSTS, default="engine",
                      help="engine: this CLI (diffusers); comfyui: the ComfyUI training node (can offload weights).")
-    est.add_argument("--offload-gb", type=float, default=0.0, help="GiB of frozen weights kept in CPU memory (comfyui).")
-    est.add_argument("--gpu-memory", type=float, help="GiB the GPU gives the run (default: this machine's GPU, if any).")
+    est.add_argument("--offload-gb", type=float, default=0.0,
+                     help="GiB (2^30 bytes) of frozen weights kept in CPU memory; --host comfyui only.")
+    est.add_argument("--gpu-memory", type=float,
+                     help="GiB (2^30 bytes) the GPU gives the run (default: this machine's GPU, if any).")
     _add_config_options(est)
     for action in est._actions:  # --model here also takes a name: dev, klein-4b, klein-9b
         if action.dest == "model":
@@ -89,6 +91,10 @@ def _install_sigint(flag: dict) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+
+
 def _resolve(args: argparse.Namespace, config_file=None):
     """The config, the model's spec (headers only), and the dataset's scan when it names one.
 
@@ -97,7 +103,7 @@ def _resolve(args: argparse.Namespace, config_file=None):
     from .data import scan_dataset_for
     from .model import spec_for
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+    overrides = _overrides(args)
     cfg = resolve_config(args.preset, args.quick, config_file, overrides)
     if not cfg.model:
         raise ConfigError("--model is required: a FLUX.2 file or diffusers folder"
@@ -122,8 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
         saved = find_checkpoint(args.resume).parent.parent / "config.yaml"
         config_file = saved if saved.is_file() else None
     if args.save_config:
-        overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
-        save_yaml(resolve_config(args.preset, args.quick, config_file, overrides), args.save_config)
+        save_yaml(resolve_config(args.preset, args.quick, config_file, _overrides(args)), args.save_config)
         print(f"config written to {args.save_config}")
         return 0
     cfg, report, spec, _ = _resolve(args, config_file)
@@ -135,9 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
-    plan = plan_run(spec, cfg, Placement("engine"), device_available_memory(device), list(report.bucket_counts))
-    if plan.reason:
-        print(plan.reason)
+    plan = plan_run(spec, cfg, Placement("engine"), device_available_memory(device), list(report.bucket_counts),
+                    resuming=bool(args.resume))
     if cfg.memory_check:
         plan.estimate.check()
     weight_dtype, _, _ = precision_plan(cfg.dtype, device)
@@ -164,12 +168,20 @@ CARDS = (("16 GB (RTX 4080)", 16376), ("24 GB (RTX 4090)", 24564), ("32 GB (RTX 
 
 def run_estimate(args: argparse.Namespace) -> int:
     from .config import suggest_schedule
-    from .memory import GIB, Placement, device_available_memory, estimate_memory, plan_auto
+    from .memory import DTYPE_FORMATS, GIB, Placement, device_available_memory, estimate_memory, plan_auto
     from .train import resolve_device
 
     cfg, report, spec, stored = _resolve(args, args.config)
-    placement = Placement(args.host, args.weights or "", None if args.weights else stored,
-                          offloaded_bytes=int(args.offload_gb * GIB))
+    if args.host == "engine":
+        if args.offload_gb:
+            raise ConfigError("--offload-gb needs --host comfyui: the engine keeps every weight on the GPU")
+        if args.weights and args.weights != DTYPE_FORMATS[cfg.dtype]:
+            raise ConfigError(f"the engine stores the weights in --dtype ({cfg.dtype}); --weights {args.weights} "
+                              "needs --host comfyui")
+        placement = Placement("engine")  # it loads any file in the run's dtype
+    else:
+        placement = Placement("comfyui", args.weights or "", None if args.weights else stored,
+                              offloaded_bytes=int(args.offload_gb * GIB))
     if args.gpu_memory:
         available = int(args.gpu_memory * GIB)
     else:
@@ -181,7 +193,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     print()
     print(est.table())
     print()
-    print(est.summary().splitlines()[0] + " (within ±5% of the peaks measured on an H100: bench/README.md)")
+    measured = "" if placement.weight_format in ("int8", "nf4") else \
+        " (within ±5% of the peaks measured on an H100: bench/README.md)"
+    print(est.summary().splitlines()[0] + measured)
     if cfg.quick_preset == "auto" and available:
         try:
             print(plan_auto(spec, cfg, placement, available, buckets).reason)

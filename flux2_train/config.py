@@ -209,8 +209,8 @@ def suggest_schedule(image_count: int, subject_preset: str = "", effective_batch
     """Steps, learning rate and repeats for `image_count` images; `reason` says how they were found.
 
     Steps give each image the subject's exposures (clamped to 400-4000); the learning rate
-    is the presets' 1e-4 at the presets' batch, scaled by the square root of the effective
-    batch and lowered for ranks above 16 (alpha = rank keeps the update larger).
+    is 1e-4 at effective batch 2 (the character and concept presets' batch), scaled by the
+    square root of the effective batch, and lowered for ranks above 16.
     """
     if image_count < 1:
         raise ConfigError("no images to plan a schedule for")

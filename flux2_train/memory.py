@@ -4,13 +4,15 @@ The estimate is the device's peak in use (what nvidia-smi shows), built from par
 
 * frozen weights as stored (bf16, fp16, fp8, 8-bit, 4-bit), less what is offloaded;
 * weight casts: where weights are stored in another dtype than the compute dtype or
-  stream in from the CPU, each op casts its weight just in time (two layers in flight);
+  stream in from the CPU, each op casts its weight just in time (one layer in flight,
+  three for streamed weights);
 * LoRA weights and gradients (float32) with their compute-dtype casts, and the
   optimizer state, counted exactly from the real class's Linear shapes;
-* activations: the tensors a block keeps for its backward pass, per token and block,
-  for double-stream and single-stream blocks, with or without checkpointing;
+* activations: the tensors a block keeps for its backward pass, per token and block
+  (double- and single-stream blocks keep the same to 1%), with or without
+  checkpointing; the LoRA gradients replace them at the end of the backward pass;
 * batch tensors: latents, noise, targets and text embeddings of one micro-batch;
-* runtime: the CUDA context, and the allocator's slack as a share of the rest.
+* runtime: the CUDA context, and what the allocator holds beyond the tensors.
 
 The per-block activation sizes and the runtime terms are calibrated on measured peaks
 of real-size FLUX.2 models on an H100 (bench/memory_grid.py, bench/README.md);
@@ -32,7 +34,7 @@ GIB = 2**30
 
 # Bytes per stored weight. 8-bit and 4-bit formats carry a scale per block of 64 weights.
 WEIGHT_FORMATS = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0 + 4 / 64, "nf4": 0.5 + 4 / 64}
-_DTYPE_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HOSTS = ("engine", "comfyui")
 
 # Activations in hidden-size vectors per token (compute dtype), fitted on the H100 grid
@@ -41,18 +43,15 @@ HOSTS = ("engine", "comfyui")
 ACT_VECTORS_PER_BLOCK = 23.8
 ACT_VECTORS_CHECKPOINTED = 1.08
 RECOMPUTE_VECTORS = 37.0
-# ComfyUI, weights cast per op (fp8, offloaded) and no checkpointing: each op's input is kept
-# by the recompute of the cast (nodes/comfy_model.py), 5 more vectors per block.
-CAST_RECOMPUTE_VECTORS = 5.0
 # Outside the tensors: the driver context, kernels and library handles (nvidia-smi minus the
 # allocator's pool), and the pool's slack over what is allocated. The CLI runs PyTorch's
 # allocator with expandable segments; ComfyUI runs cudaMallocAsync, which keeps more.
 CUDA_CONTEXT = {"engine": int(0.75 * GIB), "comfyui": int(0.80 * GIB)}
 ALLOCATOR_SLACK = {"engine": 0.015, "comfyui": 0.0}  # share of all tensors
 # cudaMallocAsync keeps freed blocks in its pool: a fixed part and a share of the activations
-# (the same ComfyUI run measured 0.9 and 2.4 GiB over its tensors on two calls).
-ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.75 * GIB)}
-ALLOCATOR_POOL_ACTIVATIONS = {"engine": 0.0, "comfyui": 0.07}
+# (it varies from run to run: the same ComfyUI run measured 0.7 and 2.9 GiB over its tensors).
+ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.70 * GIB)}
+ALLOCATOR_POOL_ACTIVATIONS = {"engine": 0.0, "comfyui": 0.03}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  # per LoRA parameter
 
 # Relative cost of the memory savings, for the advice and the `auto` plan (bench/README.md).
@@ -94,11 +93,17 @@ class MemoryEstimate:
     available: int | None = None  # bytes the device can give the run, when known
     settings: dict = field(default_factory=dict)  # what the figure assumes
     advice: list[Advice] = field(default_factory=list)
-    streamable: int = 0  # bytes of frozen weights the host could offload instead
+    streamable: int = 0  # bytes the host could save by offloading every frozen weight
+    host: str = "engine"
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
+
+    @property
+    def training_bytes(self) -> int:
+        """What training needs on the device besides the frozen weights and the CUDA context already in use."""
+        return self.total - self.parts["frozen weights"] - CUDA_CONTEXT[self.host]
 
     @property
     def verdict(self) -> str:
@@ -112,8 +117,8 @@ class MemoryEstimate:
             return "fits with offload"
         return "does not fit"
 
-    def check(self, margin: float = 1.05) -> None:
-        """Refuse a run whose estimate exceeds the device by more than the estimate's own error.
+    def check(self, margin: float = 1.0) -> None:
+        """Refuse a run whose estimate exceeds what the device gives it (the verdict "does not fit").
 
         Where the host can offload frozen weights (ComfyUI), only the rest has to fit.
         """
@@ -122,7 +127,7 @@ class MemoryEstimate:
             besides = " besides the weights it can offload" if self.streamable else ""
             raise OutOfMemory(
                 f"this run needs about {need / GIB:.1f} GiB{besides}, and the GPU has {self.available / GIB:.1f} GiB "
-                f"free for it; it would run out of memory. Change the settings (or use quick preset 'auto'):\n"
+                f"for it; it would run out of memory. Change the settings (or use quick preset 'auto'):\n"
                 + self.summary())
 
     def summary(self) -> str:
@@ -151,7 +156,7 @@ def lora_parameter_count(spec: ModelSpec, cfg: TrainConfig) -> int:
 
 
 def weight_format(placement: Placement, cfg: TrainConfig) -> str:
-    return placement.weight_format or _DTYPE_FORMAT[cfg.dtype]
+    return placement.weight_format or DTYPE_FORMATS[cfg.dtype]
 
 
 def stored_weight_bytes(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement()) -> int:
@@ -175,7 +180,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     stored = stored_weight_bytes(spec, cfg, placement)
     offloaded = min(placement.offloaded_bytes, stored)
     fmt = weight_format(placement, cfg)
-    casts = offloaded > 0 or WEIGHT_FORMATS[fmt] != compute_bytes
+    casts = offloaded > 0 or fmt != DTYPE_FORMATS[cfg.dtype]
     largest_layer = max(i * o for i, o in spec_linear_shapes(spec).values())
 
     lora = lora_parameter_count(spec, cfg)
@@ -188,9 +193,8 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         held = vector * (blocks * ACT_VECTORS_CHECKPOINTED + RECOMPUTE_VECTORS)
         last = vector * RECOMPUTE_VECTORS
     else:
-        per_block = ACT_VECTORS_PER_BLOCK + (CAST_RECOMPUTE_VECTORS if casts and placement.host == "comfyui" else 0)
-        held = vector * blocks * per_block
-        last = vector * per_block
+        held = vector * blocks * ACT_VECTORS_PER_BLOCK
+        last = vector * ACT_VECTORS_PER_BLOCK
     grads = 4 * lora
     latent_elems = cfg.batch_size * spec.in_channels * image_tokens_of(cfg, buckets)
     batch = latent_elems * 4 * 5 + cfg.batch_size * cfg.max_sequence_length * spec.context_dim * compute_bytes
@@ -199,7 +203,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         "frozen weights": stored - offloaded,
         # In flight: the op's own cast; streamed weights also the next op's and the recompute's.
         "weight casts": (3 if offloaded else 1) * largest_layer * compute_bytes if casts else 0,
-        "LoRA weights": lora * (4 + compute_bytes),  # float32, and the autocast copy
+        "LoRA weights": lora * (4 + (compute_bytes if compute_bytes < 4 else 0)),  # float32, and autocast's copy
         "optimizer state": lora * _OPTIMIZER_BYTES.get(cfg.optimizer, 8),
         "activations + grads": int(max(held, last + grads)),
         "batch tensors": int(batch),
@@ -212,11 +216,19 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
                 "rank": cfg.rank, "targets": cfg.targets, "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)"
                                                                              if offloaded else ""),
                 "checkpointing": "on" if cfg.gradient_checkpointing else "off", "optimizer": cfg.optimizer}
-    est = MemoryEstimate(parts=parts, available=available, settings=settings,
-                         streamable=(stored - offloaded) if placement.can_offload else 0)
+    streamable = 0
+    if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
+        everything = dataclasses.replace(placement, offloaded_bytes=stored)
+        streamable = est_total(parts) - estimate_memory(spec, cfg, everything, buckets=buckets, advise=False).total
+    est = MemoryEstimate(parts=parts, available=available, settings=settings, streamable=max(0, streamable),
+                         host=placement.host)
     if advise:
         est.advice = advice(spec, cfg, placement, est, buckets)
     return est
+
+
+def est_total(parts: dict[str, int]) -> int:
+    return sum(parts.values())
 
 
 def _bucket_text(buckets) -> str:
@@ -243,18 +255,19 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
 
     def saving(**changes) -> int:
         p = changes.pop("placement", placement)
+        b = changes.pop("buckets", buckets)
         new = dataclasses.replace(cfg, **changes)
-        return est.total - estimate_memory(spec, new, p, buckets=buckets, advise=False).total
+        return est.total - estimate_memory(spec, new, p, buckets=b, advise=False).total
 
     found: list[Advice] = []
-    if cfg.optimizer in ("adamw", "prodigy"):
+    if cfg.optimizer == "adamw":
         found.append(Advice("optimizer adamw8bit", saving(optimizer="adamw8bit"), 0.0))
-    fmt = weight_format(placement, cfg)
-    if WEIGHT_FORMATS[fmt] >= 2:
+    if WEIGHT_FORMATS[weight_format(placement, cfg)] >= 2:
+        # fp8 storage exists on the ComfyUI path: priced there, with its casts.
+        fp8 = Placement("comfyui", "fp8", offloaded_bytes=placement.offloaded_bytes)
         how = ("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)" if placement.host == "comfyui"
                else "fp8 base: train in ComfyUI with the model loaded in fp8")
-        found.append(Advice(how, saving(placement=dataclasses.replace(placement, weight_format="fp8",
-                                                                      stored_bytes=None)), FP8_SLOWDOWN))
+        found.append(Advice(how, saving(placement=fp8), FP8_SLOWDOWN))
     if cfg.batch_size > 1:
         found.append(Advice(f"batch 1 with gradient accumulation {cfg.batch_size * cfg.gradient_accumulation}",
                             saving(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation),
@@ -262,9 +275,9 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     if not cfg.gradient_checkpointing:
         found.append(Advice("turn gradient checkpointing on", saving(gradient_checkpointing=True),
                             CHECKPOINTING_SLOWDOWN))
-    if placement.can_offload and est.available and est.total > 0.9 * est.available:
-        blocks = spec.num_double + spec.num_single
-        per_block = est.parts["frozen weights"] / blocks
+    blocks = spec.num_double + spec.num_single
+    per_block = est.parts["frozen weights"] / blocks
+    if placement.can_offload and per_block > 0 and est.available and est.total > 0.9 * est.available:
         k = min(blocks, math.ceil((est.total - 0.9 * est.available) / per_block))
         off = int(k * per_block)
         found.append(Advice(f"offload {k} of {blocks} blocks to the CPU (ComfyUI does this when the model does "
@@ -272,9 +285,12 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     found.sort(key=lambda a: a.slowdown)
     if cfg.resolution > 512:
         lower = max(512, cfg.resolution * 3 // 4 // 64 * 64)
-        found.append(Advice(f"resolution {lower}", saving(resolution=lower), None))
+        scale = lower / cfg.resolution
+        smaller = [(max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16)) for w, h in buckets or []]
+        found.append(Advice(f"resolution {lower}", saving(resolution=lower, buckets=smaller or None), None))
     if cfg.rank > 16:
-        found.append(Advice("rank 16", saving(rank=16, alpha=cfg.alpha * 16 / cfg.rank), None))
+        found.append(Advice(f"rank 16 (alpha {cfg.alpha * 16 / cfg.rank:g}: the same scale)",
+                            saving(rank=16, alpha=cfg.alpha * 16 / cfg.rank), None))
     return [a for a in found if a.saves >= 0.05 * GIB]
 
 
@@ -287,20 +303,22 @@ class AutoPlan:
 
 
 def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None,
-              buckets=None, margin: float = 0.9) -> AutoPlan:
-    """The fastest memory settings that fit `margin` x `available`, keeping what the run learns.
+              buckets=None, margin: float = 0.9, split_batch: bool = True) -> AutoPlan:
+    """The fastest memory settings that fit `margin` x `available`.
 
     Candidates keep the effective batch, resolution, rank and optimizer: gradient
-    checkpointing on or off, the batch as one pass or as accumulated micro-batches of 1,
-    and (where the host streams weights) what must be offloaded. Ranked by the step-time
-    model of `step_seconds` with the measured costs of each saving.
+    checkpointing on or off, the batch as one pass or (with `split_batch`) as accumulated
+    micro-batches of 1, and (where the host streams weights) what must be offloaded.
+    Ranked by the step-time model of `step_seconds` with the measured costs of each saving.
+    A split batch changes which images share a forward pass and the data order, so a
+    resumed run does not split.
     """
     if available is None:
         est = estimate_memory(spec, cfg, placement, None, buckets)
         return AutoPlan(cfg, est, "auto: no GPU memory limit known: the settings as given")
     candidates = []
     for ckpt in (False, True):
-        for split in ((False, True) if cfg.batch_size > 1 else (False,)):
+        for split in ((False, True) if cfg.batch_size > 1 and split_batch else (False,)):
             changes = dict(gradient_checkpointing=ckpt)
             if split:
                 changes.update(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation)
@@ -345,10 +363,22 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
 
 
 def plan_run(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None,
-             buckets=None) -> AutoPlan:
-    """The preflight of every run: the `auto` plan when asked for, else the estimate of the settings as given."""
+             buckets=None, resuming: bool = False) -> AutoPlan:
+    """The preflight of every run: the `auto` plan when asked for, else the estimate of the settings as given.
+
+    With the memory check off, an `auto` that finds nothing that fits takes the smallest
+    candidate and lets the run try.
+    """
     if cfg.quick_preset == "auto":
-        return plan_auto(spec, cfg, placement, available, buckets)
+        try:
+            return plan_auto(spec, cfg, placement, available, buckets, split_batch=not resuming)
+        except OutOfMemory as e:
+            if cfg.memory_check:
+                raise
+            smallest = dataclasses.replace(cfg, gradient_checkpointing=True)
+            return AutoPlan(smallest, estimate_memory(spec, smallest, placement, available, buckets),
+                            f"auto: {str(e).splitlines()[0]}; trying with gradient checkpointing on (memory check "
+                            "off)", ["gradient checkpointing on"])
     return AutoPlan(cfg, estimate_memory(spec, cfg, placement, available, buckets), "")
 
 

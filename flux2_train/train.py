@@ -303,8 +303,7 @@ class Trainer:
         self.encoder = None
 
         backbone = self.backbone
-        backbone.prepare(device, weight_dtype,
-                         training_bytes=self.estimate.total - self.estimate.parts["frozen weights"])
+        backbone.prepare(device, weight_dtype, training_bytes=self.estimate.training_bytes)
         module = backbone.module
         targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
         params = backbone.add_lora(targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
@@ -420,7 +419,8 @@ class Trainer:
     def _preflight(self, cfg: TrainConfig, spec: ModelSpec, device: torch.device, report: DatasetReport) -> TrainConfig:
         """Estimate the run's peak memory (adjusting the settings under `auto`) and refuse one that cannot fit."""
         available = device_available_memory(device) if self.available_memory == "device" else self.available_memory
-        plan = plan_run(spec, cfg, self.backbone.memory_placement(), available, list(report.bucket_counts))
+        plan = plan_run(spec, cfg, self.backbone.memory_placement(), available, list(report.bucket_counts),
+                        resuming=bool(self.resume))
         if plan.reason:
             log.info("%s", plan.reason)
             self.events.emit(StatusEvent("info", plan.reason, total=cfg.steps))

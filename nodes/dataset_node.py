@@ -32,7 +32,8 @@ class Flux2LoraDataset(io.ComfyNode):
                 io.String.Input("default_caption", default="",
                                 tooltip="Caption for images without a caption file (empty: the trigger word)."),
                 io.Int.Input("repeats", default=1, min=1, max=1000,
-                             tooltip="How many times each image appears per epoch."),
+                             tooltip="How many times each image appears per epoch (with quick preset auto, "
+                                     "1 lets auto choose from the number of images)."),
                 io.Int.Input("resolution", default=1024, min=64, max=2048, step=16,
                              tooltip="Training resolution: each bucket keeps about resolution x resolution pixels."),
                 io.Boolean.Input("buckets", default=True,

@@ -52,10 +52,10 @@ def estimate_for_widgets(body: dict) -> dict:
     if not body.get("config"):
         return {"error": "connect a FLUX.2 LoRA Config to estimate"}
     spec, stored = _file_spec(path, os.path.getmtime(path))
-    if body.get("weight_dtype") in _FP8_CHOICES:  # the loader stores the weights in fp8
-        placement = Placement("comfyui", "fp8")
+    if body.get("weight_dtype") in _FP8_CHOICES or stored <= 1.1 * spec.param_count:
+        placement = Placement("comfyui", "fp8")  # the loader casts to fp8, or the file is fp8
     else:
-        placement = Placement("comfyui", "", stored)
+        placement = Placement("comfyui", "bf16")  # ComfyUI loads bf16 and fp32 files as bf16 on a GPU
     dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
     dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
     cfg = config_handle(**body["config"]).preview(**dataset)

@@ -17,10 +17,10 @@ from comfy_api.latest import io
 from flux2_train import checkpoint as ckpt
 from flux2_train.config import QUICK_PRESETS, TrainConfig, resolve_config
 from flux2_train.data import DatasetReport
-from flux2_train.errors import ConfigError, TrainingCancelled
+from flux2_train.errors import ConfigError, OutOfMemory, TrainingCancelled
 from flux2_train.events import EventBus, StatusEvent, StepEvent
 from flux2_train.lora_files import lora_metadata, to_format
-from flux2_train.memory import AutoPlan, plan_run
+from flux2_train.memory import AutoPlan, estimate_memory, plan_run
 from flux2_train.model import ModelSpec
 from flux2_train.train import Trainer, TrainResult
 
@@ -82,10 +82,11 @@ class LoraHandle:
 
 
 def device_memory(device: torch.device) -> int | None:
-    """Bytes the accelerator has in total (None on the CPU, where the estimate is not a limit)."""
+    """Bytes ComfyUI lets a run use on the accelerator: the card less what ComfyUI keeps in reserve
+    (its own margin and --reserve-vram); other models are unloaded first. None on the CPU."""
     if device.type == "cpu":
         return None
-    return int(comfy.model_management.get_total_memory(device))
+    return int(comfy.model_management.get_total_memory(device) - comfy.model_management.extra_reserved_memory())
 
 
 def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume: str = "") -> TrainConfig:
@@ -101,6 +102,8 @@ def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume:
                           f"{model_dtype}), or load the model with weight_dtype matching {dtype}")
     overrides.update(dataset.options, dtype=model_dtype, device=str(device), output_dir=str(paths.runs_root()),
                      cache_dir=str(paths.runs_root() / "cache"), max_sequence_length=COMFY_TEXT_TOKENS)
+    if config.quick_preset == "auto" and overrides.get("repeats") == 1:
+        del overrides["repeats"]  # the dataset node's default: auto plans the repeats from the images
     cfg = resolve_config(config.subject_preset, config.quick_preset, overrides=overrides,
                          image_count=len(dataset.report.items))
     if resume:
@@ -112,7 +115,12 @@ def memory_plan(model, cfg: TrainConfig, dataset: DatasetHandle) -> AutoPlan:
     """The training run's own preflight (the Trainer makes the same call): estimate, and `auto`'s choice."""
     placement = ComfyFlux2Backbone.placement_of(model)
     available = device_memory(comfy.model_management.get_torch_device())
-    return plan_run(comfy_spec(model), cfg, placement, available, list(dataset.report.bucket_counts))
+    buckets = list(dataset.report.bucket_counts)
+    try:
+        return plan_run(comfy_spec(model), cfg, placement, available, buckets)
+    except OutOfMemory as e:  # auto found nothing that fits: show the estimate and why
+        return AutoPlan(cfg, estimate_memory(comfy_spec(model), cfg, placement, available, buckets),
+                        "auto: " + str(e).splitlines()[0])
 
 
 class ComfyProgress:
@@ -188,7 +196,7 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
         finally:
             backbone.release()
 
-    lora = LoraHandle(adapter=result.adapter, cfg=cfg, spec=result.spec, steps=result.steps,
+    lora = LoraHandle(adapter=result.adapter, cfg=trainer.cfg, spec=result.spec, steps=result.steps,
                       image_count=len(result.dataset.items), targets=result.targets)
     return apply_lora(model, lora), lora, {"loss": list(result.losses)}
 

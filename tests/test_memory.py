@@ -67,7 +67,9 @@ def test_the_lora_and_optimizer_parts_are_what_the_real_classes_allocate(tmp_pat
     est = estimate_memory(backbone.spec, c)
     n = sum(p.numel() for p in params)
     assert lora_parameter_count(backbone.spec, c) == n
-    assert est.parts["LoRA weights"] == sum(p.numel() * p.element_size() for p in params) * 2  # + compute copy
+    assert est.parts["LoRA weights"] == sum(p.numel() * p.element_size() for p in params)  # float32: no copy
+    bf16 = estimate_memory(backbone.spec, resolve_config(overrides=dict(c.to_dict(), dtype="bfloat16")))
+    assert bf16.parts["LoRA weights"] == n * (4 + 2)  # and autocast's bf16 copy
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
     assert est.parts["optimizer state"] == state_bytes  # AdamW: exp_avg and exp_avg_sq, float32
@@ -118,7 +120,7 @@ def test_preflight_refuses_a_run_that_cannot_fit_before_any_heavy_work(tmp_path)
     with pytest.raises(OutOfMemory) as err:
         trainer.run()
     message = str(err.value)
-    assert "GiB" in message and "the GPU has 0.1 GiB free" in message and "estimated peak" in message
+    assert "GiB" in message and "the GPU has 0.1 GiB for it" in message and "estimated peak" in message
     assert not (tmp_path / "runs").exists()  # no run folder, no cache
 
 
@@ -190,3 +192,41 @@ def test_a_custom_size_is_counted_from_its_config():
 
     spec = spec_from_config(dict(TINY_TRANSFORMER, guidance_embeds=False))
     assert estimate_memory(spec, cfg()).parts["frozen weights"] == spec.param_count * 2
+
+
+def test_the_check_refuses_exactly_what_the_verdict_says_does_not_fit():
+    spec, c = family_spec("klein-4b"), cfg()
+    total = estimate_memory(spec, c).total
+    over = estimate_memory(spec, c, available=int(total * 0.99))
+    assert over.verdict == "does not fit"
+    with pytest.raises(OutOfMemory):
+        over.check()
+    estimate_memory(spec, c, available=int(total * 1.01)).check()  # tight: let it try
+    estimate_memory(spec, c).check()  # no known limit
+
+
+def test_offloading_counts_its_own_cast_buffers_and_never_divides_by_zero():
+    spec, c = family_spec("klein-4b"), cfg()
+    est = estimate_memory(spec, c, Placement("comfyui"), available=20 * GIB)
+    everything = estimate_memory(spec, c, Placement("comfyui", offloaded_bytes=spec.param_count * 2))
+    assert est.total - est.streamable == everything.total  # what the check needs: the casts included
+    assert everything.parts["frozen weights"] == 0
+    estimate_memory(spec, c, Placement("comfyui", offloaded_bytes=10**15), available=GIB)  # advice without weights
+
+
+def test_the_resolution_advice_follows_the_dataset_buckets():
+    est = estimate_memory(family_spec("klein-4b"), cfg(), available=8 * GIB, buckets=[(1024, 1024), (832, 1216)])
+    assert any(str(a).startswith("resolution 768 (−") for a in est.advice)
+
+
+def test_auto_keeps_the_batch_on_resume_and_tries_the_smallest_plan_with_the_check_off():
+    spec, card = family_spec("klein-4b"), 24 * GIB
+    given = cfg(batch_size=2, quick_preset="auto")
+    from flux2_train.memory import plan_run
+
+    resumed = plan_run(spec, given, Placement("engine"), card, resuming=True)
+    assert resumed.cfg.batch_size == 2 and resumed.cfg.gradient_checkpointing  # data order as checkpointed
+    with pytest.raises(OutOfMemory):
+        plan_run(family_spec("dev"), cfg(quick_preset="auto"), Placement("engine"), card)
+    tried = plan_run(family_spec("dev"), cfg(quick_preset="auto", memory_check=False), Placement("engine"), card)
+    assert tried.cfg.gradient_checkpointing and "memory check off" in tried.reason
