@@ -4,8 +4,8 @@ The estimate is the device's peak in use (what nvidia-smi shows), built from par
 
 * frozen weights as stored (bf16, fp16, fp8, 8-bit, 4-bit), less what is offloaded;
 * weight casts: where weights are stored in another dtype than the compute dtype or
-  stream in from the CPU, each op casts its weight just in time (one layer in flight,
-  three for streamed weights);
+  stream in from the CPU, each op casts its weight just in time, in the forward and
+  the backward pass (a few of the largest layers in flight);
 * LoRA weights and gradients (float32) with their compute-dtype casts, and the
   optimizer state, counted exactly from the real class's Linear shapes;
 * activations: the tensors a block keeps for its backward pass, per token and block
@@ -43,6 +43,10 @@ HOSTS = ("engine", "comfyui")
 ACT_VECTORS_PER_BLOCK = 23.8
 ACT_VECTORS_CHECKPOINTED = 1.08
 RECOMPUTE_VECTORS = 37.0
+# Weights cast per op (fp8 storage, streamed from the CPU) have casts in flight in the forward
+# and the backward pass: this many of the largest layer's weights in the compute dtype.
+CAST_LAYERS = 3.5
+CAST_LAYERS_STREAMED = 5.5
 # Outside the tensors: the driver context, kernels and library handles (nvidia-smi minus the
 # allocator's pool), and the pool's slack over what is allocated. The CLI runs PyTorch's
 # allocator with expandable segments; ComfyUI runs cudaMallocAsync, which keeps more.
@@ -50,15 +54,19 @@ CUDA_CONTEXT = {"engine": int(0.75 * GIB), "comfyui": int(0.80 * GIB)}
 ALLOCATOR_SLACK = {"engine": 0.015, "comfyui": 0.0}  # share of all tensors
 # cudaMallocAsync keeps freed blocks in its pool: a fixed part and a share of the activations
 # (it varies from run to run: the same ComfyUI run measured 0.7 and 2.9 GiB over its tensors).
-ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.70 * GIB)}
+ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.80 * GIB)}
 ALLOCATOR_POOL_ACTIVATIONS = {"engine": 0.0, "comfyui": 0.03}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  # per LoRA parameter
 
-# Relative cost of the memory savings, for the advice and the `auto` plan (bench/README.md).
-CHECKPOINTING_SLOWDOWN = 0.40  # [klein] 4B at 1024² on an H100: 0.286 -> 0.384..0.481 s
+# Relative cost of the memory savings, for the advice and the `auto` plan, from the step times
+# of the H100 grid (bench/README.md).
+CHECKPOINTING_SLOWDOWN = 0.45  # [klein] 4B at 1024²: 0.292 -> 0.426 s
 BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
-FP8_SLOWDOWN = 0.06  # ComfyUI's fp8 weights cast per layer
-HOST_TO_DEVICE_BYTES_PER_S = 20e9  # effective PCIe rate of streamed weights
+FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights cast per op: 0.346 -> 0.379 s
+# Streamed weights cross the bus in each pass that uses them; ComfyUI overlaps the copies with
+# compute, so a GiB costs less than the bus's rate: 0.006 s per GiB and pass, from two
+# [klein] 4B points (5.0 and 7.0 GiB offloaded, with checkpointing).
+OFFLOAD_SECONDS_PER_GIB_PASS = 0.006
 _EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about 30%)
 
 
@@ -201,8 +209,9 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
 
     parts = {
         "frozen weights": stored - offloaded,
-        # In flight: the op's own cast; streamed weights also the next op's and the recompute's.
-        "weight casts": (3 if offloaded else 1) * largest_layer * compute_bytes if casts else 0,
+        # Casts in flight, in largest layers (fitted on the ComfyUI points of the H100 grid).
+        "weight casts": int((CAST_LAYERS_STREAMED if offloaded else CAST_LAYERS) * largest_layer * compute_bytes)
+                        if casts else 0,
         "LoRA weights": lora * (4 + (compute_bytes if compute_bytes < 4 else 0)),  # float32, and autocast's copy
         "optimizer state": lora * _OPTIMIZER_BYTES.get(cfg.optimizer, 8),
         "activations + grads": int(max(held, last + grads)),
@@ -247,7 +256,7 @@ def step_seconds(spec: ModelSpec, cfg: TrainConfig, buckets=None) -> float:
 def offload_slowdown(spec: ModelSpec, cfg: TrainConfig, offloaded: int, buckets=None) -> float:
     """Streamed weights cross the bus in the forward pass, the backward pass, and the recompute."""
     passes = 3 if cfg.gradient_checkpointing else 2
-    return passes * offloaded / HOST_TO_DEVICE_BYTES_PER_S / step_seconds(spec, cfg, buckets)
+    return passes * offloaded / GIB * OFFLOAD_SECONDS_PER_GIB_PASS / step_seconds(spec, cfg, buckets)
 
 
 def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
@@ -280,8 +289,9 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     if placement.can_offload and per_block > 0 and est.available and est.total > 0.9 * est.available:
         k = min(blocks, math.ceil((est.total - 0.9 * est.available) / per_block))
         off = int(k * per_block)
-        found.append(Advice(f"offload {k} of {blocks} blocks to the CPU (ComfyUI does this when the model does "
-                            "not fit)", off, offload_slowdown(spec, cfg, off, buckets)))
+        what = "all the weights" if k == blocks else f"{k} of {blocks} blocks"
+        found.append(Advice(f"offload {what} to the CPU (ComfyUI does this when the model does not fit)", off,
+                            offload_slowdown(spec, cfg, off, buckets)))
     found.sort(key=lambda a: a.slowdown)
     if cfg.resolution > 512:
         lower = max(512, cfg.resolution * 3 // 4 // 64 * 64)

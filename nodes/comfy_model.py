@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 import comfy.model_base
 import comfy.model_management
+import comfy.ops
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
@@ -137,6 +138,27 @@ class RecomputeInBackward(torch.autograd.Function):
             out = ctx.fn(x)
         (grad_x,) = torch.autograd.grad(out, x, grad)
         return grad_x, None, None
+
+
+class CastLinearInBackward(torch.autograd.Function):
+    """A ComfyUI Linear with its weight cast per op: the backward pass casts the weight again
+    and computes the input gradient from it (one matmul, as autograd would; nothing kept)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, module: nn.Module, forward) -> torch.Tensor:
+        ctx.module, ctx.input_like = module, (x.dtype, x.device)
+        with torch.no_grad():
+            return forward(x)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.input_like
+        probe = torch.empty(0, dtype=dtype, device=device)  # the cast follows the input's dtype and device
+        with torch.no_grad(), comfy.ops.CastBiasWeightContext(ctx.module, probe, offloadable=True) as (weight, _):
+            grad_x = torch.matmul(grad.to(weight.dtype), weight)
+        return grad_x.to(dtype), None, None
 
 
 class ComfyFlux2Backbone:
@@ -284,7 +306,11 @@ class ComfyFlux2Backbone:
             current = module.forward
             # Quantized weights (fp8 "mixed" files) may quantize the input too: not affine.
             affine = isinstance(module, nn.Linear) and not hasattr(type(module.weight), "__tensor_unflatten__")
-            module.forward = functools.partial(_recompute_call, current, affine)
+            if affine and own is None and hasattr(module, "forward_comfy_cast_weights"):
+                # ComfyUI's own Linear, forward not replaced by anyone: cast the weight again in backward.
+                module.forward = functools.partial(_cast_linear_call, module, current)
+            else:
+                module.forward = functools.partial(_recompute_call, current, affine)
             self._wrapped.append((module, own))
 
     def _make_weights_trainable(self) -> None:
@@ -328,6 +354,12 @@ def _storage_view(t: torch.Tensor) -> torch.Tensor:
         return type(t).__tensor_unflatten__(parts, context, t.size(), t.stride())
     view = torch.empty(0, dtype=t.dtype, device=t.device)
     return view.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _cast_linear_call(module, forward, x, *args, **kwargs):
+    if args or kwargs or not torch.is_grad_enabled():
+        return forward(x, *args, **kwargs)
+    return CastLinearInBackward.apply(x, module, forward)
 
 
 def _recompute_call(forward, affine, x, *args, **kwargs):

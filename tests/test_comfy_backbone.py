@@ -271,6 +271,8 @@ def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, 
         backbone.prepare(torch.device("cpu"), torch.float32)
         if recompute:
             backbone._recompute_weighted_ops()
+            routes = {getattr(m.forward, "func", None) for m in backbone.module.modules()}
+            assert {pack._cast_linear_call, pack._recompute_call} <= routes  # Linears, and ops with a weight
         params = backbone.add_lora(["transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.attn.to_out"],
                                    rank=4, alpha=4.0, dropout=0.0, seed=0)
         with torch.no_grad():

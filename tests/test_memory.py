@@ -92,7 +92,7 @@ def test_advice_names_what_each_change_saves_cheapest_first():
     est = estimate_memory(family_spec("dev"), cfg(batch_size=2), available=24 * GIB)
     text = [str(a) for a in est.advice]
     assert est.verdict == "does not fit"
-    assert any(t.startswith("turn gradient checkpointing on (−") and "≈40% slower" in t for t in text)
+    assert any(t.startswith("turn gradient checkpointing on (−") and "≈45% slower" in t for t in text)
     costs = [a.slowdown for a in est.advice if a.slowdown is not None]
     assert costs == sorted(costs)
     assert est.advice[-1].slowdown is None  # resolution and rank change the result: listed last
