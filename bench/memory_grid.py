@@ -10,9 +10,9 @@ FLUX.2 transformer with random weights, in its own process, and records:
 
 "engine" points run the diffusers model as the CLI does (expandable segments).
 "comfyui" points run ComfyUI's FLUX.2 model through the training node's backbone,
-with ComfyUI's regular ModelPatcher and its default allocator on CUDA 13
-(cudaMallocAsync); fp8 is ComfyUI's `weight_dtype fp8_e4m3fn`, offload is ComfyUI's
-partial load under `--reserve-vram`.
+with ComfyUI's default allocator on CUDA 13 (cudaMallocAsync) and its regular
+ModelPatcher, or DynamicVRAM where the point says so; fp8 is ComfyUI's
+`weight_dtype fp8_e4m3fn`, offload is ComfyUI's partial load under `--reserve-vram`.
 
     python bench/memory_grid.py --comfyui /path/to/ComfyUI            # every point, one process each
     python bench/memory_grid.py --only engine                          # the diffusers points
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 GIB = 2**30
 
-# name: host, family, image size (w, h), rank, batch, checkpointing, weights, reserve_vram (GiB)
+# name: host, family, image size (w, h), rank, batch, checkpointing, weights,
+# and ComfyUI's memory mode: None (regular ModelPatcher), --reserve-vram GiB, or "dynamic" (DynamicVRAM)
 GRID = [
     ("e-4b-1024", "engine", "klein-4b", (1024, 1024), 16, 1, False, "bf16", None),
     ("e-4b-1024-ckpt", "engine", "klein-4b", (1024, 1024), 16, 1, True, "bf16", None),
@@ -66,13 +67,16 @@ GRID = [
     ("c-9b-1024-ckpt", "comfyui", "klein-9b", (1024, 1024), 16, 1, True, "bf16", None),
     ("c-4b-768-fp8-b2", "comfyui", "klein-4b", (768, 768), 16, 2, False, "fp8", None),
     ("c-4b-1024-ckpt-offload-all", "comfyui", "klein-4b", (1024, 1024), 16, 1, True, "bf16", 75.0),
+    # ComfyUI's default on NVIDIA when comfy-aimdo is installed: DynamicVRAM streams every weight per op.
+    ("c-4b-1024-dynamic", "comfyui", "klein-4b", (1024, 1024), 16, 1, False, "bf16", "dynamic"),
+    ("c-4b-1024-ckpt-dynamic", "comfyui", "klein-4b", (1024, 1024), 16, 1, True, "bf16", "dynamic"),
     # Held out: measured after the engine's constants were fitted on the engine points above.
     ("h-4b-1536x640-r32", "engine", "klein-4b", (1536, 640), 32, 1, False, "bf16", None),
     ("h-9b-768-r32-ckpt", "engine", "klein-9b", (768, 768), 32, 1, True, "bf16", None),
     ("h-dev-768-b2-ckpt", "engine", "dev", (768, 768), 16, 2, True, "bf16", None),
 ]
 HELD_OUT = {row[0] for row in GRID if row[0].startswith("h-")}
-FIELDS = ("name", "host", "family", "size", "rank", "batch", "checkpointing", "weights", "reserve_vram")
+FIELDS = ("name", "host", "family", "size", "rank", "batch", "checkpointing", "weights", "memory_mode")
 STEPS = 4
 
 
@@ -188,7 +192,9 @@ def comfy_backbone(p: dict, config: dict, comfyui: str | None, rec: dict):
 
     if not comfyui:
         raise SystemExit("comfyui points need --comfyui (a ComfyUI tree)")
-    comfy = import_comfy(Path(comfyui), dynamic_vram=False, reserve_vram=p["reserve_vram"])
+    mode = p.get("memory_mode", p.get("reserve_vram"))
+    comfy = import_comfy(Path(comfyui), dynamic_vram=mode == "dynamic",
+                         reserve_vram=mode if isinstance(mode, (int, float)) else None)
     comfy_model = import_pack()
     sd = random_bfl_state_dict(config, 0)
     options = {"dtype": torch.float8_e4m3fn} if p["weights"] == "fp8" else {}
@@ -224,8 +230,10 @@ def estimate_for(rec: dict):
     cfg = resolve_probe(rec)
     buckets = [tuple(b) for b in rec.get("buckets") or [rec["size"]]]
     if rec["host"] == "comfyui":
-        placement = Placement("comfyui", rec["weights"], rec["model_bytes"],
-                              offloaded_bytes=rec["model_bytes"] - rec.get("loaded_bytes", rec["model_bytes"]))
+        dynamic = rec.get("memory_mode") == "dynamic"
+        loaded = rec["model_bytes"] if dynamic else rec.get("loaded_bytes", rec["model_bytes"])
+        placement = Placement("comfyui", rec["weights"], rec["model_bytes"], offloaded_bytes=rec["model_bytes"] - loaded,
+                              streamed=dynamic)
     else:
         placement = Placement("engine", rec["weights"])
     return estimate_memory(spec, cfg, placement, available=rec["card_bytes"], buckets=buckets, advise=False)
@@ -240,8 +248,12 @@ def table(records: list[dict]) -> tuple[str, float]:
         est = estimate_for(r)
         says = "does not fit" if est.total > r["card_bytes"] else "fits"
         size = "x".join(map(str, r["size"]))
-        weights = r["weights"] + (f", {(r['model_bytes'] - r['loaded_bytes']) / GIB:.1f} GiB offloaded"
-                                  if r.get("loaded_bytes") is not None and r["loaded_bytes"] < r["model_bytes"] else "")
+        if r.get("memory_mode") == "dynamic":
+            weights = r["weights"] + ", DynamicVRAM"
+        else:
+            weights = r["weights"] + (f", {(r['model_bytes'] - r['loaded_bytes']) / GIB:.1f} GiB offloaded"
+                                      if r.get("loaded_bytes") is not None and r["loaded_bytes"] < r["model_bytes"]
+                                      else "")
         if r["status"] == "ok":
             err = est.total / r["device_peak"] - 1
             worst = max(worst, abs(err))

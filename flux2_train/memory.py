@@ -78,6 +78,7 @@ class Placement:
     weight_format: str = ""  # as stored: a WEIGHT_FORMATS key ("" = the run's dtype)
     stored_bytes: int | None = None  # exact stored size when known (a loaded model, a file header)
     offloaded_bytes: int = 0  # frozen weights kept in CPU memory and streamed in per layer
+    streamed: bool = False  # every weight is copied in per op (ComfyUI's DynamicVRAM), resident or not
 
     @property
     def can_offload(self) -> bool:
@@ -188,7 +189,8 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     stored = stored_weight_bytes(spec, cfg, placement)
     offloaded = min(placement.offloaded_bytes, stored)
     fmt = weight_format(placement, cfg)
-    casts = offloaded > 0 or fmt != DTYPE_FORMATS[cfg.dtype]
+    streamed = offloaded > 0 or placement.streamed
+    casts = streamed or fmt != DTYPE_FORMATS[cfg.dtype]
     largest_layer = max(i * o for i, o in spec_linear_shapes(spec).values())
 
     lora = lora_parameter_count(spec, cfg)
@@ -210,7 +212,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     parts = {
         "frozen weights": stored - offloaded,
         # Casts in flight, in largest layers (fitted on the ComfyUI points of the H100 grid).
-        "weight casts": int((CAST_LAYERS_STREAMED if offloaded else CAST_LAYERS) * largest_layer * compute_bytes)
+        "weight casts": int((CAST_LAYERS_STREAMED if streamed else CAST_LAYERS) * largest_layer * compute_bytes)
                         if casts else 0,
         "LoRA weights": lora * (4 + (compute_bytes if compute_bytes < 4 else 0)),  # float32, and autocast's copy
         "optimizer state": lora * _OPTIMIZER_BYTES.get(cfg.optimizer, 8),

@@ -212,7 +212,7 @@ class ComfyFlux2Backbone:
         """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
         stored = str(model_patcher.model.get_dtype()).removeprefix("torch.")
         fmt = DTYPE_FORMATS.get(stored, "fp8")  # ComfyUI stores other dtypes as fp8 variants
-        return Placement("comfyui", fmt, stored_bytes=model_patcher.model_size())
+        return Placement("comfyui", fmt, stored_bytes=model_patcher.model_size(), streamed=model_patcher.is_dynamic())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()
