@@ -39,6 +39,22 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), **kw)
 
 
+def _gib(allow_zero: bool):
+    """An argparse type: a finite number of GiB, positive (or zero where allowed)."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{text} GiB: give a finite number above 0")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2_train", description="FLUX.2 [dev] / [klein] LoRA training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
@@ -47,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train a LoRA on an image folder.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--preset", choices=SUBJECT_PRESETS, help="Subject preset: sets defaults for the subject.")
-    train.add_argument("--quick", choices=QUICK_PRESETS, help="Quick preset: fast, quality or low_vram.")
+    train.add_argument("--quick", choices=QUICK_PRESETS,
+                       help="Quick preset: fast, quality, low_vram, or auto (schedule from the dataset, memory "
+                            "settings from the GPU).")
     train.add_argument("--config", help="YAML file of options (explicit options win).")
     train.add_argument("--resume", help="Run folder (or one of its checkpoints) to continue.")
     train.add_argument("--save-config", help="Write the resolved config to this YAML file and exit.")
@@ -62,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="How the frozen weights are stored (default: as in --model's file, else --dtype).")
     est.add_argument("--host", choices=HOSTS, default="engine",
                      help="engine: this CLI (diffusers); comfyui: the ComfyUI training node (can offload weights).")
-    est.add_argument("--offload-gb", type=float, default=0.0,
+    est.add_argument("--offload-gb", type=_gib(allow_zero=True), default=0.0,
                      help="GiB (2^30 bytes) of frozen weights kept in CPU memory; --host comfyui only.")
-    est.add_argument("--gpu-memory", type=float,
+    est.add_argument("--gpu-memory", type=_gib(allow_zero=False),
                      help="GiB (2^30 bytes) the GPU gives the run (default: this machine's GPU, if any).")
     _add_config_options(est)
     for action in est._actions:  # --model here also takes a name: dev, klein-4b, klein-9b
@@ -180,9 +198,10 @@ def run_estimate(args: argparse.Namespace) -> int:
                               "needs --host comfyui")
         placement = Placement("engine")  # it loads any file in the run's dtype
     else:
-        placement = Placement("comfyui", args.weights or "", None if args.weights else stored,
+        fmt = args.weights or ("fp8" if stored and stored <= 1.1 * spec.param_count else "")
+        placement = Placement("comfyui", fmt, None if args.weights else stored,
                               offloaded_bytes=int(args.offload_gb * GIB))
-    if args.gpu_memory:
+    if args.gpu_memory is not None:
         available = int(args.gpu_memory * GIB)
     else:
         available = device_available_memory(resolve_device(cfg.device)) if cfg.device != "cpu" else None
@@ -193,9 +212,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     print()
     print(est.table())
     print()
-    measured = "" if placement.weight_format in ("int8", "nf4") else \
-        " (within ±5% of the peaks measured on an H100: bench/README.md)"
-    print(est.summary().splitlines()[0] + measured)
+    print(est.summary().splitlines()[0] + " (calibrated on measured H100 peaks: bench/README.md)")
     if cfg.quick_preset == "auto" and available:
         try:
             print(plan_auto(spec, cfg, placement, available, buckets).reason)

@@ -122,7 +122,7 @@ class MemoryEstimate:
             return "fits"
         if self.total <= self.available:
             return "tight"
-        if self.total - self.streamable <= 0.9 * self.available:
+        if self.total - self.streamable <= self.available:  # what check() lets start
             return "fits with offload"
         return "does not fit"
 
@@ -358,19 +358,22 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
     est = estimate_memory(spec, chosen, p, available, buckets)
     what = []
     if chosen.gradient_checkpointing != cfg.gradient_checkpointing:
-        what.append("gradient checkpointing on")
+        what.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'}")
     if chosen.batch_size != cfg.batch_size:
         what.append(f"batch {chosen.batch_size} with gradient accumulation {chosen.gradient_accumulation}")
     if p.offloaded_bytes > placement.offloaded_bytes:
         what.append(f"{(p.offloaded_bytes - placement.offloaded_bytes) / GIB:.1f} GiB of weights offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
+    relative = cost / (1.0 + (CHECKPOINTING_SLOWDOWN if cfg.gradient_checkpointing else 0.0)) - 1
+    speed = f"≈{relative:.0%} slower" if relative >= 0.005 else (f"≈{-relative:.0%} faster" if relative <= -0.005
+                                                                   else "about as fast")
+    given = f"as given the run needs about {plain.total / GIB:.1f} GiB"
+    given += (f", over {margin:.0%} of the {available / GIB:.1f} GiB available" if plain.total > margin * available
+              else f" of the {available / GIB:.1f} GiB available")
     if what:
-        reason = (f"auto: {', '.join(what)}: as given the run needs about {plain.total / GIB:.1f} GiB, over "
-                  f"{margin:.0%} of the {available / GIB:.1f} GiB available; now about {est.total / GIB:.1f} GiB "
-                  f"(≈{cost - 1:.0%} slower)")
+        reason = f"auto: {', '.join(what)}: {given}; now about {est.total / GIB:.1f} GiB ({speed})"
     else:
-        reason = (f"auto: the settings as given fit ({est.total / GIB:.1f} of {available / GIB:.1f} GiB): "
-                  "no memory saving is needed, none is switched on")
+        reason = f"auto: the settings as given are the fastest that fit: {given}"
     return AutoPlan(chosen, est, reason, what)
 
 

@@ -330,12 +330,27 @@ def spec_for(model: str) -> tuple[ModelSpec, int | None]:
         raise ModelError(f"model path {p} does not exist; pass --model with a FLUX.2 transformer file or diffusers "
                          f"folder (or one of {', '.join(KNOWN_FAMILIES)} to estimate)")
     if p.is_file() and p.suffix == ".safetensors":
-        return spec_from_file(p)
+        try:
+            return spec_from_file(p)
+        except ModelError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"{p} is not a readable safetensors file ({e}); download it again") from None
     folder = p / "transformer" if (p / "transformer" / "config.json").is_file() else p
     if (folder / "config.json").is_file():
-        return spec_from_config(_read_json(folder / "config.json"), distilled=_klein_distilled_hint(p)), None
+        cfg = _read_json(folder / "config.json")
+        _check_diffusers_class(cfg)
+        return spec_from_config(cfg, distilled=_klein_distilled_hint(p)), None
     raise ModelError(f"--model {model!r} is neither a FLUX.2 name ({', '.join(KNOWN_FAMILIES)}), a .safetensors "
                      "file, nor a diffusers folder with a config.json")
+
+
+def _check_diffusers_class(config: dict) -> None:
+    cls = config.get("_class_name", "?")
+    if cls != "Flux2Transformer2DModel":
+        what = {"FluxTransformer2DModel": "FLUX.1", "UNet2DConditionModel": "a Stable Diffusion UNet",
+                "SD3Transformer2DModel": "Stable Diffusion 3"}.get(cls, cls)
+        raise ModelError(f"this model is {what}; the trainer needs FLUX.2 [dev] or FLUX.2 [klein] (4B or 9B)")
 
 
 def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
@@ -399,11 +414,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> D
         if not cfg_path.is_file():
             raise ModelError(f"{p} has no config.json or transformer/config.json; is it a diffusers FLUX.2 folder?")
         cfg = _read_json(cfg_path)
-        cls = cfg.get("_class_name", "?")
-        if cls != "Flux2Transformer2DModel":
-            what = {"FluxTransformer2DModel": "FLUX.1", "UNet2DConditionModel": "a Stable Diffusion UNet",
-                    "SD3Transformer2DModel": "Stable Diffusion 3"}.get(cls, cls)
-            raise ModelError(f"this model is {what}; the trainer needs FLUX.2 [dev] or FLUX.2 [klein] (4B or 9B)")
+        _check_diffusers_class(cfg)
         model = Flux2Transformer2DModel.from_pretrained(folder, dtype=dtype)
     elif p.suffix == ".safetensors":
         model = _load_single_file(p, dtype)

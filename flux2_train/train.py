@@ -8,7 +8,9 @@ the batches and noise the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 import logging
 import math
 import re
@@ -419,6 +421,8 @@ class Trainer:
     def _preflight(self, cfg: TrainConfig, spec: ModelSpec, device: torch.device, report: DatasetReport) -> TrainConfig:
         """Estimate the run's peak memory (adjusting the settings under `auto`) and refuse one that cannot fit."""
         available = device_available_memory(device) if self.available_memory == "device" else self.available_memory
+        if self.resume and cfg.quick_preset == "auto":
+            cfg = self._batch_as_checkpointed(cfg)
         plan = plan_run(spec, cfg, self.backbone.memory_placement(), available, list(report.bucket_counts),
                         resuming=bool(self.resume))
         if plan.reason:
@@ -432,6 +436,16 @@ class Trainer:
         if cfg.memory_check:
             plan.estimate.check()
         return cfg
+
+    def _batch_as_checkpointed(self, cfg: TrainConfig) -> TrainConfig:
+        """A resumed `auto` run keeps the batch layout it was checkpointed with (it sets the data order)."""
+        try:
+            info = json.loads((ckpt.find_checkpoint(self.resume) / "checkpoint.json").read_text(encoding="utf-8"))
+            saved = info["config"]
+            return dataclasses.replace(cfg, batch_size=int(saved["batch_size"]),
+                                       gradient_accumulation=int(saved["gradient_accumulation"]))
+        except (OSError, KeyError, ValueError, TypeError):
+            return cfg  # the resume itself names what is wrong with the checkpoint
 
     def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
         cfg = self.cfg

@@ -108,9 +108,11 @@ class RecomputeInBackward(torch.autograd.Function):
     gradients from whatever weight was cast into it last. Running the op again in the
     backward pass casts its own weight afresh.
 
-    For an affine op (a Linear) the input gradient does not depend on the input, so
-    nothing is kept: the op runs again on zeros of the input's shape. Other ops (norms
-    with weights) keep their input.
+    Used where `CastLinearInBackward` cannot be: ops with a weight that are not
+    ComfyUI's own Linear (norms), and Linears whose forward someone replaced (an
+    upstream bypass LoRA). For an affine op (such a Linear) the input gradient does
+    not depend on the input, so nothing is kept: the op runs again on zeros of the
+    input's shape. Other ops keep their input.
     """
 
     @staticmethod
@@ -212,7 +214,10 @@ class ComfyFlux2Backbone:
         """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
         stored = str(model_patcher.model.get_dtype()).removeprefix("torch.")
         fmt = DTYPE_FORMATS.get(stored, "fp8")  # ComfyUI stores other dtypes as fp8 variants
-        return Placement("comfyui", fmt, stored_bytes=model_patcher.model_size(), streamed=model_patcher.is_dynamic())
+        size = model_patcher.model_size()
+        if size <= 1.1 * comfy_spec(model_patcher).param_count:
+            fmt = "fp8"  # fp8 "mixed" files report their compute dtype, not their storage
+        return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()
@@ -226,7 +231,7 @@ class ComfyFlux2Backbone:
         self.streams_weights = (self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size()
                                 or any(getattr(m, "comfy_cast_weights", False) for m in self.diffusion_model.modules()))
         if self.streams_weights:
-            log.info("MODEL weights are offloaded, streamed or cast per op: their ops run again in the backward pass")
+            log.info("MODEL weights are offloaded, streamed or cast per op: the backward pass casts them again")
             self._recompute_weighted_ops()
         self._make_weights_trainable()
         # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
@@ -298,7 +303,7 @@ class ComfyFlux2Backbone:
 
     # -- internals -------------------------------------------------------------
     def _recompute_weighted_ops(self) -> None:
-        """Route every ComfyUI op that casts a weight through `RecomputeInBackward`."""
+        """Route every ComfyUI op that casts a weight through `CastLinearInBackward` or `RecomputeInBackward`."""
         for module in self.diffusion_model.modules():
             if not hasattr(module, "comfy_cast_weights") or getattr(module, "weight", None) is None:
                 continue

@@ -113,7 +113,8 @@ def parse_advanced(text: str) -> dict:
 
 
 def describe(handle: ConfigHandle) -> str:
-    """The options as they will train (the dtype and an auto preset are settled by the MODEL)."""
+    """The options as they will train (the MODEL settles the dtype; `auto` settles the schedule from the
+    dataset and the memory settings from the GPU when training starts)."""
     cfg = handle.preview()
     lines = [f"subject {handle.subject_preset}, quick preset {handle.quick_preset or 'none'}"
              + (" (steps from the dataset, memory settings from the GPU when training starts)"

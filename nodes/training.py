@@ -55,7 +55,7 @@ class ConfigHandle:
     """The config node's choices; resolved against the model when training starts."""
 
     subject_preset: str | None
-    quick_preset: str | None  # may be "auto": picked from the memory estimate
+    quick_preset: str | None  # "auto": schedule from the dataset, memory settings from the GPU
     overrides: dict = field(default_factory=dict)
 
 

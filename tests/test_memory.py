@@ -230,3 +230,39 @@ def test_auto_keeps_the_batch_on_resume_and_tries_the_smallest_plan_with_the_che
         plan_run(family_spec("dev"), cfg(quick_preset="auto"), Placement("engine"), card)
     tried = plan_run(family_spec("dev"), cfg(quick_preset="auto", memory_check=False), Placement("engine"), card)
     assert tried.cfg.gradient_checkpointing and "memory check off" in tried.reason
+
+
+def test_auto_says_which_way_it_switched_and_the_cost_against_the_given_settings():
+    plan = plan_auto(family_spec("klein-9b"), cfg(gradient_checkpointing=True, quick_preset="auto"),
+                     Placement("comfyui", "fp8"), 80 * GIB)
+    assert plan.changes == ["gradient checkpointing off"] and "faster" in plan.reason
+    assert "over 90%" not in plan.reason  # the settings as given fit; auto picked a faster one
+
+
+def test_the_comfyui_verdict_and_check_agree_where_weights_can_be_offloaded():
+    spec, c = family_spec("klein-4b"), cfg()
+    est = estimate_memory(spec, c, Placement("comfyui"))
+    need = est.total - est.streamable
+    for available in (int(need * 0.95), int(need * 1.05)):
+        e = estimate_memory(spec, c, Placement("comfyui"), available=available)
+        refused = False
+        try:
+            e.check()
+        except OutOfMemory:
+            refused = True
+        assert refused == (e.verdict == "does not fit")
+
+
+def test_the_preflight_names_a_model_that_is_not_flux2_without_loading_it(tmp_path):
+    from flux2_train.errors import ModelError
+    from flux2_train.model import spec_for
+
+    flux1 = tmp_path / "flux1"
+    flux1.mkdir()
+    (flux1 / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    with pytest.raises(ModelError, match="FLUX.1"):
+        spec_for(str(flux1))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        spec_for(str(broken))
