@@ -116,9 +116,8 @@ class RecomputeInBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, fn, affine: bool) -> torch.Tensor:
-        ctx.fn = fn
+        ctx.fn, ctx.autocast = fn, _autocast_state(x.device.type)
         if affine:
             ctx.input_like = (x.shape, x.dtype, x.device)
         else:
@@ -128,14 +127,13 @@ class RecomputeInBackward(torch.autograd.Function):
             return fn(x)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
         if ctx.input_like is not None:
             shape, dtype, device = ctx.input_like
             x = torch.zeros(shape, dtype=dtype, device=device)
         else:
             (x,) = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
             x = x.detach().requires_grad_(True)
             out = ctx.fn(x)
         (grad_x,) = torch.autograd.grad(out, x, grad)
@@ -147,20 +145,25 @@ class CastLinearInBackward(torch.autograd.Function):
     and computes the input gradient from it (one matmul, as autograd would; nothing kept)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, module: nn.Module, forward) -> torch.Tensor:
-        ctx.module, ctx.input_like = module, (x.dtype, x.device)
+        ctx.module, ctx.input_like, ctx.autocast = module, (x.dtype, x.device), _autocast_state(x.device.type)
         with torch.no_grad():
             return forward(x)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
         dtype, device = ctx.input_like
         probe = torch.empty(0, dtype=dtype, device=device)  # the cast follows the input's dtype and device
-        with torch.no_grad(), comfy.ops.CastBiasWeightContext(ctx.module, probe, offloadable=True) as (weight, _):
+        with torch.no_grad(), torch.autocast(**ctx.autocast), \
+                comfy.ops.CastBiasWeightContext(ctx.module, probe, offloadable=True) as (weight, _):
             grad_x = torch.matmul(grad.to(weight.dtype), weight)
         return grad_x.to(dtype), None, None
+
+
+def _autocast_state(device_type: str) -> dict:
+    """The forward pass's autocast, to run the backward pass's recompute under (on any device)."""
+    return dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                enabled=torch.is_autocast_enabled(device_type))
 
 
 class ComfyFlux2Backbone:

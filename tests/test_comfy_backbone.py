@@ -263,8 +263,10 @@ def _values(t: torch.Tensor) -> torch.Tensor:
     return (t.dequantize() if hasattr(t, "dequantize") and type(t) is not torch.nn.Parameter else t).detach().clone()
 
 
-def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, pack, tiny_pipeline_dir):
-    """The path taken for offloaded or streamed weights (`streams_weights`), checked on the CPU."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, pack, tiny_pipeline_dir, autocast):
+    """The path taken for offloaded or streamed weights (`streams_weights`), checked on the CPU (and under
+    bf16 autocast: the backward pass's casts and matmuls run in the forward pass's precision)."""
     def lora_grads(recompute: bool):
         patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
         backbone = pack.ComfyFlux2Backbone(patcher)
@@ -281,7 +283,9 @@ def test_ops_that_run_again_in_the_backward_pass_give_the_same_gradients(comfy, 
         g = torch.Generator().manual_seed(1)
         x, ctx = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 8, 96, generator=g)
         try:
-            backbone.predict(x, torch.tensor([0.5]), ctx).square().mean().backward()
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = backbone.predict(x, torch.tensor([0.5]), ctx).float().square().mean()
+            loss.backward()
             return [p.grad.clone() for p in params]
         finally:
             backbone.release()
