@@ -30,8 +30,15 @@ def grid():
     return memory_grid, memory_grid.load_records(str(GRID_RESULTS))
 
 
-def test_the_estimate_is_within_5_percent_of_every_measured_h100_peak(grid):
-    """bench/memory_grid.py measured these; a change to the estimate that misses one fails here."""
+def test_the_estimate_matches_the_measured_h100_peaks(grid):
+    """bench/memory_grid.py measured these; a change to the estimate that misses one fails here.
+
+    The engine's card peak is within 5% on every point. On the ComfyUI path, cudaMallocAsync's
+    pool holds a varying amount beyond the tensors (0.6 to 3.5 GiB for the same run): there the
+    tensors and context are within 5% on every point, and the card peak within 10%.
+    """
+    from flux2_train.memory import ALLOCATOR_POOL, ALLOCATOR_POOL_ACTIVATIONS, CUDA_CONTEXT
+
     memory_grid, records = grid
     ran = [r for r in records if r["status"] == "ok"]
     assert len(records) >= 12 and {r["family"] for r in ran} == {"dev", "klein-4b", "klein-9b"}
@@ -41,7 +48,14 @@ def test_the_estimate_is_within_5_percent_of_every_measured_h100_peak(grid):
     assert any(r["size"][0] != r["size"][1] for r in ran), "a non-square bucket"
     for r in ran:
         est = memory_grid.estimate_for(r)
-        assert est.total == pytest.approx(r["device_peak"], rel=0.05), r["name"]
+        if r["host"] == "engine":
+            assert est.total == pytest.approx(r["device_peak"], rel=0.05), r["name"]
+            continue
+        pool = ALLOCATOR_POOL["comfyui"] + ALLOCATOR_POOL_ACTIVATIONS["comfyui"] * est.parts["activations + grads"]
+        if r.get("memory_mode") != "dynamic":  # DynamicVRAM's weights are outside the allocator's count
+            tensors = r["allocated_peak"] + CUDA_CONTEXT["comfyui"]
+            assert est.total - pool == pytest.approx(tensors, rel=0.05), r["name"]
+        assert est.total == pytest.approx(r["device_peak"], rel=0.10), r["name"]
 
 
 def test_what_ran_out_of_memory_on_the_card_is_what_the_estimate_says_does_not_fit(grid):
