@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 GIB = 2**30
 
 # name: host, family, image size (w, h), rank, batch, checkpointing, weights,
-# and ComfyUI's memory mode: None (regular ModelPatcher), --reserve-vram GiB, or "dynamic" (DynamicVRAM)
+# ComfyUI's memory mode: None (regular ModelPatcher), --reserve-vram GiB, or "dynamic" (DynamicVRAM),
+# and its allocator: "async" (cudaMallocAsync, its default on CUDA 13) or "native" (--disable-cuda-malloc)
 GRID = [
     ("e-4b-1024", "engine", "klein-4b", (1024, 1024), 16, 1, False, "bf16", None),
     ("e-4b-1024-ckpt", "engine", "klein-4b", (1024, 1024), 16, 1, True, "bf16", None),
@@ -70,20 +71,24 @@ GRID = [
     # ComfyUI's default on NVIDIA when comfy-aimdo is installed: DynamicVRAM streams every weight per op.
     ("c-4b-1024-dynamic", "comfyui", "klein-4b", (1024, 1024), 16, 1, False, "bf16", "dynamic"),
     ("c-4b-1024-ckpt-dynamic", "comfyui", "klein-4b", (1024, 1024), 16, 1, True, "bf16", "dynamic"),
+    # ComfyUI started with --disable-cuda-malloc: PyTorch's own caching allocator.
+    ("c-4b-1024-native", "comfyui", "klein-4b", (1024, 1024), 16, 1, False, "bf16", None, "native"),
+    ("c-4b-1024-fp8-native", "comfyui", "klein-4b", (1024, 1024), 16, 1, False, "fp8", None, "native"),
+    ("c-9b-1024-ckpt-native", "comfyui", "klein-9b", (1024, 1024), 16, 1, True, "bf16", None, "native"),
     # Held out: measured after the engine's constants were fitted on the engine points above.
     ("h-4b-1536x640-r32", "engine", "klein-4b", (1536, 640), 32, 1, False, "bf16", None),
     ("h-9b-768-r32-ckpt", "engine", "klein-9b", (768, 768), 32, 1, True, "bf16", None),
     ("h-dev-768-b2-ckpt", "engine", "dev", (768, 768), 16, 2, True, "bf16", None),
 ]
 HELD_OUT = {row[0] for row in GRID if row[0].startswith("h-")}
-FIELDS = ("name", "host", "family", "size", "rank", "batch", "checkpointing", "weights", "memory_mode")
+FIELDS = ("name", "host", "family", "size", "rank", "batch", "checkpointing", "weights", "memory_mode", "allocator")
 STEPS = 4
 
 
 def point(name: str) -> dict:
     for row in GRID:
         if row[0] == name:
-            return dict(zip(FIELDS, row))
+            return dict(zip(FIELDS, row + ("async",) * (len(FIELDS) - len(row))))
     raise SystemExit(f"unknown point {name!r}; choose from {', '.join(r[0] for r in GRID)}")
 
 
@@ -233,7 +238,7 @@ def estimate_for(rec: dict):
         dynamic = rec.get("memory_mode") == "dynamic"
         loaded = rec["model_bytes"] if dynamic else rec.get("loaded_bytes", rec["model_bytes"])
         placement = Placement("comfyui", rec["weights"], rec["model_bytes"], offloaded_bytes=rec["model_bytes"] - loaded,
-                              streamed=dynamic)
+                              streamed=dynamic, allocator=rec.get("allocator", "async"))
     else:
         placement = Placement("engine", rec["weights"])
     return estimate_memory(spec, cfg, placement, available=rec["card_bytes"], buckets=buckets, advise=False)
@@ -298,9 +303,13 @@ def main(argv=None) -> int:
     for name in names:
         p = point(name)
         env = dict(os.environ)
-        # The allocator each host runs with: the CLI's expandable segments, ComfyUI's cudaMallocAsync on CUDA 13.
-        env["PYTORCH_CUDA_ALLOC_CONF"] = ("expandable_segments:True" if p["host"] == "engine"
-                                          else "backend:cudaMallocAsync")
+        # The allocator each host runs with: the CLI's expandable segments, ComfyUI's cudaMallocAsync on
+        # CUDA 13, or with --disable-cuda-malloc PyTorch's default (nothing set).
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if p["host"] == "engine":
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        elif p["allocator"] == "async":
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result = f.name
         t0 = time.perf_counter()

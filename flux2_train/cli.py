@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import QUICK_PRESETS, SUBJECT_PRESETS, TrainConfig, resolve_config, save_yaml
 from .errors import ConfigError, Flux2TrainError, TrainingCancelled
-from .memory import HOSTS, WEIGHT_FORMATS
+from .memory import ALLOCATORS, HOSTS, WEIGHT_FORMATS
 
 log = logging.getLogger("flux2_train")
 
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="How the frozen weights are stored (default: as in --model's file, else --dtype).")
     est.add_argument("--host", choices=HOSTS, default="engine",
                      help="engine: this CLI (diffusers); comfyui: the ComfyUI training node (can offload weights).")
+    est.add_argument("--allocator", choices=ALLOCATORS,
+                     help="ComfyUI's allocator: async (cudaMallocAsync, its default) or native (--disable-cuda-malloc).")
     est.add_argument("--offload-gb", type=_gib(allow_zero=True), default=0.0,
                      help="GiB (2^30 bytes) of frozen weights kept in CPU memory; --host comfyui only.")
     est.add_argument("--gpu-memory", type=_gib(allow_zero=False),
@@ -200,7 +202,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     else:
         fmt = args.weights or ("fp8" if stored and stored <= 1.1 * spec.param_count else "")
         placement = Placement("comfyui", fmt, None if args.weights else stored,
-                              offloaded_bytes=int(args.offload_gb * GIB))
+                              offloaded_bytes=int(args.offload_gb * GIB), allocator=args.allocator or "")
     if args.gpu_memory is not None:
         available = int(args.gpu_memory * GIB)
     else:

@@ -47,15 +47,17 @@ RECOMPUTE_VECTORS = 37.0
 # and the backward pass: this many of the largest layer's weights in the compute dtype.
 CAST_LAYERS = 3.5
 CAST_LAYERS_STREAMED = 5.5
-# Outside the tensors: the driver context, kernels and library handles (nvidia-smi minus the
-# allocator's pool), and the pool's slack over what is allocated. The CLI runs PyTorch's
-# allocator with expandable segments; ComfyUI runs cudaMallocAsync, which keeps more.
-CUDA_CONTEXT = {"engine": int(0.75 * GIB), "comfyui": int(0.80 * GIB)}
-ALLOCATOR_SLACK = {"engine": 0.015, "comfyui": 0.0}  # share of all tensors
-# cudaMallocAsync keeps freed blocks in its pool: a fixed part and a share of the activations
-# (it varies from run to run: the same ComfyUI run measured 0.7 and 2.9 GiB over its tensors).
-ALLOCATOR_POOL = {"engine": 0, "comfyui": int(0.80 * GIB)}
-ALLOCATOR_POOL_ACTIVATIONS = {"engine": 0.0, "comfyui": 0.03}
+# Outside the tensors, by allocator: the driver context, kernels and library handles
+# (nvidia-smi minus the allocator's pool), and what the pool holds beyond the tensors.
+# "native" is PyTorch's caching allocator (the CLI sets expandable segments; ComfyUI uses it
+# with --disable-cuda-malloc); "async" is cudaMallocAsync, ComfyUI's default on CUDA 13, whose
+# pool keeps freed blocks: a fixed part and a share of the activations, varying from run to
+# run (0.6 to 3.5 GiB over the same tensors on the H100 grid).
+ALLOCATORS = ("native", "async")
+CUDA_CONTEXT = {"native": int(0.75 * GIB), "async": int(0.80 * GIB)}
+ALLOCATOR_SLACK = {"native": 0.015, "async": 0.0}  # share of all tensors
+ALLOCATOR_POOL = {"native": 0, "async": int(0.80 * GIB)}
+ALLOCATOR_POOL_ACTIVATIONS = {"native": 0.0, "async": 0.03}
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  # per LoRA parameter
 
 # Relative cost of the memory savings, for the advice and the `auto` plan, from the step times
@@ -79,6 +81,11 @@ class Placement:
     stored_bytes: int | None = None  # exact stored size when known (a loaded model, a file header)
     offloaded_bytes: int = 0  # frozen weights kept in CPU memory and streamed in per layer
     streamed: bool = False  # every weight is copied in per op (ComfyUI's DynamicVRAM), resident or not
+    allocator: str = ""  # "native" or "async" ("" = the host's default: native for the engine, async for ComfyUI)
+
+    @property
+    def allocator_kind(self) -> str:
+        return self.allocator or ("async" if self.host == "comfyui" else "native")
 
     @property
     def can_offload(self) -> bool:
@@ -103,7 +110,7 @@ class MemoryEstimate:
     settings: dict = field(default_factory=dict)  # what the figure assumes
     advice: list[Advice] = field(default_factory=list)
     streamable: int = 0  # bytes the host could save by offloading every frozen weight
-    host: str = "engine"
+    allocator: str = "native"
 
     @property
     def total(self) -> int:
@@ -112,7 +119,7 @@ class MemoryEstimate:
     @property
     def training_bytes(self) -> int:
         """What training needs on the device besides the frozen weights and the CUDA context already in use."""
-        return self.total - self.parts["frozen weights"] - CUDA_CONTEXT[self.host]
+        return self.total - self.parts["frozen weights"] - CUDA_CONTEXT[self.allocator]
 
     @property
     def verdict(self) -> str:
@@ -219,10 +226,10 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         "activations + grads": int(max(held, last + grads)),
         "batch tensors": int(batch),
     }
-    host = placement.host
-    parts["runtime overhead"] = (CUDA_CONTEXT[host] + ALLOCATOR_POOL[host]
-                                 + int(ALLOCATOR_SLACK[host] * sum(parts.values()))
-                                 + int(ALLOCATOR_POOL_ACTIVATIONS[host] * parts["activations + grads"]))
+    kind = placement.allocator_kind
+    parts["runtime overhead"] = (CUDA_CONTEXT[kind] + ALLOCATOR_POOL[kind]
+                                 + int(ALLOCATOR_SLACK[kind] * sum(parts.values()))
+                                 + int(ALLOCATOR_POOL_ACTIVATIONS[kind] * parts["activations + grads"]))
     settings = {"resolution": f"{cfg.resolution}" if not buckets else _bucket_text(buckets), "batch": cfg.batch_size,
                 "rank": cfg.rank, "targets": cfg.targets, "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)"
                                                                              if offloaded else ""),
@@ -232,7 +239,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         everything = dataclasses.replace(placement, offloaded_bytes=stored)
         streamable = est_total(parts) - estimate_memory(spec, cfg, everything, buckets=buckets, advise=False).total
     est = MemoryEstimate(parts=parts, available=available, settings=settings, streamable=max(0, streamable),
-                         host=placement.host)
+                         allocator=placement.allocator_kind)
     if advise:
         est.advice = advice(spec, cfg, placement, est, buckets)
     return est
@@ -397,6 +404,15 @@ def plan_run(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available:
     return AutoPlan(cfg, estimate_memory(spec, cfg, placement, available, buckets), "")
 
 
+def allocator_in_use() -> str:
+    """"async" when PyTorch runs cudaMallocAsync (ComfyUI's default on CUDA 13), else "native"."""
+    import torch
+
+    if not torch.cuda.is_available():  # CPU-only builds lack the query
+        return "native"
+    return "async" if torch.cuda.get_allocator_backend() == "cudaMallocAsync" else "native"
+
+
 def device_available_memory(device) -> int | None:
     """Bytes this process can use on `device`: all of it less what other processes hold (None off CUDA)."""
     import torch
@@ -405,4 +421,4 @@ def device_available_memory(device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     # Our own allocator pool and context count as ours; the estimate's total includes the context.
-    return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT["engine"]
+    return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT["native"]

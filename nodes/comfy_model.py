@@ -30,7 +30,7 @@ import comfy.ops
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
-from flux2_train.memory import DTYPE_FORMATS, Placement
+from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use
 from flux2_train.model import ModelSpec, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ class ComfyFlux2Backbone:
         size = model_patcher.model_size()
         if size <= 1.1 * comfy_spec(model_patcher).param_count:
             fmt = "fp8"  # fp8 "mixed" files report their compute dtype, not their storage
-        return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic())
+        return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic(),
+                         allocator=allocator_in_use())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()

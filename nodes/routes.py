@@ -13,7 +13,7 @@ import comfy.memory_management
 import comfy.model_management
 import folder_paths
 from flux2_train.errors import Flux2TrainError, OutOfMemory
-from flux2_train.memory import AutoPlan, Placement, estimate_memory, plan_run
+from flux2_train.memory import AutoPlan, Placement, allocator_in_use, estimate_memory, plan_run
 from flux2_train.model import spec_for
 
 from .config_node import config_handle
@@ -55,7 +55,8 @@ def estimate_for_widgets(body: dict) -> dict:
     spec, stored = _file_spec(path, os.path.getmtime(path))
     # The loader casts to fp8, or the file is fp8; bf16 and fp32 files load as bf16 on a GPU.
     fp8 = body.get("weight_dtype") in _FP8_CHOICES or stored <= 1.1 * spec.param_count
-    placement = Placement("comfyui", "fp8" if fp8 else "bf16", streamed=comfy.memory_management.aimdo_enabled)
+    placement = Placement("comfyui", "fp8" if fp8 else "bf16", streamed=comfy.memory_management.aimdo_enabled,
+                          allocator=allocator_in_use())
     dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
     dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
     cfg = config_handle(**body["config"]).preview(**dataset)

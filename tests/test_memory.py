@@ -33,11 +33,12 @@ def grid():
 def test_the_estimate_matches_the_measured_h100_peaks(grid):
     """bench/memory_grid.py measured these; a change to the estimate that misses one fails here.
 
-    The engine's card peak is within 5% on every point. On the ComfyUI path, cudaMallocAsync's
-    pool holds a varying amount beyond the tensors (0.6 to 3.5 GiB for the same run): there the
-    tensors and context are within 5% on every point, and the card peak within 10%.
+    With PyTorch's own allocator (the engine; ComfyUI with --disable-cuda-malloc) the card peak is
+    within 5% on every point. Under ComfyUI's default cudaMallocAsync the pool holds a varying amount
+    beyond the tensors (0.6 to 3.5 GiB for the same run): there the tensors and context are within
+    5% on every point, and the card peak within 10%.
     """
-    from flux2_train.memory import ALLOCATOR_POOL, ALLOCATOR_POOL_ACTIVATIONS, CUDA_CONTEXT
+    from flux2_train.memory import ALLOCATOR_POOL, ALLOCATOR_POOL_ACTIVATIONS, ALLOCATOR_SLACK, CUDA_CONTEXT
 
     memory_grid, records = grid
     ran = [r for r in records if r["status"] == "ok"]
@@ -48,12 +49,14 @@ def test_the_estimate_matches_the_measured_h100_peaks(grid):
     assert any(r["size"][0] != r["size"][1] for r in ran), "a non-square bucket"
     for r in ran:
         est = memory_grid.estimate_for(r)
-        if r["host"] == "engine":
+        if r["host"] == "engine" or r.get("allocator") == "native":
             assert est.total == pytest.approx(r["device_peak"], rel=0.05), r["name"]
             continue
-        pool = ALLOCATOR_POOL["comfyui"] + ALLOCATOR_POOL_ACTIVATIONS["comfyui"] * est.parts["activations + grads"]
+        kind = "native" if r.get("allocator") == "native" else "async"
+        pool = ALLOCATOR_POOL[kind] + ALLOCATOR_POOL_ACTIVATIONS[kind] * est.parts["activations + grads"]
+        pool += ALLOCATOR_SLACK[kind] * (est.total - CUDA_CONTEXT[kind]) / (1 + ALLOCATOR_SLACK[kind])
         if r.get("memory_mode") != "dynamic":  # DynamicVRAM's weights are outside the allocator's count
-            tensors = r["allocated_peak"] + CUDA_CONTEXT["comfyui"]
+            tensors = r["allocated_peak"] + CUDA_CONTEXT[kind]
             assert est.total - pool == pytest.approx(tensors, rel=0.05), r["name"]
         assert est.total == pytest.approx(r["device_peak"], rel=0.10), r["name"]
 
