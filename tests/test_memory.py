@@ -283,3 +283,25 @@ def test_the_preflight_names_a_model_that_is_not_flux2_without_loading_it(tmp_pa
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     with pytest.raises(ModelError, match="not a readable safetensors file"):
         spec_for(str(broken))
+
+
+def test_a_resumed_auto_run_keeps_the_batch_layout_it_was_checkpointed_with(tmp_path, tiny_pipeline_dir):
+    """Under `auto` the batch may have been split; resuming with the configured batch would change the data order."""
+    from flux2_train.demo import DEMO_DATA
+    from flux2_train.encoders import load_pipeline_encoders
+    from flux2_train.model import load_transformer
+    from flux2_train.train import Trainer
+    from test_train import make_cfg
+
+    def trainer(cfg, resume=None):
+        return Trainer(cfg, load_transformer(tiny_pipeline_dir, dtype=torch.float32),
+                       encoder=load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32),
+                       resume=resume, available_memory=None)
+
+    common = dict(steps=2, save_every=1, quick_preset="auto")
+    first = trainer(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path, batch_size=1, gradient_accumulation=2,
+                             **common)).run()
+    resumed = trainer(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path, batch_size=2, gradient_accumulation=1,
+                               **dict(common, steps=3)), resume=first.run_dir)
+    resumed.run()
+    assert (resumed.cfg.batch_size, resumed.cfg.gradient_accumulation) == (1, 2)
