@@ -80,7 +80,6 @@ GRID = [
     ("h-9b-768-r32-ckpt", "engine", "klein-9b", (768, 768), 32, 1, True, "bf16", None),
     ("h-dev-768-b2-ckpt", "engine", "dev", (768, 768), 16, 2, True, "bf16", None),
 ]
-HELD_OUT = {row[0] for row in GRID if row[0].startswith("h-")}
 FIELDS = ("name", "host", "family", "size", "rank", "batch", "checkpointing", "weights", "memory_mode", "allocator")
 STEPS = 4
 
@@ -155,7 +154,7 @@ def measure(p: dict, comfyui: str | None) -> dict:
             dtype = "bfloat16"
         else:
             backbone, dtype = comfy_backbone(p, config, comfyui, rec)
-        resolution = int(round((w * h) ** 0.5 / 16)) * 16
+        resolution = resolution_of(p)
         cfg = resolve_config(overrides=dict(
             dataset=str(work / "data"), output_dir=str(work / "runs"), cache_dir=str(work / "cache"), name="grid",
             resolution=resolution, steps=STEPS, rank=p["rank"], alpha=float(p["rank"]), targets="attention_mlp",
@@ -212,11 +211,16 @@ def comfy_backbone(p: dict, config: dict, comfyui: str | None, rec: dict):
     return comfy_model.ComfyFlux2Backbone(patcher), "bfloat16"
 
 
+def resolution_of(p: dict) -> int:
+    """The resolution whose buckets hold the point's image: about sqrt(w x h), a multiple of 16."""
+    w, h = p["size"]
+    return int(round((w * h) ** 0.5 / 16)) * 16
+
+
 def resolve_probe(p: dict):
     from flux2_train.config import resolve_config
 
-    w, h = p["size"]
-    return resolve_config(overrides=dict(resolution=int(round((w * h) ** 0.5 / 16)) * 16, rank=p["rank"],
+    return resolve_config(overrides=dict(resolution=resolution_of(p), rank=p["rank"],
                                          batch_size=p["batch"], gradient_checkpointing=p["checkpointing"],
                                          targets="attention_mlp"))
 

@@ -89,10 +89,15 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def checkpoint_info(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's step, config and model, without its tensors."""
+    return json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
+
+
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(info, adapter weights, training state); refuses damaged files with a clear message."""
     try:
-        info = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
+        info = checkpoint_info(ckpt)
         adapter = load_file(str(ckpt / "adapter.safetensors"))
         # weights_only: tensors, numbers and containers only, never arbitrary objects.
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)

@@ -188,7 +188,8 @@ CARDS = (("16 GB (RTX 4080)", 16376), ("24 GB (RTX 4090)", 24564), ("32 GB (RTX 
 
 def run_estimate(args: argparse.Namespace) -> int:
     from .config import suggest_schedule
-    from .memory import DTYPE_FORMATS, GIB, Placement, device_available_memory, estimate_memory, plan_auto
+    from .memory import (DTYPE_FORMATS, GIB, Placement, device_available_memory, estimate_memory, plan_auto,
+                         stored_format)
     from .train import resolve_device
 
     cfg, report, spec, stored = _resolve(args, args.config)
@@ -200,7 +201,7 @@ def run_estimate(args: argparse.Namespace) -> int:
                               "needs --host comfyui")
         placement = Placement("engine")  # it loads any file in the run's dtype
     else:
-        fmt = args.weights or ("fp8" if stored and stored <= 1.1 * spec.param_count else "")
+        fmt = args.weights or stored_format(stored, spec.param_count)
         placement = Placement("comfyui", fmt, None if args.weights else stored,
                               offloaded_bytes=int(args.offload_gb * GIB), allocator=args.allocator or "")
     if args.gpu_memory is not None:

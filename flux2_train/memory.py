@@ -171,6 +171,11 @@ def lora_parameter_count(spec: ModelSpec, cfg: TrainConfig) -> int:
     return cfg.rank * sum(sum(shapes[n]) for n in resolve_targets(shapes, cfg.targets, cfg.target_modules))
 
 
+def stored_format(stored_bytes: int | None, param_count: int) -> str:
+    """"fp8" when the weights take about a byte each (fp8 files, ComfyUI's fp8 "mixed" models), else ""."""
+    return "fp8" if stored_bytes and stored_bytes <= 1.1 * param_count else ""
+
+
 def weight_format(placement: Placement, cfg: TrainConfig) -> str:
     return placement.weight_format or DTYPE_FORMATS[cfg.dtype]
 
@@ -237,16 +242,12 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     streamable = 0
     if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
         everything = dataclasses.replace(placement, offloaded_bytes=stored)
-        streamable = est_total(parts) - estimate_memory(spec, cfg, everything, buckets=buckets, advise=False).total
+        streamable = sum(parts.values()) - estimate_memory(spec, cfg, everything, buckets=buckets, advise=False).total
     est = MemoryEstimate(parts=parts, available=available, settings=settings, streamable=max(0, streamable),
                          allocator=placement.allocator_kind)
     if advise:
         est.advice = advice(spec, cfg, placement, est, buckets)
     return est
-
-
-def est_total(parts: dict[str, int]) -> int:
-    return sum(parts.values())
 
 
 def _bucket_text(buckets) -> str:
@@ -411,6 +412,16 @@ def allocator_in_use() -> str:
     if not torch.cuda.is_available():  # CPU-only builds lack the query
         return "native"
     return "async" if torch.cuda.get_allocator_backend() == "cudaMallocAsync" else "native"
+
+
+def preview_plan(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None,
+                 buckets=None) -> AutoPlan:
+    """`plan_run` for display: where `auto` finds nothing that fits, the settings as given and why."""
+    try:
+        return plan_run(spec, cfg, placement, available, buckets)
+    except OutOfMemory as e:
+        return AutoPlan(cfg, estimate_memory(spec, cfg, placement, available, buckets),
+                        "auto: " + str(e).splitlines()[0])
 
 
 def device_available_memory(device) -> int | None:

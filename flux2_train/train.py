@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import math
 import re
@@ -440,8 +439,7 @@ class Trainer:
     def _batch_as_checkpointed(self, cfg: TrainConfig) -> TrainConfig:
         """A resumed `auto` run keeps the batch layout it was checkpointed with (it sets the data order)."""
         try:
-            info = json.loads((ckpt.find_checkpoint(self.resume) / "checkpoint.json").read_text(encoding="utf-8"))
-            saved = info["config"]
+            saved = ckpt.checkpoint_info(ckpt.find_checkpoint(self.resume))["config"]
             return dataclasses.replace(cfg, batch_size=int(saved["batch_size"]),
                                        gradient_accumulation=int(saved["gradient_accumulation"]))
         except (OSError, KeyError, ValueError, TypeError):

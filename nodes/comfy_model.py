@@ -30,7 +30,7 @@ import comfy.ops
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
-from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use
+from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use, stored_format
 from flux2_train.model import ModelSpec, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -216,10 +216,10 @@ class ComfyFlux2Backbone:
     def placement_of(model_patcher) -> Placement:
         """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
         stored = str(model_patcher.model.get_dtype()).removeprefix("torch.")
-        fmt = DTYPE_FORMATS.get(stored, "fp8")  # ComfyUI stores other dtypes as fp8 variants
         size = model_patcher.model_size()
-        if size <= 1.1 * comfy_spec(model_patcher).param_count:
-            fmt = "fp8"  # fp8 "mixed" files report their compute dtype, not their storage
+        # fp8 "mixed" models report their compute dtype, not their storage; ComfyUI stores
+        # dtypes other than these three as fp8 variants.
+        fmt = stored_format(size, comfy_spec(model_patcher).param_count) or DTYPE_FORMATS.get(stored, "fp8")
         return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic(),
                          allocator=allocator_in_use())
 

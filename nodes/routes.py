@@ -12,8 +12,8 @@ from aiohttp import web
 import comfy.memory_management
 import comfy.model_management
 import folder_paths
-from flux2_train.errors import Flux2TrainError, OutOfMemory
-from flux2_train.memory import AutoPlan, Placement, allocator_in_use, estimate_memory, plan_run
+from flux2_train.errors import Flux2TrainError
+from flux2_train.memory import Placement, allocator_in_use, preview_plan, stored_format
 from flux2_train.model import spec_for
 
 from .config_node import config_handle
@@ -54,17 +54,13 @@ def estimate_for_widgets(body: dict) -> dict:
         return {"error": "connect a FLUX.2 LoRA Config to estimate"}
     spec, stored = _file_spec(path, os.path.getmtime(path))
     # The loader casts to fp8, or the file is fp8; bf16 and fp32 files load as bf16 on a GPU.
-    fp8 = body.get("weight_dtype") in _FP8_CHOICES or stored <= 1.1 * spec.param_count
+    fp8 = body.get("weight_dtype") in _FP8_CHOICES or stored_format(stored, spec.param_count) == "fp8"
     placement = Placement("comfyui", "fp8" if fp8 else "bf16", streamed=comfy.memory_management.aimdo_enabled,
                           allocator=allocator_in_use())
     dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
     dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
     cfg = config_handle(**body["config"]).preview(**dataset)
-    available = device_memory(comfy.model_management.get_torch_device())
-    try:
-        plan = plan_run(spec, cfg, placement, available)
-    except OutOfMemory as e:  # auto found nothing that fits: the bar shows the settings as given
-        plan = AutoPlan(cfg, estimate_memory(spec, cfg, placement, available), "auto: " + str(e).splitlines()[0])
+    plan = preview_plan(spec, cfg, placement, device_memory(comfy.model_management.get_torch_device()))
     est = plan.estimate
     text = est.summary() + (f"\n{plan.reason}" if plan.reason else "")
     return {"total": est.total, "available": est.available, "verdict": est.verdict, "parts": est.parts,

@@ -17,10 +17,10 @@ from comfy_api.latest import io
 from flux2_train import checkpoint as ckpt
 from flux2_train.config import QUICK_PRESETS, TrainConfig, resolve_config
 from flux2_train.data import DatasetReport
-from flux2_train.errors import ConfigError, OutOfMemory, TrainingCancelled
+from flux2_train.errors import ConfigError, TrainingCancelled
 from flux2_train.events import EventBus, StatusEvent, StepEvent
 from flux2_train.lora_files import lora_metadata, to_format
-from flux2_train.memory import AutoPlan, estimate_memory, plan_run
+from flux2_train.memory import AutoPlan, preview_plan
 from flux2_train.model import ModelSpec
 from flux2_train.train import Trainer, TrainResult
 
@@ -115,12 +115,7 @@ def memory_plan(model, cfg: TrainConfig, dataset: DatasetHandle) -> AutoPlan:
     """The training run's own preflight (the Trainer makes the same call): estimate, and `auto`'s choice."""
     placement = ComfyFlux2Backbone.placement_of(model)
     available = device_memory(comfy.model_management.get_torch_device())
-    buckets = list(dataset.report.bucket_counts)
-    try:
-        return plan_run(comfy_spec(model), cfg, placement, available, buckets)
-    except OutOfMemory as e:  # auto found nothing that fits: show the estimate and why
-        return AutoPlan(cfg, estimate_memory(comfy_spec(model), cfg, placement, available, buckets),
-                        "auto: " + str(e).splitlines()[0])
+    return preview_plan(comfy_spec(model), cfg, placement, available, list(dataset.report.bucket_counts))
 
 
 class ComfyProgress:
