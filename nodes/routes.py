@@ -63,7 +63,7 @@ def estimate_for_widgets(body: dict) -> dict:
     plan = preview_plan(spec, cfg, placement, device_memory(comfy.model_management.get_torch_device()))
     est = plan.estimate
     text = est.summary() + (f"\n{plan.reason}" if plan.reason else "")
-    return {"total": est.total, "available": est.available, "verdict": est.verdict, "parts": est.parts,
+    return {"total": est.total, "upper": est.upper, "available": est.available, "verdict": est.verdict, "parts": est.parts,
             "advice": [str(a) for a in est.advice], "text": text, "model": spec.title}
 
 

@@ -16,6 +16,7 @@ from flux2_train.model import DiffusersFlux2Backbone, family_spec, spec_from_con
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_RESULTS = REPO / "bench" / "results-2026-11-26-memory-grid-h100.json"
+POOL_REPEATS = REPO / "bench" / "results-2026-11-26-async-pool-repeats-h100.json"
 
 
 def cfg(**kw):
@@ -34,9 +35,10 @@ def test_the_estimate_matches_the_measured_h100_peaks(grid):
     """bench/memory_grid.py measured these; a change to the estimate that misses one fails here.
 
     With PyTorch's own allocator (the engine; ComfyUI with --disable-cuda-malloc) the card peak is
-    within 5% on every point. Under ComfyUI's default cudaMallocAsync the pool holds a varying amount
-    beyond the tensors (0.6 to 3.5 GiB for the same run): there the tensors and context are within
-    5% on every point, and the card peak within 10%.
+    within 5% of the estimate on every point. Under ComfyUI's default cudaMallocAsync the tensors
+    and context are within 5% on every point; with weights cast per op its pool settles in one of
+    two modes from run to run, so the card peak is within 5% of the estimate or of its upper
+    figure, and not over the upper figure by more than 2%.
     """
     from flux2_train.memory import CUDA_CONTEXT
 
@@ -47,16 +49,31 @@ def test_the_estimate_matches_the_measured_h100_peaks(grid):
     assert {r["rank"] for r in ran} >= {16, 64} and {r["checkpointing"] for r in ran} == {True, False}
     assert any(r.get("loaded_bytes", 1) < r.get("model_bytes", 0) for r in ran), "an offloaded point"
     assert any(r["size"][0] != r["size"][1] for r in ran), "a non-square bucket"
-    for r in ran:
+    for r in ran + memory_grid.load_records(str(POOL_REPEATS)):
         est = memory_grid.estimate_for(r)
+        peak = r["device_peak"]
         if r["host"] == "engine" or r.get("allocator") == "native":
-            assert est.total == pytest.approx(r["device_peak"], rel=0.05), r["name"]
+            assert est.spread == 0 and est.total == pytest.approx(peak, rel=0.05), r["name"]
             continue
         if r.get("memory_mode") != "dynamic":  # DynamicVRAM's weights are outside the allocator's count
             pool = est.parts["runtime overhead"] - CUDA_CONTEXT["async"]  # what the estimate gives the pool
             tensors = r["allocated_peak"] + CUDA_CONTEXT["async"]
             assert est.total - pool == pytest.approx(tensors, rel=0.05), r["name"]
-        assert est.total == pytest.approx(r["device_peak"], rel=0.10), r["name"]
+        near = est.total == pytest.approx(peak, rel=0.05) or est.upper == pytest.approx(peak, rel=0.05)
+        assert near and peak <= 1.02 * est.upper, r["name"]
+
+
+def test_cudamallocasync_repeats_show_both_modes_and_the_upper_figure_covers_them(grid):
+    """15 runs of one fp8 ComfyUI point: the same tensors, the pool in one of two modes."""
+    memory_grid, _ = grid
+    runs = [r for r in memory_grid.load_records(str(POOL_REPEATS)) if r["weights"] == "fp8"]
+    est = memory_grid.estimate_for(runs[0])
+    assert len(runs) >= 10 and len({r["allocated_peak"] for r in runs}) == 1
+    low = [r for r in runs if r["device_peak"] <= 1.05 * est.total]
+    high = [r for r in runs if r not in low]
+    assert low and high and all(r["device_peak"] <= est.upper for r in high)
+    steady = [r for r in memory_grid.load_records(str(POOL_REPEATS)) if r["weights"] == "bf16"]
+    assert steady and max(r["device_peak"] for r in steady) - min(r["device_peak"] for r in steady) < 0.2 * 2**30
 
 
 def test_what_ran_out_of_memory_on_the_card_is_what_the_estimate_says_does_not_fit(grid):

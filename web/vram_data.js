@@ -80,7 +80,8 @@ const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : NaN);
 
 /**
  * The route's answer as the bar draws it:
- * { error } or { total, available, verdict, segments: [{label, short, bytes}], advice, text }.
+ * { error } or { total, upper, available, verdict, segments: [{label, short, bytes}], advice, text }.
+ * `upper` is above `total` where the allocator's pool varies from run to run.
  */
 export function parseEstimate(body) {
   if (!body || typeof body !== "object") return { error: "empty answer from the server" };
@@ -94,9 +95,10 @@ export function parseEstimate(body) {
   let total = num(body.total);
   if (!(total > 0)) total = sum(segments.map((s) => s.bytes));
   const available = num(body.available) > 0 ? body.available : null;
+  const upper = num(body.upper) > total ? body.upper : total;
   const verdict = VERDICTS.includes(body.verdict) ? body.verdict : "unknown";
   const advice = Array.isArray(body.advice) ? body.advice.map(String).filter(Boolean) : [];
-  return { total, available, verdict, segments, advice, text: typeof body.text === "string" ? body.text : "" };
+  return { total, upper, available, verdict, segments, advice, text: typeof body.text === "string" ? body.text : "" };
 }
 
 function sum(values) {
@@ -124,9 +126,10 @@ export function gib(bytes) {
   return (num(bytes) > 0 ? bytes / GIB : 0).toFixed(1);
 }
 
-/** The bar's headline: "peak ≈ 23.4 of 79.6 GiB · fits". */
+/** The bar's headline: "peak ≈ 23.4 of 79.6 GiB · fits", or "peak ≈ 22.3 (up to 24.8) of …". */
 export function headline(estimate) {
   const of = estimate.available ? ` of ${gib(estimate.available)}` : "";
+  const upto = estimate.upper > estimate.total ? ` (up to ${gib(estimate.upper)})` : "";
   const verdict = estimate.verdict === "unknown" ? "device memory unknown" : estimate.verdict;
-  return `peak ≈ ${gib(estimate.total)}${of} GiB  ·  ${verdict}`;
+  return `peak ≈ ${gib(estimate.total)}${upto}${of} GiB  ·  ${verdict}`;
 }

@@ -147,6 +147,9 @@ describe("answer", () => {
 
   test("headline and GiB", () => {
     assert.equal(headline(parseEstimate(answer)), "peak ≈ 30.0 of 80.0 GiB  ·  fits");
+    // cudaMallocAsync with weights cast per op: the pool's high mode is shown, never below the total.
+    assert.equal(headline(parseEstimate({ ...answer, upper: 32.5 * GIB })), "peak ≈ 30.0 (up to 32.5) of 80.0 GiB  ·  fits");
+    assert.equal(parseEstimate({ ...answer, upper: 1 }).upper, answer.total);
     assert.equal(gib(1.25 * GIB), "1.3");
     assert.equal(gib(null), "0.0");
   });
