@@ -26,6 +26,12 @@ Examples:
     python bench/train_speed.py --family klein-4b --resolution 1024 --steps 25 --rank 16
     python bench/train_speed.py --family dev --resolution 1024 --steps 20 --rank 16 --gradient-checkpointing
 
+Under `accelerate launch` (several GPUs) every process runs the loop on its own GPU,
+the engine's DDP averages the LoRA gradients, and the main process reports the step
+time (images per second: processes x batch / s per step):
+
+    accelerate launch --multi_gpu --num_processes 2 bench/train_speed.py --family klein-4b --resolution 1024
+
 Several `--family` values run one after another, each in its own subprocess,
 so one that runs out of memory leaves the others' results intact. A markdown
 row per run is printed; with the environment variable OUT set, the runs are
@@ -160,12 +166,15 @@ def attention_forward_flops(config: dict, image_tokens: int, text_tokens: int, b
 
 def run_one(args, family: str) -> dict:
     from flux2_train.config import resolve_config
+    from flux2_train.distributed import World
     from flux2_train.errors import OutOfMemory, TrainingDiverged
     from flux2_train.events import EventBus, StepEvent
     from flux2_train.model import DiffusersFlux2Backbone
     from flux2_train.train import Trainer
 
     device = torch.device(args.device)
+    world = World.join(device)
+    device = world.device(device)
     config = family_config(family)
     res = args.resolution
     image_tokens = (res // 16) ** 2
@@ -173,15 +182,18 @@ def run_one(args, family: str) -> dict:
                gradient_checkpointing=args.gradient_checkpointing, batch_size=1, dtype="bfloat16",
                device=str(device), text_tokens=TEXT_TOKENS, image_tokens=image_tokens, warmup=args.warmup,
                config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-               status="ok", error="")
+               status="ok", error="", processes=world.size, multi_gpu=args.multi_gpu)
     rec.update(env_info(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    work = Path(tempfile.mkdtemp(prefix=f"train_speed_{family}_"))
+    # One folder for all processes: the main one writes the images, all share the cache.
+    work = Path(world.share(tempfile.mkdtemp(prefix=f"train_speed_{family}_") if world.is_main else None))
     counter = None
     try:
-        write_dataset(work / "data", res, args.images)
+        if world.is_main:
+            write_dataset(work / "data", res, args.images)
+        world.barrier()
         t0 = time.perf_counter()
         try:
             transformer = build_transformer(config, device, seed=args.seed)
@@ -215,7 +227,7 @@ def run_one(args, family: str) -> dict:
             targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype="bfloat16",
             device=args.device, batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
-            learning_rate=args.learning_rate))
+            learning_rate=args.learning_rate, multi_gpu=args.multi_gpu))
 
         steps: list[dict] = []
 
@@ -225,17 +237,19 @@ def run_one(args, family: str) -> dict:
                                   peak_gib=ev.peak_memory_bytes / 2**30))
                 if ev.step == 1:
                     counter.remove()
-                if args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total:
+                if world.is_main and (args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total):
                     print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
                           f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
-            elif getattr(ev, "kind", "") in ("training", "failed", "info"):
+            elif world.is_main and getattr(ev, "kind", "") in ("training", "failed", "info"):
                 print(f"  [{family}] {ev.kind}: {ev.message}", flush=True)
 
         events = EventBus([on_event])
         t1 = time.perf_counter()
         try:
-            result = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
-                             events=events).run()
+            trainer = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
+                              events=events)
+            result = trainer.run()
+            rec["strategy"] = trainer.strategy
             rec["lora_tensors"] = len(result.targets) * 2
             rec["lora_layers"] = len(result.targets)
             rec["run_seconds"] = result.seconds
@@ -275,7 +289,9 @@ def run_one(args, family: str) -> dict:
         rec["forward_attention_tflop"] = attn / 1e12
         model_flops = 2 * lin + 3 * attn
         rec["model_tflop_per_step"] = model_flops / 1e12
-        if lin and rec.get("median_s_per_step"):
+        if rec.get("median_s_per_step"):
+            rec["images_per_second"] = world.size / rec["median_s_per_step"]
+        if lin and rec.get("median_s_per_step"):  # per GPU
             rec["model_tflops"] = model_flops / rec["median_s_per_step"] / 1e12
             if device.type == "cuda":
                 rec["mfu_vs_989"] = model_flops / rec["median_s_per_step"] / H100_BF16_PEAK
@@ -285,7 +301,9 @@ def run_one(args, family: str) -> dict:
     finally:
         if counter:
             counter.remove()
-        shutil.rmtree(work, ignore_errors=True)
+        world.barrier()
+        if world.is_main:
+            shutil.rmtree(work, ignore_errors=True)
     return rec
 
 
@@ -306,9 +324,9 @@ def env_info(device: torch.device) -> dict:
     return info
 
 
-HEADER = ("| family | device | res | steps | rank | targets | grad ckpt | median s/step | peak alloc GiB "
-          "| finite loss | loss first→last | model TFLOP/s (MFU) | status |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| family | device | GPUs | res | steps | rank | targets | grad ckpt | median s/step | images/s "
+          "| peak alloc GiB (per GPU) | finite loss | loss first→last | model TFLOP/s per GPU (MFU) | status |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(r: dict) -> str:
@@ -324,8 +342,10 @@ def row(r: dict) -> str:
         if r.get("mfu_vs_989"):
             tf += f" ({100 * r['mfu_vs_989']:.0f}%)"
     status = r["status"] + (f": {r['error'][:160]}" if r.get("error") else "")
-    return (f"| {r['family']} | {dev} | {r['resolution']} | {r.get('steps_done', 0)}/{r['steps']} | {r['rank']} "
-            f"| {r['targets']} | {'on' if r['gradient_checkpointing'] else 'off'} | {med} | {peak} "
+    ips = f"{r['images_per_second']:.2f}" if r.get("images_per_second") else "–"
+    gpus = f"{r.get('processes', 1)}" + (f" ({r['strategy'].upper()})" if r.get("strategy") else "")
+    return (f"| {r['family']} | {dev} | {gpus} | {r['resolution']} | {r.get('steps_done', 0)}/{r['steps']} "
+            f"| {r['rank']} | {r['targets']} | {'on' if r['gradient_checkpointing'] else 'off'} | {med} | {ips} | {peak} "
             f"| {'yes' if r.get('finite_loss') else 'no'} | {lr} | {tf} | {status} |")
 
 
@@ -354,6 +374,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="attention_mlp", choices=("attention", "attention_mlp", "all_linear"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--multi-gpu", default="auto", choices=("auto", "ddp", "fsdp"),
+                    help="under accelerate launch: DDP, FSDP, or the trainer's choice")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=1e-4)
@@ -369,6 +391,12 @@ def main(argv=None) -> int:
     runs: list[dict] = []
     if len(families) == 1:
         rec = run_one(args, families[0])
+        if rec.get("processes", 1) > 1:
+            from flux2_train.distributed import leave
+
+            leave()
+            if os.environ.get("RANK", "0") != "0":  # the main process reports
+                return 0
         if args.result_file:
             Path(args.result_file).write_text(json.dumps(rec))
             return 0

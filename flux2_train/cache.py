@@ -112,14 +112,22 @@ def prepare_cache(
     flip: bool,
     on_progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> CachedDataset:
-    """Encode every image and caption not yet cached; returns the keys the loop reads."""
+    """Encode every image and caption not yet cached; returns the keys the loop reads.
+
+    With `share=(rank, processes)` only every processes-th image from `rank` on is looked at
+    (the processes of a multi-GPU run split the encoding), and the result holds those alone.
+    """
+    rank, processes = share
     vae_id = getattr(encoder, "vae_identity", encoder.identity)
     text_id = getattr(encoder, "text_identity", encoder.identity)
     samples: list[Sample] = []
     total = len(report.items)
     truncated = []
     for i, item in enumerate(report.items):
+        if i % processes != rank:
+            continue
         if should_stop and should_stop():
             from .errors import TrainingCancelled
 
@@ -145,7 +153,7 @@ def prepare_cache(
         log.warning("%d caption(s) are longer than %d tokens and were truncated: %s",
                     len(truncated), max_sequence_length, ", ".join(truncated[:5]))
     empty_key = _key("text", "", max_sequence_length, text_id)
-    if cache.get("text", empty_key) is None:
+    if rank == 0 and cache.get("text", empty_key) is None:
         cache.put("text", empty_key, encoder.encode_text([""], max_sequence_length)[0])
     return CachedDataset(samples, empty_key, cache)
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of options (explicit options win).")
     train.add_argument("--resume", help="Run folder (or one of its checkpoints) to continue.")
     train.add_argument("--save-config", help="Write the resolved config to this YAML file and exit.")
+    train.add_argument("--num-gpus", type=int, default=1,
+                       help="Train on this many processes, one per GPU (with --device cpu: CPU processes): "
+                            "starts `accelerate launch` with this command.")
     _add_config_options(train)
 
     est = sub.add_parser("estimate", help="Peak GPU memory of a run: breakdown, what to change, what fits which card.",
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GiB (2^30 bytes) of frozen weights kept in CPU memory; --host comfyui only.")
     est.add_argument("--gpu-memory", type=_gib(allow_zero=False),
                      help="GiB (2^30 bytes) the GPU gives the run (default: this machine's GPU, if any).")
+    est.add_argument("--num-gpus", type=int, default=1,
+                     help="Estimate per GPU for a run on this many (engine only): DDP or FSDP as --multi-gpu says.")
     _add_config_options(est)
     for action in est._actions:  # --model here also takes a name: dev, klein-4b, klein-9b
         if action.dest == "model":
@@ -137,8 +142,9 @@ def _resolve(args: argparse.Namespace, config_file=None):
 
 def run_train(args: argparse.Namespace) -> int:
     from .encoders import load_pipeline_encoders
-    from .memory import Placement, device_available_memory, plan_run
+    from .memory import Placement, choose_strategy, device_available_memory, plan_run
     from .model import load_transformer
+    from .distributed import World, check_precision
     from .train import Trainer, precision_plan, resolve_device
 
     config_file = args.config
@@ -158,13 +164,20 @@ def run_train(args: argparse.Namespace) -> int:
         report = scan_dataset_for(cfg)  # names what is wrong with the folder
 
     device = resolve_device(cfg.device)
+    world = World.join(device)  # under a launcher: this process's GPU from here on
+    device = world.device(device)
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
-    plan = plan_run(spec, cfg, Placement("engine"), device_available_memory(device), list(report.bucket_counts),
-                    resuming=bool(args.resume))
+    available, buckets, placement = device_available_memory(device), list(report.bucket_counts), Placement("engine")
+    if world.size > 1:  # DDP or FSDP, as the trainer will choose
+        _, placement, _ = choose_strategy(spec, cfg, available, world.size, buckets, cfg.multi_gpu)
+    plan = plan_run(spec, cfg, placement, available, buckets, resuming=bool(args.resume))
     if cfg.memory_check:
         plan.estimate.check()
-    weight_dtype, _, _ = precision_plan(cfg.dtype, device)
+    weight_dtype, mixed_precision, _ = precision_plan(cfg.dtype, device)
+    check_precision(mixed_precision)  # before the models load
     encoders_path = cfg.encoders or cfg.model
     # The transformer waits in CPU memory while the encoders fill the cache on the
     # accelerator; the trainer moves it over once they are freed.
@@ -176,8 +189,42 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, backbone, encoder=encoder, dataset=report, free_encoder=encoder.free, resume=args.resume,
                       should_stop=lambda: flag.get("stop", False), console=True)
     result = trainer.run()
-    print(result.summary)
+    if world.is_main:
+        print(result.summary)
     return 0
+
+
+def launch_processes(argv: list[str], count: int, device: str) -> int:
+    """Run this train command again under `accelerate launch` with `count` processes (--num-gpus)."""
+    import subprocess
+
+    import torch
+
+    if count < 2:
+        raise ConfigError(f"--num-gpus {count}: give 2 or more, or leave it out to train in this process")
+    if device != "cpu":
+        visible = torch.cuda.device_count()
+        if visible < count:
+            raise ConfigError(f"--num-gpus {count}, but {visible} GPU(s) are visible to PyTorch; use --num-gpus "
+                              f"{visible}" + (" or" if visible > 1 else ",") + " --device cpu for CPU processes")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-gpus":
+            skip = True
+        elif not a.startswith("--num-gpus="):
+            rest.append(a)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+               "--num_machines", "1", "--main_process_port", "0",  # a free port: runs side by side do not collide
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux2_train"] + rest
+    log.info("launching %d processes: %s", count, " ".join(command))
+    code = subprocess.call(command)
+    if code not in (0, 130):
+        print(f"error: the {count}-process run ended with exit code {code}; the first process to fail is named "
+              "above (\"Root Cause\"), with its own message before it. Checkpoints written before the failure are "
+              "intact: resume with --resume RUN_FOLDER, on any number of processes.", file=sys.stderr)
+    return code
 
 
 # Common cards and the memory they report (MiB).
@@ -188,8 +235,8 @@ CARDS = (("16 GB (RTX 4080)", 16376), ("24 GB (RTX 4090)", 24564), ("32 GB (RTX 
 
 def run_estimate(args: argparse.Namespace) -> int:
     from .config import suggest_schedule
-    from .memory import (DTYPE_FORMATS, GIB, Placement, device_available_memory, estimate_memory, plan_auto,
-                         stored_format)
+    from .memory import (DTYPE_FORMATS, GIB, Placement, choose_strategy, device_available_memory, estimate_memory,
+                         plan_auto, stored_format)
     from .train import resolve_device
 
     cfg, report, spec, stored = _resolve(args, args.config)
@@ -200,6 +247,8 @@ def run_estimate(args: argparse.Namespace) -> int:
             raise ConfigError(f"the engine stores the weights in --dtype ({cfg.dtype}); --weights {args.weights} "
                               "needs --host comfyui")
         placement = Placement("engine")  # it loads any file in the run's dtype
+    elif args.num_gpus > 1:
+        raise ConfigError("--num-gpus needs --host engine: the ComfyUI training node runs on one GPU")
     else:
         fmt = args.weights or stored_format(stored, spec.param_count)
         placement = Placement("comfyui", fmt, None if args.weights else stored,
@@ -209,6 +258,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     else:
         available = device_available_memory(resolve_device(cfg.device)) if cfg.device != "cpu" else None
     buckets = list(report.bucket_counts) if report else None
+    strategy_line = ""
+    if args.num_gpus > 1:
+        _, placement, strategy_line = choose_strategy(spec, cfg, available, args.num_gpus, buckets, cfg.multi_gpu)
     est = estimate_memory(spec, cfg, placement, available, buckets)
     print(f"{spec.title}, {spec.param_count / 1e9:.2f} B parameters, on the {args.host} path")
     print("; ".join(f"{k} {v}" for k, v in est.settings.items()))
@@ -216,6 +268,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     print(est.table())
     print()
     print(est.summary().splitlines()[0] + " (calibrated on measured H100 peaks: bench/README.md)")
+    if strategy_line:
+        print(f"{strategy_line} (per GPU above)")
     if cfg.quick_preset == "auto" and available:
         try:
             print(plan_auto(spec, cfg, placement, available, buckets).reason)
@@ -255,13 +309,20 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import launched_processes, leave
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     # Set before CUDA starts: fewer fragments, so the peak stays near the estimate (bench/README.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    processes = launched_processes()
+    where = f" (process {os.environ.get('RANK', '?')} of {processes})" if processes > 1 else ""
     try:
+        if args.command == "train" and args.num_gpus != 1 and processes == 1:
+            return launch_processes(argv, args.num_gpus, args.device or "auto")
         if args.command == "train":
             return run_train(args)
         if args.command == "estimate":
@@ -270,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)
     except TrainingCancelled as e:
-        print(f"cancelled: {e}", file=sys.stderr)
+        print(f"cancelled{where}: {e}", file=sys.stderr)
         return 130
     except Flux2TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{where}: {e}", file=sys.stderr)
         return 2
+    finally:
+        leave()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ class TrainConfig:
     steps: int = _opt(800, "Optimizer steps.")
     batch_size: int = _opt(1, "Images per forward pass (all from one aspect bucket).")
     gradient_accumulation: int = _opt(1, "Forward passes per optimizer step.")
+    multi_gpu: str = _opt("auto", "With several processes: ddp (the whole model on every GPU, LoRA gradients averaged), fsdp (the frozen weights sharded, each GPU holds 1/N), or auto (ddp where the model fits one GPU).", ("auto", "ddp", "fsdp"))
+    keep_effective_batch: bool = _opt(False, "With several processes (accelerate launch, --num-gpus), share --gradient-accumulation among them so batch x accumulation x processes stays as configured; otherwise every process adds its own batch.")
     learning_rate: float = _opt(1e-4, "Peak learning rate (Prodigy: use 1.0).")
     optimizer: str = _opt("adamw", "Optimizer of the LoRA weights (adamw8bit and prodigy need extra packages).", OPTIMIZERS)
     weight_decay: float = _opt(1e-4, "Decoupled weight decay.")

@@ -44,6 +44,10 @@ class OutOfMemory(Flux2TrainError):
     """The accelerator ran out of memory."""
 
 
+class ProcessLost(Flux2TrainError):
+    """Another process of a multi-process run stopped; this one cannot go on without it."""
+
+
 class TrainingCancelled(Flux2TrainError):
     """The run was stopped on request; a checkpoint was written first."""
 

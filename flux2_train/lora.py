@@ -159,7 +159,14 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-format adapter weights: `<module>.lora_A.weight` / `<module>.lora_B.weight`, unscaled."""
     sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+    return {k: full_tensor(v).detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor sharded over processes (FSDP; a collective: every process calls it), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

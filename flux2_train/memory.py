@@ -87,6 +87,7 @@ class Placement:
     offloaded_bytes: int = 0  # frozen weights kept in CPU memory and streamed in per layer
     streamed: bool = False  # every weight is copied in per op (ComfyUI's DynamicVRAM), resident or not
     allocator: str = ""  # "native" or "async" ("" = the host's default: native for the engine, async for ComfyUI)
+    shards: int = 1  # processes the frozen weights are sharded over (FSDP); each holds 1/shards
 
     @property
     def allocator_kind(self) -> str:
@@ -233,8 +234,17 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     latent_elems = cfg.batch_size * spec.in_channels * image_tokens_of(cfg, buckets)
     batch = latent_elems * 4 * 5 + cfg.batch_size * cfg.max_sequence_length * spec.context_dim * compute_bytes
 
+    resident = stored - offloaded
+    if placement.shards > 1:
+        # Each process holds its shard, plus the block being gathered and the next one (prefetch).
+        sizes: dict[str, int] = {}
+        for name, (i, o) in spec_linear_shapes(spec).items():
+            block = ".".join(name.split(".")[:2])
+            sizes[block] = sizes.get(block, 0) + i * o
+        largest_block = max(sizes.values()) * stored / spec.param_count
+        resident = int(stored / placement.shards + 2 * largest_block * (1 - 1 / placement.shards))
     parts = {
-        "frozen weights": stored - offloaded,
+        "frozen weights": resident,
         # Casts in flight, in largest layers (fitted on the ComfyUI points of the H100 grid).
         "weight casts": int((CAST_LAYERS_STREAMED if streamed else CAST_LAYERS) * largest_layer * compute_bytes)
                         if casts else 0,
@@ -416,6 +426,31 @@ def plan_run(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available:
                             f"auto: {str(e).splitlines()[0]}; trying with gradient checkpointing on (memory check "
                             "off)", ["gradient checkpointing on"])
     return AutoPlan(cfg, estimate_memory(spec, cfg, placement, available, buckets), "")
+
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def choose_strategy(spec: ModelSpec, cfg: TrainConfig, available: int | None, processes: int,
+                    buckets=None, asked: str = "auto") -> tuple[str, Placement, str]:
+    """DDP or FSDP for a run of several processes, the engine's placement for it, and why.
+
+    DDP keeps the whole model on every GPU and sends only the LoRA gradients: the fastest,
+    where the model fits. FSDP shards the frozen weights, so each GPU holds about 1/N of
+    them and gathers one block at a time, at the cost of that traffic in every pass.
+    """
+    whole, sharded = Placement("engine"), Placement("engine", shards=processes)
+    if asked == "ddp":
+        return "ddp", whole, "multi-GPU: DDP, as asked"
+    if asked == "fsdp":
+        return "fsdp", sharded, "multi-GPU: FSDP, as asked"
+    one = plan_run(spec, dataclasses.replace(cfg, memory_check=False), whole, available, buckets).estimate
+    if available is None or one.upper <= 0.9 * available:
+        return "ddp", whole, (f"multi-GPU auto: DDP: the whole model fits each GPU (about {one.total / GIB:.1f} GiB"
+                              + (f" of {available / GIB:.1f}" if available else "") + "), only LoRA gradients travel")
+    return "fsdp", sharded, (f"multi-GPU auto: FSDP: the whole model would need about {one.total / GIB:.1f} GiB of "
+                             f"the {available / GIB:.1f} GiB each GPU has; sharded over {processes}, each GPU holds "
+                             f"about 1/{processes} of the {one.parts['frozen weights'] / GIB:.1f} GiB of weights")
 
 
 def allocator_in_use() -> str:

@@ -182,6 +182,7 @@ class DiffusersFlux2Backbone:
     def __init__(self, transformer: nn.Module, spec: ModelSpec | None = None):
         self.transformer = transformer
         self.spec = spec or spec_from_config(dict(transformer.config))
+        self._forward: nn.Module = transformer  # what predict() calls: the model, or its DDP wrapper
 
     @property
     def module(self) -> nn.Module:
@@ -220,6 +221,26 @@ class DiffusersFlux2Backbone:
     def release(self) -> None:
         pass  # the engine owns this model outright
 
+    def distribute(self, accelerator, strategy: str) -> nn.Module:
+        """Spread the model over the processes of a run.
+
+        "ddp": accelerate's DDP, a whole model per GPU, the LoRA gradients averaged. "fsdp":
+        PyTorch's FSDP2 (`fully_shard`) per transformer block and at the root, from the model
+        in CPU memory, so each GPU only ever holds its shard and the block being gathered.
+        """
+        if strategy == "ddp":
+            self._forward = accelerator.prepare_model(self.transformer)
+            return self._forward
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = accelerator.device
+        mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.transformer, mesh=mesh)
+        return self.transformer
+
     def predict(self, latents, sigmas, text_embeds, guidance=None):
         b, c, h, w = latents.shape
         device = latents.device
@@ -236,7 +257,7 @@ class DiffusersFlux2Backbone:
         if self.spec.guidance_embeds:
             g = 1.0 if guidance is None else guidance
             guidance_t = torch.full((b,), float(g), device=device, dtype=torch.float32)
-        out = self.transformer(
+        out = self._forward(
             hidden_states=packed,
             encoder_hidden_states=text_embeds,
             timestep=sigmas,  # the model scales sigma by 1000 itself

@@ -25,14 +25,15 @@ from . import checkpoint as ckpt
 from .cache import CachedDataset, FeatureCache, check_unchanged, prepare_cache
 from .config import TrainConfig, save_yaml
 from .data import DatasetReport, scan_dataset_for
+from .distributed import World, check_precision, lost_a_process
 from .encoders import FeatureEncoder
-from .errors import ConfigError, OutOfMemory, TrainingCancelled, TrainingDiverged
+from .errors import ConfigError, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text
-from .lora import resolve_targets
+from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
-from .memory import MemoryEstimate, device_available_memory, plan_run
+from .memory import MemoryEstimate, choose_strategy, device_available_memory, plan_run
 from .model import Flux2Backbone, ModelSpec
 from .plot import Smoother, save_loss_plot
 
@@ -131,6 +132,27 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: 
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def whole_state(optimizer_state: dict) -> dict:
+    """An optimizer state dict with sharded (FSDP) tensors gathered whole, as one process saves it."""
+    state = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
+
+
+def shard_like(optimizer_state: dict, params: list[torch.nn.Parameter]) -> dict:
+    """A saved (whole) optimizer state cut like `params` where they are sharded (FSDP), for any process count."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = {}
+    for i, s in optimizer_state["state"].items():
+        p = params[int(i)] if int(i) < len(params) else None
+        if isinstance(p, DTensor):
+            s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                 if isinstance(v, torch.Tensor) and v.shape == p.shape else v for k, v in s.items()}
+        state[i] = s
+    return {**optimizer_state, "state": state}
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -224,12 +246,18 @@ class Trainer:
         # the memory itself (ComfyUI) passes its own figure; None: no limit known.
         self.available_memory = available_memory
         self.estimate: MemoryEstimate | None = None
+        self.world = World()
+        self.strategy = ""  # "ddp" or "fsdp" with several processes
 
     # ------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, spec = self.cfg, self.backbone.spec
         device = resolve_device(cfg.device)
+        world = self.world = World.join(device)
+        device = world.device(device)
         weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
+        world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
+        check_precision(mixed_precision)
 
         # Before any heavy work (and before a run folder exists): the dataset's buckets
         # and the memory plan. A run that cannot fit stops here.
@@ -251,17 +279,20 @@ class Trainer:
             run_dir = ckpt_path.parent.parent
             if not cfg.name:
                 cfg.name = run_dir.name
+            self._note_world_change(resume_info[0], cfg)
         else:
             cfg.name = cfg.name or default_run_name(spec)
-            run_dir = _new_run_dir(Path(cfg.output_dir), cfg.name)
+            # The main process names the folder (a free one); the others write nothing.
+            run_dir = world.share(_new_run_dir(Path(cfg.output_dir), cfg.name) if world.is_main else None)
             cfg.name = run_dir.name
-        save_yaml(cfg, run_dir / "config.yaml")
-        metrics = JsonlMetrics(run_dir / "metrics.jsonl")
-        self.events.subscribe(metrics)
-        if cfg.tensorboard:
-            tb = tensorboard_logger(run_dir / "tensorboard")
-            if tb:
-                self.events.subscribe(tb)
+        if world.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
+            metrics = JsonlMetrics(run_dir / "metrics.jsonl")
+            self.events.subscribe(metrics)
+            if cfg.tensorboard:
+                tb = tensorboard_logger(run_dir / "tensorboard")
+                if tb:
+                    self.events.subscribe(tb)
         try:
             # The loop reseeds the global RNG (LoRA dropout) every micro-step; fork it so the
             # host process (ComfyUI, a test session) keeps its own random state.
@@ -293,7 +324,12 @@ class Trainer:
         def caching_progress(i, n, name):
             self.events.emit(StatusEvent("caching", f"cached {name}", step=i, total=n))
 
+        world = self.world
         try:
+            if world.size > 1:  # each process encodes its share, then all read the whole cache
+                prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
+                              flip=cfg.flip, should_stop=self.should_stop, share=(world.rank, world.size))
+                world.barrier()
             data = prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
                                  flip=cfg.flip, on_progress=caching_progress, should_stop=self.should_stop)
         except self.stop_exceptions:
@@ -304,48 +340,65 @@ class Trainer:
         self.encoder = None
 
         backbone = self.backbone
-        backbone.prepare(device, weight_dtype, training_bytes=self.estimate.training_bytes)
+        # FSDP shards the model from CPU memory: no GPU ever holds all of it.
+        home = torch.device("cpu") if self.strategy == "fsdp" else device
+        backbone.prepare(home, weight_dtype, training_bytes=self.estimate.training_bytes)
         module = backbone.module
         targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
         params = backbone.add_lora(targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
         for p in params:  # trainable weights in float32 whatever the base dtype
-            p.data = p.data.to(device=device, dtype=torch.float32)
+            p.data = p.data.to(device=home, dtype=torch.float32)
+        if resume_info:  # before the model is spread over processes: every process loads the whole adapter
+            backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
         module.train()
 
-        accelerator = make_accelerator(mixed_precision, cfg.gradient_accumulation, device)
+        accumulation = world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)
+        accelerator = make_accelerator(mixed_precision, accumulation, device)
+        train_module = module
+        if world.size > 1:
+            train_module = self._distribute(accelerator)
+            params = [p for p in module.parameters() if p.requires_grad]  # FSDP replaces them with shards
+            if self.strategy == "fsdp" and device.type == "cuda":
+                torch.cuda.empty_cache()  # a model that came from this GPU left its blocks cached
         optimizer = build_optimizer(cfg, params, device)
         from diffusers.optimization import get_scheduler
 
+        # Stepped by the loop once per optimizer step (accelerate's wrapper would step it
+        # once per process and step).
         lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                      num_training_steps=cfg.steps, num_cycles=cfg.lr_num_cycles)
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        optimizer = accelerator.prepare(optimizer)
 
         step, micro_step, losses = 0, 0, []
         if resume_info:
             info, adapter, state = resume_info
-            backbone.load_lora_state_dict({k: v.to(device) for k, v in adapter.items()})
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(shard_like(state["optimizer"], params))
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
 
         plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
         console = None
-        if self.console:
+        if self.console and world.is_main:
             from .events import ConsoleProgress
 
             console = ConsoleProgress(cfg.steps, initial=step)
             self.events.subscribe(console)
+        processes = (f"; {world.size} processes ({self.strategy.upper()}): effective batch {cfg.batch_size} x "
+                     f"{accumulation} x {world.size} = {cfg.batch_size * accumulation * world.size}"
+                     if world.size > 1 else "")
         self.events.emit(StatusEvent("training", f"training {len(params)} LoRA tensors on {len(targets)} layers, "
-                                     f"{len(data.samples)} images, {plan.batches_per_epoch} batches per epoch",
-                                     step=step, total=cfg.steps))
+                                     f"{len(data.samples)} images, {plan.batches_per_epoch} batches per epoch"
+                                     + processes, step=step, total=cfg.steps))
+        if processes:
+            log.info("%s", processes[2:])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
         state = dict(module=module, optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
                      targets=targets, data=data, report=report, run_dir=run_dir, device=device,
-                     weight_dtype=weight_dtype, spec=spec)
+                     weight_dtype=weight_dtype, spec=spec, accumulation=accumulation)
         smoother = Smoother(cfg.smoothing)
         smoothed_all = [smoother.add(x) for x in losses]  # history of a resumed run
         if resume_info:  # with the earlier losses, so a live chart can draw the whole run
@@ -359,23 +412,30 @@ class Trainer:
             micro_losses = []
             step_start = micro_step
             try:
-                for _ in range(cfg.gradient_accumulation):
-                    epoch, batch = plan.batch(micro_step)
-                    with accelerator.accumulate(module):
-                        loss = self._micro_step(batch, micro_step, data, device, weight_dtype, accelerator, spec)
+                for k in range(accumulation):
+                    # The step's micro-batches are numbered as one process would number them;
+                    # process r of n takes every n-th, so n processes train what one would.
+                    index = micro_step + k * world.size + world.rank
+                    epoch, batch = plan.batch(index)
+                    with accelerator.accumulate(train_module):
+                        loss = self._micro_step(batch, index, data, device, weight_dtype, accelerator, spec)
                         accelerator.backward(loss)
                         # Checked after backward is queued, and before any weight changes.
                         loss_value = loss.item()
-                        if not math.isfinite(loss_value):
+                        finite = math.isfinite(loss_value)
+                        if world.size > 1:  # every process stops, or none
+                            finite = world.sum([0.0 if finite else 1.0], device)[0] == 0
+                        if not finite:
                             optimizer.zero_grad(set_to_none=True)
                             raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
-                        lr_scheduler.step()
+                        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                            lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     micro_losses.append(loss_value)
-                    micro_step += 1
+                micro_step += accumulation * world.size
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 raise OutOfMemory(self._oom_message(device)) from None
@@ -386,8 +446,12 @@ class Trainer:
                                              total=cfg.steps, data={"path": str(path)}))
                 raise TrainingCancelled(f"stopped during step {step + 1} of {cfg.steps}; checkpoint {path} holds "
                                         "the run: resume from it to continue", step, str(path)) from None
+            except RuntimeError as e:
+                if world.size > 1 and lost_a_process(e):
+                    raise ProcessLost(self._lost_message(step + 1, run_dir, e)) from None
+                raise
             step += 1
-            loss_value = sum(micro_losses) / len(micro_losses)
+            loss_value = self._sum([sum(micro_losses)], device, step, run_dir)[0] / (len(micro_losses) * world.size)
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
             dt = time.perf_counter() - t0
@@ -402,6 +466,8 @@ class Trainer:
 
             last = step == cfg.steps
             stop = not last and self.should_stop()
+            if world.size > 1 and not last:  # a stop asked of any process (Ctrl-C) stops all of them
+                stop = self._sum([float(stop)], device, step, run_dir)[0] > 0
             if last or stop or (cfg.save_every and step % cfg.save_every == 0):
                 path = self._save_checkpoint(state, step, micro_step, losses)
                 checkpoints.append(path)
@@ -422,8 +488,13 @@ class Trainer:
         available = device_available_memory(device) if self.available_memory == "device" else self.available_memory
         if self.resume and cfg.quick_preset == "auto":
             cfg = self._batch_as_checkpointed(cfg)
-        plan = plan_run(spec, cfg, self.backbone.memory_placement(), available, list(report.bucket_counts),
-                        resuming=bool(self.resume))
+        placement = self.backbone.memory_placement()
+        if self.world.size > 1:
+            self.strategy, placement, why = choose_strategy(spec, cfg, available, self.world.size,
+                                                            list(report.bucket_counts), cfg.multi_gpu)
+            log.info("%s", why)
+            self.events.emit(StatusEvent("info", why, total=cfg.steps))
+        plan = plan_run(spec, cfg, placement, available, list(report.bucket_counts), resuming=bool(self.resume))
         if plan.reason:
             log.info("%s", plan.reason)
             self.events.emit(StatusEvent("info", plan.reason, total=cfg.steps))
@@ -444,6 +515,30 @@ class Trainer:
                                        gradient_accumulation=int(saved["gradient_accumulation"]))
         except (OSError, KeyError, ValueError, TypeError):
             return cfg  # the resume itself names what is wrong with the checkpoint
+
+    def _distribute(self, accelerator) -> torch.nn.Module:
+        """The backbone's model spread over the processes (DDP or FSDP, as the preflight chose)."""
+        distribute = getattr(self.backbone, "distribute", None)
+        if distribute is None:
+            raise ConfigError(f"{type(self.backbone).__name__} trains in one process only; several processes "
+                              "need the engine's diffusers model (python -m flux2_train train --num-gpus N)")
+        return distribute(accelerator, self.strategy)
+
+    def _note_world_change(self, info: dict, cfg: TrainConfig) -> None:
+        """Say how a resume on another number of processes changes the effective batch."""
+        before, now = int(info.get("processes", 1)), self.world.size
+        if before == now:
+            return
+        saved = info.get("config", {})
+        old = int(saved.get("batch_size", cfg.batch_size)) * int(info.get("accumulation_per_process",
+                                                                         saved.get("gradient_accumulation", 1))) * before
+        new = cfg.batch_size * self.world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch) * now
+        text = f"the checkpoint was written by {before} process(es); resuming on {now}"
+        if old == new:
+            log.info("%s, with the same effective batch (%d)", text, new)
+        else:
+            log.warning("%s: the effective batch changes from %d to %d (--keep-effective-batch keeps it)",
+                        text, old, new)
 
     def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
         cfg = self.cfg
@@ -474,17 +569,23 @@ class Trainer:
 
     def _save_checkpoint(self, st, step, micro_step, losses) -> Path:
         cfg = self.cfg
+        # Every process takes part in gathering sharded (FSDP) weights and state; the main one writes.
         adapter = self.backbone.lora_state_dict()
+        optimizer_state = whole_state(st["optimizer"].state_dict())
+        if not self.world.is_main:
+            return ckpt.checkpoint_dir(st["run_dir"], step)
         meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=step, image_count=len(st["report"].items),
                              fmt=cfg.lora_format, targets=st["targets"])
         state = {
             "step": step,
             "micro_step": micro_step,
             "losses": list(losses),
-            "optimizer": st["optimizer"].state_dict(),
+            "optimizer": optimizer_state,
             "lr_scheduler": st["lr_scheduler"].state_dict(),
         }
         info = {"step": step, "config": cfg.to_dict(), "model": st["spec"].to_dict(), "targets": st["targets"],
+                "processes": self.world.size, "accumulation_per_process": st["accumulation"],
+                "multi_gpu": self.strategy,
                 "saved": _dt.datetime.now().isoformat(timespec="seconds")}
         return ckpt.save_checkpoint(
             st["run_dir"], step, adapter=adapter, state=state, info=info, keep=cfg.keep_checkpoints,
@@ -498,18 +599,23 @@ class Trainer:
         paths = []
         for i, fmt in enumerate([cfg.lora_format] + [f for f in cfg.extra_formats if f != cfg.lora_format]):
             name = f"{cfg.name}.safetensors" if i == 0 else f"{cfg.name}.{fmt}.safetensors"
+            if not self.world.is_main:
+                paths.append(run_dir / name)
+                continue
             meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=len(losses), image_count=n_images, fmt=fmt,
                                  targets=st["targets"])
             paths.append(save_lora(run_dir / name, adapter, rank=cfg.rank, alpha=cfg.alpha, fmt=fmt, metadata=meta))
-        save_loss_plot(run_dir / "loss.png", list(range(1, len(losses) + 1)), losses, smoothed,
-                       title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}")
+        if self.world.is_main:
+            save_loss_plot(run_dir / "loss.png", list(range(1, len(losses) + 1)), losses, smoothed,
+                           title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}")
         result = TrainResult(
             run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
             smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
             peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints,
             adapter=adapter)
         result.summary = summarize(result, cfg)
-        atomic_write_text(run_dir / "summary.txt", result.summary)
+        if self.world.is_main:
+            atomic_write_text(run_dir / "summary.txt", result.summary)
         return result
 
     # ------------------------------------------------------------------
@@ -519,6 +625,23 @@ class Trainer:
         return (f"the loss became {value} at step {step}; training stopped and {keep}. "
                 f"Lower --learning-rate (now {self.cfg.learning_rate:g}), keep --max-grad-norm on, "
                 f"or use --dtype bfloat16 instead of float16")
+
+    def _sum(self, values, device, step, run_dir) -> list[float]:
+        """`World.sum`, naming a process that is gone."""
+        try:
+            return self.world.sum(values, device)
+        except RuntimeError as e:
+            if self.world.size > 1 and lost_a_process(e):
+                raise ProcessLost(self._lost_message(step, run_dir, e)) from None
+            raise
+
+    def _lost_message(self, step, run_dir, error) -> str:
+        last = ckpt.list_checkpoints(run_dir)
+        keep = (f"the last checkpoint, {last[-1]}, is intact: resume from it (--resume {run_dir}) on any number "
+                "of processes" if last else "no checkpoint was written before it")
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return (f"another process of this {self.world.size}-process run stopped during step {step} (its own "
+                f"error is above, or it was killed); {keep}. ({first})")
 
     def _oom_message(self, device) -> str:
         cfg = self.cfg

@@ -1,0 +1,279 @@
+"""Several processes through accelerate (gloo on the CPU): the same LoRA as one process, one writer, resume anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flux2_train.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def options(model: Path, dataset: Path, out: Path, cache: Path, **kw) -> list[str]:
+    values = dict(model=model, dataset=dataset, output_dir=out, cache_dir=cache, name="run", trigger_word="r0b0t",
+                  resolution=64, max_upscale=4.0, max_sequence_length=32, steps=4, rank=4, alpha=4.0,
+                  learning_rate=1e-3, dtype="float32", device="cpu", save_every=2, seed=7, lora_dropout=0.1,
+                  caption_dropout=0.2)
+    values.update(kw)
+    args = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            args.append(flag)
+        elif v is not False:
+            args += [flag, str(v)]
+    return args + ["--flip", "--no-tensorboard"]
+
+
+def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def step_losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    sa, sb = load_file(str(a)), load_file(str(b))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process_batch_two(tiny_pipeline_dir, tmp_path_factory):
+    """The reference: one process, batch 1 x accumulation 2, 4 steps."""
+    root = tmp_path_factory.mktemp("reference")
+    from flux2_train.demo import DEMO_DATA
+
+    args = options(tiny_pipeline_dir, DEMO_DATA, root / "out", root / "cache", gradient_accumulation=2)
+    assert main(["train", *args]) == 0
+    return root / "out" / "run"
+
+
+def test_two_processes_train_what_one_process_trains_with_their_batch(one_process_batch_two, tiny_pipeline_dir,
+                                                                     demo_dataset, tmp_path):
+    out = tmp_path / "out"
+    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache") + ["--num-gpus", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (DDP): effective batch 1 x 1 x 2 = 2" in done.stderr
+    run = out / "run"
+    assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    assert step_losses(run) == pytest.approx(step_losses(one_process_batch_two), rel=1e-5)
+
+    # One writer: one run folder, one line per step, each checkpoint once, the summary printed once.
+    assert [p.name for p in out.iterdir()] == ["run"]
+    assert len(step_losses(run)) == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert done.stdout.count("LoRA         ") == 1
+    info = json.loads((run / "checkpoints" / "step-000004" / "checkpoint.json").read_text())
+    assert info["processes"] == 2 and info["accumulation_per_process"] == 1
+
+    # The second process's batches count: one process with batch 1 trains another LoRA.
+    alone = tmp_path / "alone"
+    assert main(["train", *options(tiny_pipeline_dir, demo_dataset, alone, tmp_path / "cache")]) == 0
+    with pytest.raises(AssertionError):
+        assert_same_lora(alone / "run" / "run.safetensors", run / "run.safetensors")
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(one_process_batch_two, tiny_pipeline_dir, demo_dataset,
+                                                         tmp_path, caplog):
+    out = tmp_path / "out"
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True)
+    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=2, **keep)
+                  + ["--num-gpus", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "effective batch 1 x 1 x 2 = 2" in done.stderr  # accumulation 2 shared by 2 processes
+
+    run = out / "run"
+    caplog.set_level("INFO")
+    assert main(["train", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep),
+                 "--resume", str(run)]) == 0
+    assert "written by 2 process(es); resuming on 1, with the same effective batch (2)" in caplog.text
+    assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    assert step_losses(run) == pytest.approx(step_losses(one_process_batch_two), rel=1e-5)
+
+
+def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_batch_two, tiny_pipeline_dir,
+                                                                   demo_dataset, tmp_path):
+    out = tmp_path / "out"
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True)
+    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=2, multi_gpu="fsdp",
+                          **keep) + ["--num-gpus", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (FSDP)" in done.stderr
+    run = out / "run"
+    info = json.loads((run / "checkpoints" / "step-000002" / "checkpoint.json").read_text())
+    assert info["multi_gpu"] == "fsdp"
+    # The checkpoint holds the whole adapter and optimizer state, gathered from the shards.
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    adapter = load_file(str(run / "checkpoints" / "step-000002" / "adapter.safetensors"))
+    shapes = sorted(tuple(v.shape) for v in adapter.values())
+    assert sorted(tuple(s["exp_avg"].shape) for s in state["optimizer"]["state"].values()) == shapes
+
+    assert main(["train", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep),
+                 "--resume", str(run)]) == 0
+    assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+
+
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batch_two, tiny_pipeline_dir,
+                                                                demo_dataset, tmp_path):
+    import shutil
+
+    run = tmp_path / "out" / "run"
+    shutil.copytree(one_process_batch_two, run)
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "run.safetensors").unlink()
+    done = launch(options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache",
+                          gradient_accumulation=2, keep_effective_batch=True, multi_gpu="fsdp")
+                  + ["--num-gpus", "2", "--resume", str(run)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+
+
+def test_an_accumulation_that_cannot_be_shared_is_named_before_any_work(tiny_pipeline_dir, demo_dataset, tmp_path):
+    out = tmp_path / "out"
+    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", gradient_accumulation=3,
+                          keep_effective_batch=True) + ["--num-gpus", "2"])
+    assert done.returncode != 0
+    assert "--keep-effective-batch divides --gradient-accumulation (3) among 2 processes" in done.stderr
+    assert "the 2-process run ended with exit code" in done.stderr
+    assert not out.exists()
+
+
+def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeline_dir, demo_dataset, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "flux2_train", "train", "--num-gpus", "2",
+                             *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=100000,
+                                      save_every=5)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = out / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
+        time.sleep(0.2)
+    assert any(checkpoints.glob("step-*")), "no checkpoint within 2 minutes"
+    second = [pid for pid in _children(proc.pid) if _env_of(pid).get("RANK") == "1"]
+    assert len(second) == 1
+    os.kill(second[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Root Cause" in stderr and "rank      : 1" in stderr
+    assert "the 2-process run ended with exit code" in stderr and "--resume RUN_FOLDER" in stderr
+
+    last = sorted(checkpoints.glob("step-*"))[-1]
+    step = int(last.name.split("-")[1])
+    assert main(["train", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=step + 2),
+                 "--resume", str(last)]) == 0
+    assert len(step_losses(out / "run")) >= step + 2
+
+
+def _children(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(k) for k in kids]
+        todo += [int(k) for k in kids]
+    return found
+
+
+def _env_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
+
+
+def test_num_gpus_asks_for_gpus_that_are_there(tiny_pipeline_dir, demo_dataset, tmp_path, capsys):
+    if torch.cuda.device_count() >= 64:
+        pytest.skip("a machine with 64 GPUs")
+    code = main(["train", *options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache",
+                                   device="cuda"), "--num-gpus", "64"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--num-gpus 64, but" in err and "GPU(s) are visible to PyTorch" in err
+    assert main(["train", *options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache"),
+                 "--num-gpus", "0"]) == 2
+    assert "give 2 or more" in capsys.readouterr().err
+
+
+def test_auto_takes_ddp_where_the_model_fits_one_gpu_and_fsdp_where_it_does_not(capsys):
+    from flux2_train.config import resolve_config
+    from flux2_train.memory import CUDA_CONTEXT, GIB, Placement, choose_strategy, estimate_memory
+    from flux2_train.model import family_spec
+
+    spec = family_spec("dev")
+    cfg = resolve_config(overrides=dict(resolution=1024, rank=16, gradient_checkpointing=True))
+    strategy, placement, why = choose_strategy(spec, cfg, int(79.6 * GIB), 2)
+    assert strategy == "ddp" and placement.shards == 1 and "the whole model fits each GPU" in why
+    strategy, placement, why = choose_strategy(spec, cfg, int(44 * GIB), 2)
+    assert strategy == "fsdp" and placement.shards == 2 and "sharded over 2" in why
+    assert choose_strategy(spec, cfg, int(79.6 * GIB), 2, asked="fsdp")[0] == "fsdp"
+
+    whole = estimate_memory(spec, cfg, Placement("engine")).parts["frozen weights"]
+    sharded = estimate_memory(spec, cfg, placement)
+    assert whole / 2 < sharded.parts["frozen weights"] < whole / 2 + 3 * GIB  # a shard, and the blocks in flight
+    # Measured per GPU on two H200s: 39.23 GiB allocated (bench/README.md, call 3).
+    assert sharded.total - CUDA_CONTEXT["native"] == pytest.approx(39.23 * GIB, rel=0.05)
+
+    assert main(["estimate", "--model", "dev", "--resolution", "1024", "--rank", "16", "--gradient-checkpointing",
+                 "--num-gpus", "2", "--gpu-memory", "44"]) == 0
+    assert "multi-GPU auto: FSDP" in capsys.readouterr().out
+
+
+def test_the_world_of_one_process_and_a_bad_launch_environment(monkeypatch):
+    from flux2_train.distributed import World, launched_processes
+    from flux2_train.errors import ConfigError
+
+    world = World.join(torch.device("cpu"))
+    assert (world.rank, world.size, world.is_main) == (0, 1, True)
+    assert world.share("x") == "x" and world.sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert world.accumulation(3, keep_effective_batch=True) == 3
+    assert World(rank=1, size=2).accumulation(4, keep_effective_batch=True) == 2
+    with pytest.raises(ConfigError, match="does not divide evenly"):
+        World(rank=0, size=2).accumulation(3, keep_effective_batch=True)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="not a number of processes"):
+        launched_processes()
+
+
+def test_an_accelerate_config_that_asks_for_what_the_trainer_decides_is_named(monkeypatch):
+    from flux2_train.distributed import check_launch_config, check_precision
+    from flux2_train.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed.*--multi-gpu ddp\\|fsdp\\|auto"):
+        check_launch_config()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="accelerate's FSDP"):
+        check_launch_config()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_launch_config()
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="mixed_precision fp16, and --dtype trains with bf16; pass --dtype float16"):
+        check_precision("bf16")
+    check_precision("fp16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what --num-gpus passes: the trainer decides
+    check_precision("bf16")
