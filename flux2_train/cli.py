@@ -104,16 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _install_sigint(flag: dict) -> None:
-    """First Ctrl-C: checkpoint and stop after this step. Second: stop at once."""
+    """First Ctrl-C: checkpoint and stop after this step. Second: stop at once.
+
+    SIGTERM (a launcher stopping its processes, a cluster preempting the job) asks for the
+    same checkpoint and stop, and never aborts: a launcher sends it after Ctrl-C too.
+    """
 
     def handler(signum, frame):
         if flag.get("stop"):
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         flag["stop"] = True
         print("\nstopping after this step (a checkpoint is written); press Ctrl-C again to abort at once",
               file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -219,7 +226,17 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
                "--num_machines", "1", "--main_process_port", "0",  # a free port: runs side by side do not collide
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux2_train"] + rest
     log.info("launching %d processes: %s", count, " ".join(command))
-    code = subprocess.call(command)
+    # Ctrl-C reaches the processes too: they write a checkpoint and stop; this one waits for them.
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        code = subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted and code != 0:
+        print("cancelled: the processes wrote a checkpoint and stopped; resume with --resume RUN_FOLDER, on any "
+              "number of processes", file=sys.stderr)
+        return 130
     if code not in (0, 130):
         print(f"error: the {count}-process run ended with exit code {code}; the first process to fail is named "
               "above (\"Root Cause\"), with its own message before it. Checkpoints written before the failure are "

@@ -182,6 +182,28 @@ def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeli
     assert len(step_losses(out / "run")) >= step + 2
 
 
+def test_ctrl_c_stops_every_process_at_a_checkpoint(tiny_pipeline_dir, demo_dataset, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # A session of its own: Ctrl-C in a terminal reaches the whole foreground group, as here.
+    proc = subprocess.Popen([sys.executable, "-m", "flux2_train", "train", "--num-gpus", "2",
+                             *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=100000,
+                                      save_every=100000)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"kind": "step"' in metrics.read_text()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "cancelled: the processes wrote a checkpoint and stopped" in stderr
+    saved = sorted((out / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1
+    assert json.loads((saved[0] / "checkpoint.json").read_text())["step"] == len(step_losses(out / "run"))
+
+
 def _children(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
