@@ -196,6 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, backbone, encoder=encoder, dataset=report, free_encoder=encoder.free, resume=args.resume,
                       should_stop=lambda: flag.get("stop", False), console=True)
     result = trainer.run()
+    world.barrier()  # the main process has written the LoRA: now all leave the process group together
     if world.is_main:
         print(result.summary)
     return 0
@@ -212,8 +213,9 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
     if device != "cpu":
         visible = torch.cuda.device_count()
         if visible < count:
-            raise ConfigError(f"--num-gpus {count}, but {visible} GPU(s) are visible to PyTorch; use --num-gpus "
-                              f"{visible}" + (" or" if visible > 1 else ",") + " --device cpu for CPU processes")
+            fewer = f"use --num-gpus {visible}, or " if visible > 1 else "leave out --num-gpus, or use "
+            raise ConfigError(f"--num-gpus {count}, but {visible} GPU(s) are visible to PyTorch; {fewer}"
+                              "--device cpu for CPU processes")
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -222,6 +224,10 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
             skip = True
         elif not a.startswith("--num-gpus="):
             rest.append(a)
+    # The launcher waits this long for its processes to finish their step and checkpoint after
+    # Ctrl-C, before it kills them (PyTorch's default, 30 s, can be shorter than a [dev] step and save).
+    env = dict(os.environ)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
                "--num_machines", "1", "--main_process_port", "0",  # a free port: runs side by side do not collide
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux2_train"] + rest
@@ -230,12 +236,12 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
-        code = subprocess.call(command)
+        code = subprocess.call(command, env=env)
     finally:
         signal.signal(signal.SIGINT, previous)
     if interrupted and code != 0:
-        print("cancelled: the processes wrote a checkpoint and stopped; resume with --resume RUN_FOLDER, on any "
-              "number of processes", file=sys.stderr)
+        print("cancelled: the processes stopped after a step; the checkpoint they wrote is named above "
+              "(\"[cancelled]\"): resume with --resume RUN_FOLDER, on any number of processes", file=sys.stderr)
         return 130
     if code not in (0, 130):
         print(f"error: the {count}-process run ended with exit code {code}; the first process to fail is named "

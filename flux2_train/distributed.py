@@ -39,9 +39,13 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def join(cls, device: torch.device) -> "World":
-        """The launcher's process group (gloo on the CPU, NCCL on GPUs), or a world of one."""
-        if launched_processes() == 1:
+    def join(cls, device: torch.device, allowed: bool = True) -> "World":
+        """The launcher's process group (gloo on the CPU, NCCL on GPUs), or a world of one.
+
+        A host that trains in one process whatever its environment says (ComfyUI) passes
+        `allowed=False`.
+        """
+        if not allowed or launched_processes() == 1:
             return cls()
         from accelerate import PartialState
 
@@ -76,6 +80,14 @@ class World:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def smallest(self, value: int | None, device: torch.device) -> int | None:
+        """The smallest `value` over the processes, so that every process plans the same run."""
+        if self.size == 1 or value is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum over the processes (one small all-reduce)."""

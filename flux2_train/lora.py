@@ -164,6 +164,8 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole of a tensor sharded over processes (FSDP; a collective: every process calls it), else `t`."""
+    if not torch.distributed.is_available():
+        return t
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t

@@ -239,10 +239,14 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         # Each process holds its shard, plus the block being gathered and the next one (prefetch).
         sizes: dict[str, int] = {}
         for name, (i, o) in spec_linear_shapes(spec).items():
-            block = ".".join(name.split(".")[:2])
-            sizes[block] = sizes.get(block, 0) + i * o
-        largest_block = max(sizes.values()) * stored / spec.param_count
-        resident = int(stored / placement.shards + 2 * largest_block * (1 - 1 / placement.shards))
+            if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+                block = ".".join(name.split(".")[:2])
+                sizes[block] = sizes.get(block, 0) + i * o
+        per_param = stored / spec.param_count
+        largest_block = max(sizes.values()) * per_param
+        # The root's own weights (embedders, final layer) stay gathered through each pass.
+        root = max(0, spec.param_count - sum(sizes.values())) * per_param
+        resident = int(stored / placement.shards + (2 * largest_block + root) * (1 - 1 / placement.shards))
     parts = {
         "frozen weights": resident,
         # Casts in flight, in largest layers (fitted on the ComfyUI points of the H100 grid).
@@ -432,7 +436,7 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def choose_strategy(spec: ModelSpec, cfg: TrainConfig, available: int | None, processes: int,
-                    buckets=None, asked: str = "auto") -> tuple[str, Placement, str]:
+                    buckets=None, asked: str = "auto", resuming: bool = False) -> tuple[str, Placement, str]:
     """DDP or FSDP for a run of several processes, the engine's placement for it, and why.
 
     DDP keeps the whole model on every GPU and sends only the LoRA gradients: the fastest,
@@ -444,7 +448,8 @@ def choose_strategy(spec: ModelSpec, cfg: TrainConfig, available: int | None, pr
         return "ddp", whole, "multi-GPU: DDP, as asked"
     if asked == "fsdp":
         return "fsdp", sharded, "multi-GPU: FSDP, as asked"
-    one = plan_run(spec, dataclasses.replace(cfg, memory_check=False), whole, available, buckets).estimate
+    one = plan_run(spec, dataclasses.replace(cfg, memory_check=False), whole, available, buckets,
+                   resuming=resuming).estimate
     if available is None or one.upper <= 0.9 * available:
         return "ddp", whole, (f"multi-GPU auto: DDP: the whole model fits each GPU (about {one.total / GIB:.1f} GiB"
                               + (f" of {available / GIB:.1f}" if available else "") + "), only LoRA gradients travel")

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
+import os
 import re
 import resource
 import time
@@ -88,7 +89,7 @@ def precision_plan(dtype: str, device: torch.device) -> tuple[torch.dtype, str, 
     return weight, mp, text
 
 
-def make_accelerator(mixed_precision: str, accumulation: int, device: torch.device):
+def make_accelerator(mixed_precision: str, accumulation: int, device: torch.device, processes: int = 1):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -97,8 +98,13 @@ def make_accelerator(mixed_precision: str, accumulation: int, device: torch.devi
     state = AcceleratorState._shared_state
     if state and state.get("num_processes", 1) == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation,
-                       cpu=device.type == "cpu")
+    # A run of one process stays one whatever a launcher's variables say (a host started by one).
+    hidden = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if processes == 1 and k in os.environ}
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation,
+                           cpu=device.type == "cpu")
+    finally:
+        os.environ.update(hidden)
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -141,6 +147,8 @@ def whole_state(optimizer_state: dict) -> dict:
 
 def shard_like(optimizer_state: dict, params: list[torch.nn.Parameter]) -> dict:
     """A saved (whole) optimizer state cut like `params` where they are sharded (FSDP), for any process count."""
+    if not torch.distributed.is_available():
+        return optimizer_state
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     state = {}
@@ -199,9 +207,13 @@ def default_run_name(spec: ModelSpec) -> str:
     return f"flux2-{spec.family}-lora-{stamp}"
 
 
-def _new_run_dir(output_dir: Path, name: str) -> Path:
+def _check_run_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,120}", name) or ".." in name:
         raise ConfigError(f"run name {name!r} must be a plain name (letters, digits, . _ - and spaces), no folders")
+
+
+def _new_run_dir(output_dir: Path, name: str) -> Path:
+    _check_run_name(name)
     run = output_dir / name
     n = 2
     while run.exists() and any(run.iterdir()):
@@ -228,6 +240,7 @@ class Trainer:
         console: bool = False,
         stop_exceptions: tuple[type[BaseException], ...] = (),
         available_memory: int | None | str = "device",
+        several_processes: bool = True,
     ):
         self.cfg = cfg.validate()
         self.backbone = backbone
@@ -246,6 +259,9 @@ class Trainer:
         # the memory itself (ComfyUI) passes its own figure; None: no limit known.
         self.available_memory = available_memory
         self.estimate: MemoryEstimate | None = None
+        # Whether a launcher's processes (WORLD_SIZE) make one run; a host that trains in its
+        # own process (ComfyUI) says no.
+        self.several_processes = several_processes
         self.world = World()
         self.strategy = ""  # "ddp" or "fsdp" with several processes
 
@@ -253,11 +269,12 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, spec = self.cfg, self.backbone.spec
         device = resolve_device(cfg.device)
-        world = self.world = World.join(device)
+        world = self.world = World.join(device, allowed=self.several_processes)
         device = world.device(device)
         weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
         world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
-        check_precision(mixed_precision)
+        if world.size > 1:
+            check_precision(mixed_precision)
 
         # Before any heavy work (and before a run folder exists): the dataset's buckets
         # and the memory plan. A run that cannot fit stops here.
@@ -282,6 +299,7 @@ class Trainer:
             self._note_world_change(resume_info[0], cfg)
         else:
             cfg.name = cfg.name or default_run_name(spec)
+            _check_run_name(cfg.name)  # on every process: the main one alone creates the folder
             # The main process names the folder (a free one); the others write nothing.
             run_dir = world.share(_new_run_dir(Path(cfg.output_dir), cfg.name) if world.is_main else None)
             cfg.name = run_dir.name
@@ -325,13 +343,15 @@ class Trainer:
             self.events.emit(StatusEvent("caching", f"cached {name}", step=i, total=n))
 
         world = self.world
+        # Several processes stop together, at a step; a stop asked while they cache waits for it.
+        should_stop = self.should_stop if world.size == 1 else None
         try:
             if world.size > 1:  # each process encodes its share, then all read the whole cache
                 prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
-                              flip=cfg.flip, should_stop=self.should_stop, share=(world.rank, world.size))
+                              flip=cfg.flip, share=(world.rank, world.size))
                 world.barrier()
             data = prepare_cache(report, self.encoder, cache, max_sequence_length=cfg.max_sequence_length,
-                                 flip=cfg.flip, on_progress=caching_progress, should_stop=self.should_stop)
+                                 flip=cfg.flip, on_progress=caching_progress, should_stop=should_stop)
         except self.stop_exceptions:
             raise TrainingCancelled("stopped while caching; the images cached so far are kept for the next run",
                                     0, None) from None
@@ -355,7 +375,7 @@ class Trainer:
         module.train()
 
         accumulation = world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)
-        accelerator = make_accelerator(mixed_precision, accumulation, device)
+        accelerator = make_accelerator(mixed_precision, accumulation, device, world.size)
         train_module = module
         if world.size > 1:
             train_module = self._distribute(accelerator)
@@ -424,7 +444,10 @@ class Trainer:
                         loss_value = loss.item()
                         finite = math.isfinite(loss_value)
                         if world.size > 1:  # every process stops, or none
-                            finite = world.sum([0.0 if finite else 1.0], device)[0] == 0
+                            bad = world.sum([0.0 if finite else 1.0], device)[0]
+                            if bad and finite:
+                                loss_value = f"not finite on {int(bad)} of the {world.size} processes"
+                            finite = bad == 0
                         if not finite:
                             optimizer.zero_grad(set_to_none=True)
                             raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
@@ -486,12 +509,14 @@ class Trainer:
     def _preflight(self, cfg: TrainConfig, spec: ModelSpec, device: torch.device, report: DatasetReport) -> TrainConfig:
         """Estimate the run's peak memory (adjusting the settings under `auto`) and refuse one that cannot fit."""
         available = device_available_memory(device) if self.available_memory == "device" else self.available_memory
+        available = self.world.smallest(available, device)  # one plan for every process
         if self.resume and cfg.quick_preset == "auto":
             cfg = self._batch_as_checkpointed(cfg)
         placement = self.backbone.memory_placement()
         if self.world.size > 1:
             self.strategy, placement, why = choose_strategy(spec, cfg, available, self.world.size,
-                                                            list(report.bucket_counts), cfg.multi_gpu)
+                                                            list(report.bucket_counts), cfg.multi_gpu,
+                                                            resuming=bool(self.resume))
             log.info("%s", why)
             self.events.emit(StatusEvent("info", why, total=cfg.steps))
         plan = plan_run(spec, cfg, placement, available, list(report.bucket_counts), resuming=bool(self.resume))
@@ -534,11 +559,15 @@ class Trainer:
                                                                          saved.get("gradient_accumulation", 1))) * before
         new = cfg.batch_size * self.world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch) * now
         text = f"the checkpoint was written by {before} process(es); resuming on {now}"
+        if not self.world.is_main:
+            return
         if old == new:
             log.info("%s, with the same effective batch (%d)", text, new)
-        else:
-            log.warning("%s: the effective batch changes from %d to %d (--keep-effective-batch keeps it)",
-                        text, old, new)
+            return
+        per_process, rest = divmod(old, cfg.batch_size * now)
+        keep = (f"; --gradient-accumulation {per_process * now} --keep-effective-batch keeps it"
+                if per_process and not rest else "")
+        log.warning("%s: the effective batch changes from %d to %d%s", text, old, new, keep)
 
     def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
         cfg = self.cfg

@@ -180,7 +180,8 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
     trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=EventBus([progress]),
                       available_memory=device_memory(comfy.model_management.get_torch_device()),
                       should_stop=progress.should_stop, resume=resume_path,
-                      stop_exceptions=(comfy.model_management.InterruptProcessingException,))
+                      stop_exceptions=(comfy.model_management.InterruptProcessingException,),
+                      several_processes=False)  # ComfyUI trains in its own process, whatever WORLD_SIZE says
     with torch.inference_mode(False):
         try:
             result: TrainResult = trainer.run()

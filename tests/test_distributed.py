@@ -198,7 +198,7 @@ def test_ctrl_c_stops_every_process_at_a_checkpoint(tiny_pipeline_dir, demo_data
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
-    assert "cancelled: the processes wrote a checkpoint and stopped" in stderr
+    assert "cancelled: the processes stopped after a step" in stderr and "[cancelled] stopped at step" in stdout
     saved = sorted((out / "run" / "checkpoints").glob("step-*"))
     assert len(saved) == 1
     assert json.loads((saved[0] / "checkpoint.json").read_text())["step"] == len(step_losses(out / "run"))
@@ -299,3 +299,24 @@ def test_an_accelerate_config_that_asks_for_what_the_trainer_decides_is_named(mo
     check_precision("fp16")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what --num-gpus passes: the trainer decides
     check_precision("bf16")
+
+
+def test_a_host_that_trains_in_its_own_process_ignores_a_launcher_environment(tiny_pipeline_dir, demo_dataset,
+                                                                             tmp_path, monkeypatch):
+    """ComfyUI started under torchrun (WORLD_SIZE set) still trains alone: no process group to wait for."""
+    from flux2_train.config import resolve_config
+    from flux2_train.encoders import load_pipeline_encoders
+    from flux2_train.model import load_transformer
+    from flux2_train.train import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = resolve_config(overrides=dict(dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path),
+                                        name="run", trigger_word="r0b0t", resolution=64, max_upscale=4.0,
+                                        max_sequence_length=32, steps=2, rank=4, dtype="float32", device="cpu",
+                                        tensorboard=False))
+    trainer = Trainer(cfg, load_transformer(tiny_pipeline_dir, dtype=torch.float32),
+                      encoder=load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32),
+                      several_processes=False)
+    result = trainer.run()
+    assert trainer.world.size == 1 and not torch.distributed.is_initialized()
+    assert result.lora_path.is_file() and len(result.losses) == 2
