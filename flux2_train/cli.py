@@ -177,7 +177,8 @@ def run_train(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
-    available, buckets, placement = device_available_memory(device), list(report.bucket_counts), Placement("engine")
+    available = world.smallest(device_available_memory(device), device)  # one verdict for every process
+    buckets, placement = list(report.bucket_counts), Placement("engine")
     if world.size > 1:  # DDP or FSDP, as the trainer will choose
         _, placement, _ = choose_strategy(spec, cfg, available, world.size, buckets, cfg.multi_gpu)
     plan = plan_run(spec, cfg, placement, available, buckets, resuming=bool(args.resume))
