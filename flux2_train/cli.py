@@ -149,7 +149,7 @@ def _resolve(args: argparse.Namespace, config_file=None):
 
 def run_train(args: argparse.Namespace) -> int:
     from .encoders import load_pipeline_encoders
-    from .memory import Placement, choose_strategy, device_available_memory, plan_run
+    from .memory import Placement, device_available_memory, plan_processes
     from .model import load_transformer
     from .distributed import World, check_precision
     from .train import Trainer, precision_plan, resolve_device
@@ -178,10 +178,8 @@ def run_train(args: argparse.Namespace) -> int:
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
     available = world.smallest(device_available_memory(device), device)  # one verdict for every process
-    buckets, placement = list(report.bucket_counts), Placement("engine")
-    if world.size > 1:  # DDP or FSDP, as the trainer will choose
-        _, placement, _ = choose_strategy(spec, cfg, available, world.size, buckets, cfg.multi_gpu)
-    plan = plan_run(spec, cfg, placement, available, buckets, resuming=bool(args.resume))
+    _, _, plan = plan_processes(spec, cfg, Placement("engine"), available, world.size, list(report.bucket_counts),
+                                resuming=bool(args.resume))
     if cfg.memory_check:
         plan.estimate.check()
     weight_dtype, mixed_precision, _ = precision_plan(cfg.dtype, device)
@@ -342,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    processes = launched_processes()
+    try:
+        processes = launched_processes()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     where = f" (process {os.environ.get('RANK', '?')} of {processes})" if processes > 1 else ""
     try:
         if args.command == "train" and args.num_gpus != 1 and processes == 1:

@@ -458,6 +458,16 @@ def choose_strategy(spec: ModelSpec, cfg: TrainConfig, available: int | None, pr
                              f"about 1/{processes} of the {one.parts['frozen weights'] / GIB:.1f} GiB of weights")
 
 
+def plan_processes(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available: int | None, processes: int,
+                   buckets=None, resuming: bool = False) -> tuple[str, str, AutoPlan]:
+    """`plan_run` for a run of `processes`: with several, DDP or FSDP first. Returns (strategy, why, plan)."""
+    strategy = why = ""
+    if processes > 1:
+        strategy, placement, why = choose_strategy(spec, cfg, available, processes, buckets, cfg.multi_gpu,
+                                                   resuming=resuming)
+    return strategy, why, plan_run(spec, cfg, placement, available, buckets, resuming=resuming)
+
+
 def allocator_in_use() -> str:
     """"async" when PyTorch runs cudaMallocAsync (ComfyUI's default on CUDA 13), else "native"."""
     import torch

@@ -34,7 +34,7 @@ from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text
 from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
-from .memory import MemoryEstimate, choose_strategy, device_available_memory, plan_run
+from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
 from .plot import Smoother, save_loss_plot
 
@@ -512,14 +512,12 @@ class Trainer:
         available = self.world.smallest(available, device)  # one plan for every process
         if self.resume and cfg.quick_preset == "auto":
             cfg = self._batch_as_checkpointed(cfg)
-        placement = self.backbone.memory_placement()
-        if self.world.size > 1:
-            self.strategy, placement, why = choose_strategy(spec, cfg, available, self.world.size,
-                                                            list(report.bucket_counts), cfg.multi_gpu,
-                                                            resuming=bool(self.resume))
+        self.strategy, why, plan = plan_processes(spec, cfg, self.backbone.memory_placement(), available,
+                                                  self.world.size, list(report.bucket_counts),
+                                                  resuming=bool(self.resume))
+        if why:
             log.info("%s", why)
             self.events.emit(StatusEvent("info", why, total=cfg.steps))
-        plan = plan_run(spec, cfg, placement, available, list(report.bucket_counts), resuming=bool(self.resume))
         if plan.reason:
             log.info("%s", plan.reason)
             self.events.emit(StatusEvent("info", plan.reason, total=cfg.steps))
