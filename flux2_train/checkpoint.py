@@ -4,8 +4,11 @@
         config.yaml                  the resolved training config
         metrics.jsonl                one line per event
         checkpoints/step-000250/     adapter.safetensors (PEFT weights), lora.safetensors
-                                     (the LoRA file, ready to load), state.pt (optimizer,
-                                     scheduler, step, loss history), checkpoint.json
+                                     (the LoRA file, ready to load), state.safetensors
+                                     (optimizer, scheduler, step, loss history), checkpoint.json
+
+No pickle anywhere: a checkpoint passed around between machines and people is
+data only (tensors and JSON), so loading one can never run code.
         <run name>.safetensors       the final LoRA, plus loss.png and summary.txt
 """
 
@@ -18,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .errors import ResumeError
-from .fsutil import atomic_write, atomic_write_text, publish_dir, save_safetensors_atomic
+from .errors import DiskFull, ResumeError
+from .fsutil import atomic_write_text, disk_full, publish_dir, save_safetensors_atomic
 
 CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.safetensors"
 # Options that change the shape or meaning of the adapter: a checkpoint cannot continue under others.
 _FIXED_FOR_RESUME = ("rank", "alpha", "targets", "target_modules", "lora_dropout")
 
@@ -49,11 +54,13 @@ def save_checkpoint(
     try:
         save_safetensors_atomic(adapter, tmp / "adapter.safetensors")
         write_lora(tmp / "lora.safetensors")
-        atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+        save_state(state, tmp / STATE_FILE)
         atomic_write_text(tmp / "checkpoint.json", json.dumps(info, indent=2, default=str))
         publish_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFull):
+            raise disk_full(final) from None  # named by the checkpoint, not its temporary folder
         raise
     prune_checkpoints(run_dir, keep)
     return final
@@ -75,11 +82,23 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and checkpoint folders of writes that never finished (a kill, a power cut)."""
+    for leftover in [*run_dir.glob(".*.tmp"), *(run_dir / CHECKPOINTS).glob(".step-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The newest complete checkpoint of a run folder, or the checkpoint folder itself."""
     p = Path(path).expanduser()
     if (p / "checkpoint.json").is_file():
         return p
+    if p.is_file():
+        raise ResumeError(f"--resume {p}: this is a file; resume takes a run folder (e.g. runs/my-lora) or one of "
+                          "its checkpoint folders, which this trainer wrote (a LoRA or pickle file cannot be resumed)")
     if not p.is_dir():
         raise ResumeError(f"--resume {p}: no such run folder; give a run folder (e.g. runs/my-lora) or one of its checkpoints")
     found = list_checkpoints(p)
@@ -96,15 +115,79 @@ def checkpoint_info(ckpt: Path) -> dict[str, Any]:
 
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(info, adapter weights, training state); refuses damaged files with a clear message."""
+    if not (ckpt / STATE_FILE).is_file() and any((ckpt / n).exists() for n in ("state.pt", "state.bin")):
+        raise ResumeError(f"checkpoint {ckpt} keeps its training state as a pickle file, which this trainer never "
+                          "loads (unpickling can run code); resume from a checkpoint this trainer wrote")
     try:
         info = checkpoint_info(ckpt)
         adapter = load_file(str(ckpt / "adapter.safetensors"))
-        # weights_only: tensors, numbers and containers only, never arbitrary objects.
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        state = load_state(ckpt / STATE_FILE)
     except Exception as e:
         raise ResumeError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); "
                           "resume from an earlier one in the same checkpoints folder") from None
     return info, adapter, state
+
+
+def check_adapter(ckpt: Path, adapter: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """Refuse adapter weights whose names or shapes are not the ones this run trains."""
+    unexpected = sorted(set(adapter) - set(expected))
+    missing = sorted(set(expected) - set(adapter))
+    wrong = sorted(k for k in set(adapter) & set(expected) if adapter[k].shape != expected[k])
+    if not (unexpected or missing or wrong):
+        return
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(adapter[k].shape)}, "
+                     f"this run has {tuple(expected[k])})")
+    raise ResumeError(f"checkpoint {ckpt} holds adapter weights that do not fit this run: {'; '.join(parts)}; "
+                      "resume with the model and LoRA options the run started with, or start a new run")
+
+
+# The training state (optimizer and scheduler state dicts, counters, losses) as safetensors:
+# tensors stored as tensors, the structure around them as JSON in the header.
+def save_state(state: dict[str, Any], path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, tensors)
+    save_safetensors_atomic({k: t.clone() for k, t in tensors.items()}, path,
+                            metadata={"state": json.dumps(skeleton)})
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as f:
+        skeleton = json.loads((f.metadata() or {})["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unpack(skeleton, tensors)
+
+
+def _pack(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state by parameter index)
+        return {"dict": [[k, _pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"tuple" if isinstance(obj, tuple) else "list": [_pack(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def _unpack(obj, tensors: dict[str, torch.Tensor]):
+    if not isinstance(obj, dict):
+        return obj
+    (kind, value), = obj.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _unpack(v, tensors) for k, v in value}
+    items = [_unpack(v, tensors) for v in value]
+    return tuple(items) if kind == "tuple" else items
 
 
 def check_resumable(info: dict[str, Any], cfg, spec) -> list[str]:
@@ -127,7 +210,7 @@ def check_resumable(info: dict[str, Any], cfg, spec) -> list[str]:
             + "; keep those options to resume, or start a new run"
         )
     step = int(info.get("step", 0))
-    if step >= cfg.steps:
+    if step > cfg.steps:  # at cfg.steps exactly the resume writes the final files (a save that was cut short)
         raise ResumeError(f"the checkpoint is at step {step} and --steps is {cfg.steps}: nothing is left to train; "
                           f"raise --steps above {step} to continue")
     ignore = {"steps", "name", "output_dir", "model", "encoders", "device", "dataset", "cache_dir"}

@@ -44,6 +44,10 @@ class OutOfMemory(Flux2TrainError):
     """The accelerator ran out of memory."""
 
 
+class DiskFull(Flux2TrainError):
+    """A write ran out of disk space (or quota); the file it would have replaced is untouched."""
+
+
 class ProcessLost(Flux2TrainError):
     """Another process of a multi-process run stopped; this one cannot go on without it."""
 

@@ -68,8 +68,11 @@ class EventBus:
     def close(self) -> None:
         for fn in self.subscribers:
             close = getattr(fn, "close", None)
-            if close:
-                close()
+            try:
+                if close:
+                    close()
+            except Exception:  # e.g. a log file on a full disk: the run's own error is the one to show
+                log.exception("event subscriber %r failed to close", fn)
 
 
 class JsonlMetrics:
@@ -78,6 +81,7 @@ class JsonlMetrics:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(self.path)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def __call__(self, event) -> None:
@@ -88,6 +92,26 @@ class JsonlMetrics:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a killed run left half-written, so appended lines stay whole."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, 2)
+        pos = end
+        while pos > 0:  # back to the last newline, a block at a time
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                if start + cut + 1 < end:
+                    f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 class ConsoleProgress:

@@ -7,13 +7,16 @@ file that a loader would later refuse.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import PathRefused
+from .errors import DiskFull, PathRefused
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> Path:
@@ -35,11 +38,43 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
         else:
             os.link(tmp, path)
             os.unlink(tmp)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _out_of_space(e):
+            raise disk_full(path) from None
         raise
     return path
+
+
+def disk_full(target: Path) -> DiskFull:
+    return DiskFull(f"the disk is full: {target} could not be written ({free_space(target.parent)} free there); "
+                    "nothing was replaced. Free some space (or point the output elsewhere) and run again")
+
+
+def _out_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    # safetensors' writer (Rust) reports the OS error as text: "... (os error 28)"
+    return any(f"(os error {n})" in str(e) for n in _NO_SPACE)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` survive a power cut (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -69,6 +104,7 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
 
 
 def resolve_within(user_path: str, roots: list[Path], what: str, base: Path | None = None) -> Path:
@@ -90,11 +126,26 @@ def resolve_within(user_path: str, roots: list[Path], what: str, base: Path | No
     )
 
 
+# Refused in names on Windows or by ComfyUI's file lists; control characters anywhere.
+_RESERVED_CHARACTERS = set('<>:"|?*')
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
 def check_file_name(name: str, what: str = "file name") -> str:
-    """A name (optionally with sub-folders) that stays inside the folder it is joined to."""
+    """A name (optionally with sub-folders) that stays inside the folder it is joined to and is
+    a valid file name on Linux, macOS and Windows alike."""
     text = name.strip().replace("\\", "/")
     parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts or text.startswith("/") or ":" in text or ".." in parts:
+    if not parts or text.startswith("/") or ".." in parts:
         raise PathRefused(f"the {what} {name!r} must be a plain name such as 'my_lora' or 'chars/my_lora': "
-                          "no absolute path, no ':' and no '..'")
+                          "no absolute path and no '..'")
+    bad = sorted({c for c in text if c in _RESERVED_CHARACTERS or ord(c) < 32})
+    if bad:
+        shown = " ".join(repr(c) if ord(c) >= 32 else f"\\x{ord(c):02x}" for c in bad)
+        raise PathRefused(f"the {what} {name!r} contains {shown}, which file names may not hold; "
+                          "use letters, digits, spaces, '-', '_' and '.'")
+    for part in parts:
+        if part.split(".")[0].lower() in _RESERVED_NAMES or part.endswith((".", " ")):
+            raise PathRefused(f"the {what} {name!r} has the part {part!r}, which Windows reserves "
+                              "(CON, NUL, COM1, ..., or a trailing dot or space); choose another name")
     return "/".join(parts)

@@ -28,7 +28,7 @@ from .config import TrainConfig, save_yaml
 from .data import DatasetReport, scan_dataset_for
 from .distributed import World, check_precision, lost_a_process
 from .encoders import FeatureEncoder
-from .errors import ConfigError, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
+from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text
@@ -108,10 +108,16 @@ def make_accelerator(mixed_precision: str, accumulation: int, device: torch.devi
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    return optimizer_factory(cfg, device)(params)
+
+
+def optimizer_factory(cfg: TrainConfig, device: torch.device) -> Callable[[list], torch.optim.Optimizer]:
+    """The optimizer as a function of the parameters; refuses one this machine cannot run,
+    so a run can be checked before any heavy work."""
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                 fused=device.type == "cuda")
+        return lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                                weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise ConfigError("--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes); use --optimizer adamw here")
@@ -120,21 +126,21 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: 
         except ImportError:
             raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
                               "(or use --optimizer adamw)") from None
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        return lambda params: bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                                  weight_decay=cfg.weight_decay)
     if cfg.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
             raise ConfigError("--optimizer prodigy needs prodigyopt: pip install prodigyopt "
                               "(or pip install 'comfyui-flux2-lora-trainer[optimizers]')") from None
-        return Prodigy(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                       weight_decay=cfg.weight_decay, safeguard_warmup=cfg.lr_warmup_steps > 0)
+        return lambda params: Prodigy(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
+                                      safeguard_warmup=cfg.lr_warmup_steps > 0)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
-                         warmup_init=False, weight_decay=cfg.weight_decay)
+        return lambda params: Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                                        warmup_init=False, weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -264,6 +270,7 @@ class Trainer:
         self.several_processes = several_processes
         self.world = World()
         self.strategy = ""  # "ddp" or "fsdp" with several processes
+        self.resume_path: Path | None = None  # the checkpoint folder a resume continues from
 
     # ------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -272,6 +279,7 @@ class Trainer:
         world = self.world = World.join(device, allowed=self.several_processes)
         device = world.device(device)
         weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
+        optimizer_factory(cfg, device)  # an optimizer this machine cannot run is named before any work
         world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
         if world.size > 1:
             check_precision(mixed_precision)
@@ -288,12 +296,14 @@ class Trainer:
 
         resume_info = None
         if self.resume:
-            ckpt_path = ckpt.find_checkpoint(self.resume)
+            ckpt_path = self.resume_path = ckpt.find_checkpoint(self.resume)
             resume_info = ckpt.load_checkpoint(ckpt_path)
             changed = ckpt.check_resumable(resume_info[0], cfg, spec)
             if changed:
                 log.warning("resuming with changed options: %s", ", ".join(changed))
             run_dir = ckpt_path.parent.parent
+            if world.is_main:
+                ckpt.remove_leftovers(run_dir)  # of writes cut short by a crash or a kill
             if not cfg.name:
                 cfg.name = run_dir.name
             self._note_world_change(resume_info[0], cfg)
@@ -320,6 +330,10 @@ class Trainer:
         except TrainingCancelled as e:
             self.events.emit(StatusEvent("cancelled", str(e), step=e.step, total=cfg.steps))
             raise
+        except DiskFull as e:
+            error = DiskFull(f"{e}. {self._last_checkpoint_text(run_dir)}")
+            self.events.emit(StatusEvent("failed", str(error), total=cfg.steps))
+            raise error from None
         except Exception as e:
             self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
             raise
@@ -369,6 +383,8 @@ class Trainer:
         for p in params:  # trainable weights in float32 whatever the base dtype
             p.data = p.data.to(device=home, dtype=torch.float32)
         if resume_info:  # before the model is spread over processes: every process loads the whole adapter
+            expected = {k: v.shape for k, v in backbone.lora_state_dict().items()}
+            ckpt.check_adapter(self.resume_path, resume_info[1], expected)
             backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
@@ -422,7 +438,8 @@ class Trainer:
         smoother = Smoother(cfg.smoothing)
         smoothed_all = [smoother.add(x) for x in losses]  # history of a resumed run
         if resume_info:  # with the earlier losses, so a live chart can draw the whole run
-            self.events.emit(StatusEvent("info", f"resumed from step {step}", step=step, total=cfg.steps,
+            done = "; the run had reached its last step, so only its LoRA files are written" if step == cfg.steps else ""
+            self.events.emit(StatusEvent("info", f"resumed from step {step}{done}", step=step, total=cfg.steps,
                                          data={"losses": list(losses), "smoothed_losses": list(smoothed_all)}))
         step_time_avg = None
         checkpoints = []
@@ -496,6 +513,8 @@ class Trainer:
                 checkpoints.append(path)
                 self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,
                                              total=cfg.steps, data={"path": str(path)}))
+                # A stop asked while the checkpoint was written ends the run on it, not a step later.
+                stop = stop or (not last and world.size == 1 and self.should_stop())
             if stop:
                 raise TrainingCancelled(f"stopped at step {step} of {cfg.steps}; checkpoint {checkpoints[-1]} "
                                         "holds the run: resume from it to continue", step, str(checkpoints[-1]))
@@ -646,6 +665,12 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------
+    @staticmethod
+    def _last_checkpoint_text(run_dir) -> str:
+        last = ckpt.list_checkpoints(run_dir)
+        return (f"The last checkpoint, {last[-1]}, is intact: resume from it (--resume {run_dir})" if last
+                else "No checkpoint had been written yet")
+
     def _nan_message(self, step, value, run_dir) -> str:
         last = ckpt.list_checkpoints(run_dir)
         keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"

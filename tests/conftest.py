@@ -21,6 +21,50 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# --------------------------------------------------------------------------- failure cases
+# Tests marked `failure_case("...")` check the cases of the README's Failure behaviour table
+# (tests/test_failure_table.py keeps the two in step); the summary says how many held.
+
+def pytest_collection_finish(session):
+    session.config.failure_cases = {item.nodeid: [name for m in item.iter_markers("failure_case") for name in m.args]
+                                    for item in session.items}
+
+
+def pytest_runtest_logreport(report):
+    outcomes = _OUTCOMES.setdefault(report.nodeid, set())
+    if report.failed:
+        outcomes.add("failed")
+    elif report.skipped:
+        outcomes.add("skipped")
+    elif report.when == "call":
+        outcomes.add("passed")
+
+
+_OUTCOMES: dict[str, set[str]] = {}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    cases = getattr(config, "failure_cases", None)
+    if not cases:
+        return
+    by_case: dict[str, set[str]] = {}
+    for nodeid, names in cases.items():
+        for name in names:
+            by_case.setdefault(name, set()).update(_OUTCOMES.get(nodeid, {"not run"}))
+    if not by_case:
+        return
+    failed = sorted(n for n, o in by_case.items() if "failed" in o)
+    # Held: some test of the case passed and none failed (a GPU-only test may skip beside a CPU one).
+    held = sorted(n for n, o in by_case.items() if "passed" in o and "failed" not in o)
+    unchecked = sorted(set(by_case) - set(failed) - set(held))
+    line = f"failure cases: {len(held)} of {len(by_case)} held"
+    if failed:
+        line += f", {len(failed)} failed ({'; '.join(failed)})"
+    if unchecked:
+        line += f", {len(unchecked)} not checked here ({'; '.join(unchecked)})"
+    terminalreporter.write_sep("-", line)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A diffusers FLUX.2 [klein]-style pipeline folder with tiny random weights."""

@@ -116,6 +116,7 @@ def test_the_adapters_are_live_only_while_training(comfy, pack, tiny_pipeline_di
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
+@pytest.mark.failure_case("non-FLUX.2 MODEL in the graph")
 def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
     import comfy.model_base
 
@@ -324,6 +325,7 @@ def test_a_bypass_lora_applied_upstream_is_trained_on_top_of_and_left_in_place(c
     torch.testing.assert_close(loaded_prediction(patcher), plain)  # and the plain MODEL is plain again
 
 
+@pytest.mark.failure_case("Cancel during a step")
 def test_cancel_caught_by_the_progress_bar_still_stops_the_run(comfy, pack):
     """ComfyUI's progress hook clears the Cancel flag when it raises; the run must still stop."""
     import comfy.utils

@@ -127,6 +127,7 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
     assert image_bytes(server, with_lora) != image_bytes(server, before)
 
 
+@pytest.mark.failure_case("LoRA file of the same name exists")
 def test_saving_twice_adds_a_counter_instead_of_overwriting(comfy_server, dataset_name):
     # A changed seed: ComfyUI re-runs nothing for an unchanged graph.
     comfy_server.run(training_prompt(dataset_name, steps=1, file_name="twice", seed=5), timeout=300)
@@ -136,6 +137,7 @@ def test_saving_twice_adds_a_counter_instead_of_overwriting(comfy_server, datase
     assert (folder / "twice_001.safetensors").is_file()
 
 
+@pytest.mark.failure_case("Cancel during a step")
 def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, dataset_name):
     server = comfy_server
 
@@ -161,20 +163,89 @@ def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, d
     assert [m["step"] for m in metrics if m.get("kind") == "step"][-2:] == steps
 
 
+@pytest.fixture(scope="module")
+def bad_datasets(comfy_server, tmp_path_factory) -> None:
+    """Folders in the server's input folder that a user could point the dataset node at."""
+    from PIL import Image
+
+    inputs = comfy_server.input_dir
+    (inputs / "empty_set").mkdir(exist_ok=True)
+    corrupt = inputs / "corrupt_set"
+    corrupt.mkdir(exist_ok=True)
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(corrupt / "good.png")
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    outside = tmp_path_factory.mktemp("outside")
+    Image.new("RGB", (128, 128)).save(outside / "a.png")
+    if not (inputs / "linked_set").is_symlink():
+        (inputs / "linked_set").symlink_to(outside, target_is_directory=True)
+
+
+OUTSIDE = "is outside the folders this trainer may use"
+
+
 @pytest.mark.parametrize("folder, message", [
-    ("/etc", "is outside the folders this trainer may use"),
-    ("../models", "is outside the folders this trainer may use"),
-    ("no_such_folder", "no_such_folder"),
+    pytest.param("/etc", OUTSIDE,
+                 marks=pytest.mark.failure_case("absolute dataset path outside the allowed folders")),
+    pytest.param("../models", OUTSIDE, marks=pytest.mark.failure_case("dataset path with ../")),
+    pytest.param("linked_set", OUTSIDE, marks=pytest.mark.failure_case("symlink pointing outside the allowed folders")),
+    pytest.param("no_such_folder", "the dataset folder", marks=pytest.mark.failure_case("missing dataset folder")),
+    pytest.param("empty_set", "has 0 images; supported: .png .jpg .jpeg .webp",
+                 marks=pytest.mark.failure_case("empty dataset folder")),
+    pytest.param("corrupt_set", "broken.png is not a readable image", marks=pytest.mark.failure_case("corrupt image")),
 ])
-def test_a_dataset_folder_outside_the_allowed_roots_or_missing_is_refused(comfy_server, dataset_name, folder,
-                                                                          message):
-    assert message in node_error(comfy_server, training_prompt(dataset_name, folder=folder))
+def test_a_bad_dataset_folder_is_refused_with_its_reason_in_the_ui(comfy_server, dataset_name, bad_datasets, folder,
+                                                                   message):
+    error = node_error(comfy_server, training_prompt(dataset_name, folder=folder))
+    assert message in error
+    assert '"exception_type": "flux2_train.errors.' in error  # the trainer's message, not a crash
 
 
-@pytest.mark.parametrize("file_name", ["../escape", "/tmp/escape", "a/../../b"])
-def test_a_lora_file_name_cannot_climb_out_of_the_loras_folder(comfy_server, dataset_name, file_name):
+@pytest.mark.parametrize("file_name, message", [
+    pytest.param(name, "must be a plain name", marks=pytest.mark.failure_case("LoRA name with path separators"))
+    for name in ("../escape", "/tmp/escape", "a/../../b")
+] + [
+    pytest.param(name, message, marks=pytest.mark.failure_case("LoRA name with reserved characters"))
+    for name, message in (("a:b", "contains ':'"), ("what?", "contains '?'"), ("bad\x01name", "contains \\x01"),
+                          ("nul", "which Windows reserves"), ("trailing.", "which Windows reserves"))
+])
+def test_a_lora_file_name_that_cannot_be_a_file_in_the_loras_folder_is_refused(comfy_server, dataset_name, file_name,
+                                                                               message):
     error = node_error(comfy_server, training_prompt(dataset_name, steps=1, file_name=file_name))
-    assert "must be a plain name" in error
+    assert message in error
+    assert not list((comfy_server.models_dir / "loras").glob("*escape*"))
+
+
+@pytest.mark.failure_case("run to resume outside the runs folder")
+@pytest.mark.parametrize("resume, message", [
+    ("../../etc", OUTSIDE),
+    ("/tmp", OUTSIDE),
+    ("no_such_run", "no such run folder"),
+])
+def test_a_run_to_resume_outside_the_runs_folder_is_refused(comfy_server, dataset_name, resume, message):
+    assert message in node_error(comfy_server, training_prompt(dataset_name, steps=1, resume=resume))
+
+
+@pytest.mark.failure_case("two training prompts queued at once")
+def test_two_training_prompts_queued_at_once_run_one_after_the_other(comfy_server, dataset_name):
+    server = comfy_server
+    before = set((server.output_dir / "flux2_lora").glob("flux2-*"))
+    ids = [server.queue(training_prompt(dataset_name, steps=3, file_name=f"queued_{seed}", seed=seed))
+           for seed in (21, 22)]  # queued back to back, before the first one starts
+    entries = [server.wait(prompt_id, timeout=300) for prompt_id in ids]
+    assert [e["status"]["status_str"] for e in entries] == ["success", "success"]
+    runs = sorted(set((server.output_dir / "flux2_lora").glob("flux2-*")) - before, key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 2, "each prompt trains in its own run folder"
+    import yaml
+
+    assert [yaml.safe_load((r / "config.yaml").read_text())["seed"] for r in runs] == [21, 22]
+    for run in runs:  # one whole run each: steps 1..3 in order, written by one run alone
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "step"]
+        assert steps == [1, 2, 3]
+    # The second waited for the first: it started after the first one's last write.
+    assert (runs[1] / "config.yaml").stat().st_mtime >= (runs[0] / "metrics.jsonl").stat().st_mtime
+    for seed in (21, 22):
+        assert (server.models_dir / "loras" / f"queued_{seed}.safetensors").is_file()
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"

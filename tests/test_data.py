@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def test_caption_file_with_utf8_bom_and_custom_extension(tmp_path):
     assert item.caption == "caf\u00e9 au lait"
 
 
+@pytest.mark.failure_case("caption missing")
 def test_missing_caption_uses_default_caption_then_trigger_word(tmp_path):
     make_image(tmp_path / "a.png")
     item = scan(tmp_path, default_caption="a photo", trigger_word="sks").items[0]
@@ -130,6 +132,7 @@ def test_missing_caption_uses_default_caption_then_trigger_word(tmp_path):
     assert (item.caption, item.caption_source) == ("sks", "trigger")
 
 
+@pytest.mark.failure_case("caption empty")
 def test_empty_caption_file_falls_back_with_a_warning(tmp_path):
     make_image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text(" \n\n ", encoding="utf-8")
@@ -165,6 +168,7 @@ def test_trigger_with_punctuation_is_matched_as_a_whole_word(tmp_path):
     assert scan(tmp_path, trigger_word="<ohwx-man>").items[0].caption == "<ohwx-man> in a suit"
 
 
+@pytest.mark.failure_case("caption missing")
 def test_missing_caption_without_fallback_is_an_error_naming_the_caption_file(tmp_path):
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "b.png")
@@ -174,6 +178,7 @@ def test_missing_caption_without_fallback_is_an_error_naming_the_caption_file(tm
     assert "b.png" not in msg
 
 
+@pytest.mark.failure_case("caption not UTF-8")
 def test_non_utf8_caption_is_an_error(tmp_path):
     make_image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
@@ -185,6 +190,7 @@ def test_non_utf8_caption_is_an_error(tmp_path):
 # the folder
 # --------------------------------------------------------------------------
 
+@pytest.mark.failure_case("missing dataset folder")
 def test_missing_folder_and_file_instead_of_folder_are_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         scan(tmp_path / "nope")
@@ -195,6 +201,7 @@ def test_missing_folder_and_file_instead_of_folder_are_errors(tmp_path):
         scan_dataset("")
 
 
+@pytest.mark.failure_case("empty dataset folder")
 def test_empty_folder_is_an_error_listing_supported_extensions(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"junk")  # hidden files do not count
     msg = scan_error(tmp_path)
@@ -202,6 +209,7 @@ def test_empty_folder_is_an_error_listing_supported_extensions(tmp_path):
     assert "found" not in msg
 
 
+@pytest.mark.failure_case("only unsupported files")
 def test_folder_of_unsupported_files_lists_the_extensions_found(tmp_path):
     make_image(tmp_path / "a.gif")
     make_image(tmp_path / "b.bmp")
@@ -230,6 +238,7 @@ def test_items_are_sorted_by_file_name(tmp_path):
     assert all(isinstance(i, ImageItem) and i.path.parent == tmp_path for i in report.items)
 
 
+@pytest.mark.failure_case("corrupt image", "zero-byte image", "truncated PNG or JPEG")
 def test_broken_files_are_all_listed_in_one_error(tmp_path):
     make_image(tmp_path / "good.png")
     (tmp_path / "empty.jpg").write_bytes(b"")
@@ -250,6 +259,7 @@ def test_broken_files_are_all_listed_in_one_error(tmp_path):
     assert len(exc.value.problems) == 5
 
 
+@pytest.mark.failure_case("two images with the same stem")
 def test_duplicate_stems_are_an_error_naming_both_files(tmp_path):
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "a.jpg")
@@ -259,6 +269,7 @@ def test_duplicate_stems_are_an_error_naming_both_files(tmp_path):
     assert "b.png" not in msg
 
 
+@pytest.mark.failure_case("image smaller than the smallest bucket")
 def test_too_small_image_is_an_error_suggesting_a_resolution_that_fits(tmp_path):
     make_image(tmp_path / "small.png", size=(100, 100))
     msg = scan_error(tmp_path, trigger_word="sks", resolution=1024, max_upscale=2.0)
@@ -285,6 +296,7 @@ def _png_with_declared_size(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+@pytest.mark.failure_case("decompression bomb")
 def test_decompression_bomb_is_refused(tmp_path):
     make_image(tmp_path / "good.png")
     (tmp_path / "bomb.png").write_bytes(_png_with_declared_size(100_000, 100_000))
@@ -294,6 +306,7 @@ def test_decompression_bomb_is_refused(tmp_path):
         load_image(tmp_path / "bomb.png", (64, 64))
 
 
+@pytest.mark.failure_case("decompression bomb")
 def test_image_in_pillows_warning_band_is_refused_too(tmp_path, monkeypatch):
     # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; the scan treats that as an error.
     make_image(tmp_path / "big.png", size=(40, 40))  # 1600 pixels
@@ -336,6 +349,7 @@ def test_scan_dataset_for_reads_the_config_fields(tmp_path):
 # loading
 # --------------------------------------------------------------------------
 
+@pytest.mark.failure_case("EXIF-rotated image")
 def test_exif_rotated_jpeg_swaps_size_and_loads_upright(tmp_path):
     # Stored landscape: left half red, right half blue. Orientation 6 means
     # "rotate 90 degrees clockwise to display", so upright it is portrait with red on top.
@@ -360,6 +374,7 @@ def _saved(path: Path, img: Image.Image, **kw) -> Path:
     return path
 
 
+@pytest.mark.failure_case("grayscale, RGBA, CMYK, 16-bit and palette images")
 def test_every_colour_mode_loads_as_rgb_in_range(tmp_path):
     size = (32, 32)
     p_img = Image.new("P", size, 1)
@@ -387,6 +402,7 @@ def test_every_colour_mode_loads_as_rgb_in_range(tmp_path):
         assert torch.allclose(got, torch.tensor(want, dtype=torch.float32), atol=0.03), (name, got.tolist())
 
 
+@pytest.mark.failure_case("grayscale, RGBA, CMYK, 16-bit and palette images")
 def test_sixteen_bit_grey_gradient_is_not_clipped(tmp_path):
     img = Image.new("I;16", (256, 16))
     img.putdata([x * 256 for x in range(256)] * 16)
@@ -416,6 +432,7 @@ def test_flip_mirrors_left_right(tmp_path):
     assert plain[0, 0, 0] > 0.9 and flipped[0, 0, 0] < -0.9
 
 
+@pytest.mark.failure_case("corrupt image")
 def test_load_image_on_a_corrupt_file_raises_dataset_error_naming_it(tmp_path):
     png = noise_bytes("PNG")
     path = tmp_path / "cut.png"
@@ -428,6 +445,7 @@ def test_load_image_on_a_corrupt_file_raises_dataset_error_naming_it(tmp_path):
 # scale
 # --------------------------------------------------------------------------
 
+@pytest.mark.failure_case("10,000 images")
 def test_ten_thousand_tiny_images_scan_quickly(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PNG")
@@ -435,9 +453,13 @@ def test_ten_thousand_tiny_images_scan_quickly(tmp_path):
     for i in range(10_000):
         (tmp_path / f"img{i:05d}.png").write_bytes(data)
     start = time.perf_counter()
+    tracemalloc.start()
     report = scan(tmp_path, trigger_word="sks", resolution=64, max_upscale=100)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     elapsed = time.perf_counter() - start
     assert len(report.items) == 10_000
+    assert peak < 32 * 2**20, f"the scan held {peak / 2**20:.0f} MiB"  # no pixels kept: about 1 KiB an image
     assert report.bucket_counts == {(64, 64): 10_000}
     assert len(report.summary().splitlines()) < 40, "the summary stays short with many warnings"
     assert elapsed < 30, f"scan took {elapsed:.1f}s"

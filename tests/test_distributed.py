@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flux2_train import checkpoint as ckpt
 from flux2_train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_b
     info = json.loads((run / "checkpoints" / "step-000002" / "checkpoint.json").read_text())
     assert info["multi_gpu"] == "fsdp"
     # The checkpoint holds the whole adapter and optimizer state, gathered from the shards.
-    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    state = ckpt.load_state(run / "checkpoints" / "step-000002" / ckpt.STATE_FILE)
     adapter = load_file(str(run / "checkpoints" / "step-000002" / "adapter.safetensors"))
     shapes = sorted(tuple(v.shape) for v in adapter.values())
     assert sorted(tuple(s["exp_avg"].shape) for s in state["optimizer"]["state"].values()) == shapes
@@ -155,6 +156,7 @@ def test_an_accumulation_that_cannot_be_shared_is_named_before_any_work(tiny_pip
     assert not out.exists()
 
 
+@pytest.mark.failure_case("a process of a multi-GPU run dies")
 def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeline_dir, demo_dataset, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -182,6 +184,7 @@ def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeli
     assert len(step_losses(out / "run")) >= step + 2
 
 
+@pytest.mark.failure_case("Ctrl-C or SIGTERM")
 def test_ctrl_c_stops_every_process_at_a_checkpoint(tiny_pipeline_dir, demo_dataset, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -26,3 +26,38 @@ def test_tiny_model_trains_on_the_gpu_with_mixed_precision(dtype, demo_dataset, 
     result = Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free).run()
     assert all(math.isfinite(x) for x in result.losses)
     assert result.peak_memory_bytes > 0 and result.lora_path.is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.failure_case("out of memory mid-run")
+def test_a_real_cuda_out_of_memory_mid_run_keeps_the_checkpoint_and_resumes(demo_dataset, tiny_pipeline_dir,
+                                                                          tmp_path):
+    from flux2_train import checkpoint as ckpt
+    from flux2_train.errors import OutOfMemory
+
+    def run(out, hooks=(), resume=None):
+        cfg = resolve_config(overrides=dict(
+            dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(out), name="oom",
+            trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=5, rank=4,
+            dtype="float32", device="cuda", save_every=2, tensorboard=False, memory_check=False, lora_dropout=0.0))
+        trainer = Trainer(cfg, load_transformer(tiny_pipeline_dir, dtype=torch.float32), resume=resume,
+                          encoder=load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32))
+        trainer.step_hooks.extend(hooks)
+        return trainer.run()
+
+    def squeeze(step, trainer):  # from step 3 on the process may not grow: CUDA's own out-of-memory error
+        if step == 2:
+            torch.cuda.set_per_process_memory_fraction(1e-6)
+            torch.cuda.empty_cache()
+
+    try:
+        with pytest.raises(OutOfMemory) as err:
+            run(tmp_path / "a", hooks=[squeeze])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert "out of GPU memory" in str(err.value) and "checkpoint is intact" in str(err.value)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "a" / "oom")] == ["step-000002"]
+
+    resumed = run(tmp_path / "a", resume=tmp_path / "a" / "oom")
+    full = run(tmp_path / "b")
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-4)

@@ -336,6 +336,7 @@ def test_presets_leave_modulation_embedding_and_norm_layers_out():
     assert "x_embedder" in resolve_targets(module, "all_linear")
 
 
+@pytest.mark.failure_case("LoRA file of the same name exists")
 def test_a_save_without_overwrite_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
     from flux2_train.fsutil import atomic_write_bytes, save_safetensors_atomic
 

@@ -132,6 +132,7 @@ def test_advice_names_what_each_change_saves_cheapest_first():
         assert a.saves > 0
 
 
+@pytest.mark.failure_case("config that cannot fit the GPU")
 def test_preflight_refuses_a_run_that_cannot_fit_before_any_heavy_work(tmp_path):
     from flux2_train.demo import DEMO_DATA
     from flux2_train.tiny import tiny_transformer
@@ -285,6 +286,7 @@ def test_the_comfyui_verdict_and_check_agree_where_weights_can_be_offloaded():
         assert refused == (e.verdict == "does not fit")
 
 
+@pytest.mark.failure_case("non-FLUX.2 model file")
 def test_the_preflight_names_a_model_that_is_not_flux2_without_loading_it(tmp_path):
     from flux2_train.errors import ModelError
     from flux2_train.model import spec_for

@@ -154,6 +154,7 @@ def test_klein_distilled_hint_comes_from_file_name(tmp_path, name, hint):
 # 7. refusals
 # ---------------------------------------------------------------------------
 
+@pytest.mark.failure_case("non-FLUX.2 model file")
 def test_flux1_diffusers_folder_is_refused_as_flux1(tmp_path):
     from diffusers import FluxTransformer2DModel
 
@@ -170,6 +171,7 @@ def test_flux1_diffusers_folder_is_refused_as_flux1(tmp_path):
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.failure_case("non-FLUX.2 model file")
 def test_flux1_bfl_single_file_is_refused_as_flux1(tmp_path, prefix):
     path = tmp_path / "flux1-dev.safetensors"
     save_file({prefix + k: torch.zeros(2, 2) for k in (
@@ -181,6 +183,7 @@ def test_flux1_bfl_single_file_is_refused_as_flux1(tmp_path, prefix):
     _assert_refusal(str(e.value), "FLUX.1")
 
 
+@pytest.mark.failure_case("non-FLUX.2 model file")
 def test_sdxl_single_file_is_refused_as_sdxl(tmp_path):
     path = tmp_path / "sd_xl_base_1.0.safetensors"
     save_file({
@@ -194,6 +197,7 @@ def test_sdxl_single_file_is_refused_as_sdxl(tmp_path):
     _assert_refusal(str(e.value), "SDXL")
 
 
+@pytest.mark.failure_case("non-FLUX.2 model file")
 def test_unknown_single_file_is_refused(tmp_path):
     path = tmp_path / "something.safetensors"
     save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(path))
@@ -223,6 +227,7 @@ def test_folder_without_config_is_refused(tmp_path):
         load_transformer(tmp_path)
 
 
+@pytest.mark.failure_case("pickle file passed as a model")
 def test_non_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "flux2-dev.ckpt"
     torch.save({"img_in.weight": torch.zeros(2, 2)}, path)
@@ -231,6 +236,7 @@ def test_non_safetensors_file_is_refused(tmp_path):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.failure_case("model file with a malformed header")
 def test_damaged_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "flux2-dev.safetensors"
     path.write_bytes(os.urandom(4096))
@@ -239,6 +245,7 @@ def test_damaged_safetensors_file_is_refused(tmp_path):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.failure_case("model file with a malformed header")
 def test_truncated_safetensors_file_is_refused(tmp_path):
     whole = tmp_path / "whole.safetensors"
     bfl = keys.diffusers_to_bfl_state_dict(tiny_transformer().state_dict())

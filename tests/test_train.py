@@ -104,30 +104,37 @@ def test_checkpoints_are_complete_and_only_the_last_k_are_kept(demo_dataset, tin
     kept = ckpt.list_checkpoints(result.run_dir)
     assert [p.name for p in kept] == ["step-000006", "step-000008"]
     for p in kept:
-        assert {f.name for f in p.iterdir()} == {"adapter.safetensors", "lora.safetensors", "state.pt",
+        assert {f.name for f in p.iterdir()} == {"adapter.safetensors", "lora.safetensors", "state.safetensors",
                                                  "checkpoint.json"}
     info = json.loads((kept[-1] / "checkpoint.json").read_text())
     assert info["step"] == 8 and info["config"]["rank"] == 4
     assert not list((result.run_dir / "checkpoints").glob(".*")), "temporary folders left behind"
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path):
+@pytest.mark.failure_case("NaN or infinite loss")
+@pytest.mark.parametrize("factor, loss", [(float("nan"), "nan"), (1e30, "inf")])  # 1e30 overflows the squared error
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path,
+                                                                         factor, loss):
     def poison(step, trainer):
-        if step == 3:  # corrupt one adapter weight after the step-3 checkpoint is due
-            for name, p in trainer.backbone.module.named_parameters():
-                if "lora_A" in name:
-                    p.data.fill_(float("nan"))
-                    break
+        if step == 3:  # from step 4 on, the model's output blows up
+            predict = trainer.backbone.predict
+            trainer.backbone.predict = lambda *args, **kwargs: predict(*args, **kwargs) * factor
 
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=2)
     with pytest.raises(TrainingDiverged) as err:
         train(cfg, tiny_pipeline_dir, hooks=[poison])
     assert err.value.step == 4
-    assert "step 4" in str(err.value) and "step-000002" in str(err.value) and "--learning-rate" in str(err.value)
+    assert f"the loss became {loss} at step 4" in str(err.value)
+    assert "step-000002" in str(err.value) and "--learning-rate" in str(err.value)
     good = ckpt.list_checkpoints(tmp_path / "run")
     assert [p.name for p in good] == ["step-000002"]
     weights = load_file(str(good[0] / "adapter.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+    # The last good checkpoint continues the run as if nothing had happened.
+    resumed = train(cfg, tiny_pipeline_dir, resume=tmp_path / "run")
+    assert resumed.losses == train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "full", steps=6),
+                                   tiny_pipeline_dir).losses
 
 
 def test_steps_emit_events_with_progress_fields(demo_dataset, tiny_pipeline_dir, tmp_path):
@@ -171,6 +178,7 @@ def test_cache_is_reused_and_a_changed_image_is_reencoded(demo_dataset, tiny_pip
     assert again.samples[0].latent_keys != first.samples[0].latent_keys
 
 
+@pytest.mark.failure_case("cache file corrupted on disk")
 def test_a_damaged_cache_file_is_rebuilt_not_trusted(demo_dataset, tiny_pipeline_dir, tmp_path):
     from flux2_train.cache import prepare_cache
     from flux2_train.data import scan_dataset
@@ -190,6 +198,7 @@ def test_a_damaged_cache_file_is_rebuilt_not_trusted(demo_dataset, tiny_pipeline
     assert torch.equal(cache.get("latents", key), good)
 
 
+@pytest.mark.failure_case("image changed between caching and training")
 def test_an_image_changed_after_caching_stops_training_with_its_name(demo_dataset, tiny_pipeline_dir, tmp_path):
     def change(step, trainer):
         if step == 1:
@@ -200,13 +209,14 @@ def test_an_image_changed_after_caching_stops_training_with_its_name(demo_datase
         train(cfg, tiny_pipeline_dir, hooks=[change])
 
 
+@pytest.mark.failure_case("resume with another model or LoRA shape")
 def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeline_dir, tiny_dev_pipeline_dir,
                                                        tmp_path):
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2, save_every=1)
     train(cfg, tiny_pipeline_dir)
     run_dir = tmp_path / "run"
     with pytest.raises(ResumeError, match="nothing is left to train"):
-        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2), tiny_pipeline_dir, resume=run_dir)
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=1), tiny_pipeline_dir, resume=run_dir)
     with pytest.raises(ResumeError, match="rank was 4, now 8"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, rank=8), tiny_pipeline_dir,
               resume=run_dir)
@@ -246,6 +256,7 @@ def test_dtype_sets_weights_and_autocast_together_and_says_so():
         assert (weight, mp) == (torch.float16, "fp16")
 
 
+@pytest.mark.failure_case("rank larger than a target")
 def test_rank_larger_than_a_target_is_refused(demo_dataset, tiny_pipeline_dir, tmp_path):
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, rank=200, alpha=200.0)
     with pytest.raises(ConfigError, match=r"--rank 200 is larger than layer .*use --rank 128"):
@@ -272,6 +283,7 @@ def test_lora_file_metadata_describes_the_run(demo_dataset, tiny_pipeline_dir, t
     assert all(k.startswith("diffusion_model.") for k in load_file(str(result.extra_lora_paths[0])))
 
 
+@pytest.mark.failure_case("out of memory mid-run")
 def test_out_of_memory_becomes_a_clear_error_and_keeps_the_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path):
     from flux2_train.errors import OutOfMemory
 
@@ -292,3 +304,8 @@ def test_out_of_memory_becomes_a_clear_error_and_keeps_the_checkpoint(demo_datas
     msg = str(err.value)
     assert "out of GPU memory" in msg and "--gradient-checkpointing" in msg and "checkpoint is intact" in msg
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
+
+    resumed = train(cfg, tiny_pipeline_dir, resume=tmp_path / "run")
+    full = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "full", steps=4, save_every=1),
+                 tiny_pipeline_dir)
+    assert resumed.losses == full.losses

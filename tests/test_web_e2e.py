@@ -116,6 +116,7 @@ def keep(path: Path) -> Path:
     return path
 
 
+@pytest.mark.failure_case("page reloaded mid-run")
 def test_template_run_with_the_loss_chart_across_a_page_reload(comfy_page, robots, tmp_path, capsys):
     page, clock = comfy_page, Clock()
     page.load_template(PACK_FOLDER, TEMPLATE)

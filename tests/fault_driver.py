@@ -1,0 +1,104 @@
+"""A training run in its own process, so a test can kill it or fill its disk at an exact point.
+
+    python tests/fault_driver.py kill '<json>'       dies by SIGKILL halfway through writing the
+                                                     first file whose path contains `at`
+    python tests/fault_driver.py disk_full '<json>'  fills the disk of `out` after step `at`, then
+                                                     frees it and resumes; prints a JSON report
+
+The JSON gives model, dataset, out, cache, steps, save_every and at. Run `disk_full` inside a
+private tmpfs (see tests/test_faults.py): it fills the whole filesystem of `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from flux2_train import checkpoint as ckpt
+from flux2_train import fsutil
+from flux2_train.config import resolve_config
+from flux2_train.encoders import load_pipeline_encoders
+from flux2_train.errors import DiskFull
+from flux2_train.model import load_transformer
+from flux2_train.train import Trainer
+
+
+def config(args: dict, out: str):
+    return resolve_config(overrides=dict(
+        dataset=args["dataset"], model=args["model"], output_dir=out, cache_dir=args["cache"], name="run",
+        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=args["steps"], rank=4,
+        alpha=4.0, learning_rate=1e-3, dtype="float32", device="cpu", save_every=args["save_every"],
+        tensorboard=False, caption_dropout=0.2, flip=True, lora_dropout=0.1, seed=7))
+
+
+def trainer(args: dict, out: str, resume=None) -> Trainer:
+    model = Path(args["model"])
+    return Trainer(config(args, out), load_transformer(model, dtype=torch.float32),
+                   encoder=load_pipeline_encoders(model, device="cpu", dtype=torch.float32), resume=resume)
+
+
+def die_halfway_through(args: dict) -> None:
+    real = fsutil.atomic_write
+
+    def atomic_write(path, write, overwrite=True):
+        if args["at"] not in str(path):
+            return real(path, write, overwrite)
+
+        def half_then_die(tmp):
+            write(tmp)
+            with open(tmp, "r+b") as f:
+                f.truncate(os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return real(path, half_then_die, overwrite)
+
+    fsutil.atomic_write = atomic_write  # the module's other writers look it up at call time
+    trainer(args, args["out"]).run()
+    sys.exit(f"the run finished without writing a file whose path contains {args['at']!r}")
+
+
+def fill_the_disk(args: dict) -> None:
+    filler = Path(args["out"]) / "filler"
+    run = trainer(args, args["out"])
+
+    def fill(step, _trainer):
+        if step == args["at"]:
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+
+    run.step_hooks.append(fill)
+    report: dict = {}
+    try:
+        run.run()
+        report["error"] = None
+    except DiskFull as e:
+        report["error"] = str(e)
+    run_dir = Path(args["out"]) / "run"
+    report["checkpoints"] = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    report["hidden"] = sorted(p.name for p in [*run_dir.glob(".*"), *(run_dir / "checkpoints").glob(".*")])
+    report["intact"] = [p.name for p in ckpt.list_checkpoints(run_dir) if _loads(p)]
+    filler.unlink()
+    result = trainer(args, args["out"], resume=run_dir).run()
+    report["losses"] = result.losses
+    report["hidden_after_resume"] = sorted(p.name for p in [*run_dir.glob(".*"), *(run_dir / "checkpoints").glob(".*")])
+    print(json.dumps(report))
+
+
+def _loads(checkpoint: Path) -> bool:
+    ckpt.load_checkpoint(checkpoint)
+    return True
+
+
+if __name__ == "__main__":
+    mode, arguments = sys.argv[1], json.loads(sys.argv[2])
+    {"kill": die_halfway_through, "disk_full": fill_the_disk}[mode](arguments)
