@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "model":
             action.help = "dev, klein-4b, klein-9b, or a FLUX.2 transformer file or diffusers folder."
 
+    runs = sub.add_parser("runs", help="The runs of an output folder as a table; compare two; save one's options as a preset.")
+    runs.add_argument("--output-dir", default="runs", help="Folder holding the run folders.")
+    runs_sub = runs.add_subparsers(dest="runs_command")
+    compare = runs_sub.add_parser("compare", help="Two runs' option differences, and their curves in one PNG.")
+    compare.add_argument("a", help="Run name (in --output-dir) or run folder.")
+    compare.add_argument("b", help="Run name (in --output-dir) or run folder.")
+    compare.add_argument("--out", help="PNG of the curves (default: <output-dir>/compare-A-B.png).")
+    preset = runs_sub.add_parser("save-preset", help="Write a run's training options to a YAML file for train --config.")
+    preset.add_argument("run", help="Run name (in --output-dir) or run folder.")
+    preset.add_argument("file", help="YAML file to write.")
+
     demo = sub.add_parser("demo", help="Train the tiny built-in model on the bundled sample images (CPU, < 1 min).")
     demo.add_argument("--steps", type=int, default=120, help="Training steps.")
     demo.add_argument("--output-dir", default="runs", help="Where the demo run folder goes.")
@@ -319,6 +330,22 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_runs(args: argparse.Namespace) -> int:
+    from . import runs
+
+    if args.runs_command == "compare":
+        a, b = runs.resolve_run(args.a, args.output_dir), runs.resolve_run(args.b, args.output_dir)
+        png = Path(args.out) if args.out else Path(args.output_dir) / f"compare-{a.name}-{b.name}.png"
+        print(runs.compare_runs(a, b, png), end="")
+    elif args.runs_command == "save-preset":
+        path = runs.save_preset(runs.resolve_run(args.run, args.output_dir), args.file)
+        print(f"saved {path}; train with it: python -m flux2_train train --config {path} --dataset DIR --model PATH")
+    else:
+        found = runs.find_runs(args.output_dir)
+        print(runs.runs_table(found) if found else f"no runs in {args.output_dir}\n", end="")
+    return 0
+
+
 def quiet_libraries() -> None:
     """Keep the console to the trainer's own lines: no loader progress bars or cast notices."""
     import diffusers.utils.logging as dlog
@@ -353,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "estimate":
             return run_estimate(args)
+        if args.command == "runs":
+            return run_runs(args)
         from .demo import run_demo
 
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)

@@ -112,6 +112,17 @@ class TrainConfig:
     smoothing: float = _opt(0.9, "Exponential smoothing of the displayed loss.")
     tensorboard: bool = _opt(True, "Log scalars to tensorboard when it is installed.")
 
+    # --- watching the run: validation, previews, CLIP score ----------------
+    validate_every: int = _opt(100, "Evaluate the validation loss every N steps, and at the end (0: never). No gradients, the optimizer state untouched.")
+    validation_split: float = _opt(0.0, "Fraction of the images held out of training for the validation loss (0: fixed noise and noise levels over the training images).")
+    validation_samples: int = _opt(8, "(image, noise level) pairs the validation loss averages.")
+    preview_every: int = _opt(0, "Sample preview images every N steps, and at the end (0: never; each preview costs about preview_steps forward passes).")
+    preview_prompts: list = _opt([], "Prompts of the previews (default: the trigger word in a short prompt per subject preset).")
+    preview_resolution: int = _opt(512, "Side of the square preview images (multiple of 16).")
+    preview_steps: int = _opt(20, "Sampling steps per preview image.")
+    preview_guidance: float = _opt(4.0, "Guidance of the previews: [dev]'s guidance input; for [klein], classifier-free guidance against the empty prompt (1: none).")
+    clip_model: str = _opt("", "Folder of a transformers CLIPModel (e.g. openai/clip-vit-large-patch14): score each preview against its prompt.")
+
     # --- provenance (set by presets; kept for the metadata) ---------------
     subject_preset: str = _opt("", "Subject preset that set the defaults.", ("",) + SUBJECT_PRESETS)
     quick_preset: str = _opt("", "Quick preset that set the defaults.", ("",) + QUICK_PRESETS)
@@ -157,6 +168,13 @@ class TrainConfig:
         need(self.max_sequence_length > 0, f"--max-sequence-length must be positive (got {self.max_sequence_length})")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be 0 or more (got {self.max_grad_norm})")
         need(0.0 <= self.smoothing < 1.0, f"--smoothing must be in [0, 1) (got {self.smoothing})")
+        need(self.validate_every >= 0, f"--validate-every must be 0 or more (got {self.validate_every})")
+        need(0.0 <= self.validation_split < 0.5, f"--validation-split must be in [0, 0.5) (got {self.validation_split})")
+        need(self.validation_samples > 0, f"--validation-samples must be at least 1 (got {self.validation_samples})")
+        need(self.preview_every >= 0, f"--preview-every must be 0 or more (got {self.preview_every})")
+        need(self.preview_resolution >= 64 and self.preview_resolution % 16 == 0,
+             f"--preview-resolution must be a multiple of 16, at least 64 (got {self.preview_resolution})")
+        need(self.preview_steps > 0, f"--preview-steps must be at least 1 (got {self.preview_steps})")
         for fmt in self.extra_formats:
             need(fmt in LORA_FORMATS, f"--extra-formats has {fmt!r}; choose from {', '.join(LORA_FORMATS)}")
         if self.timestep_shift not in ("auto", "none"):
@@ -193,7 +211,7 @@ SUBJECT_PRESET_VALUES: dict[str, dict[str, Any]] = {
 QUICK_PRESET_VALUES: dict[str, dict[str, Any]] = {
     "fast": dict(steps=800, rank=16, alpha=16.0, learning_rate=1e-4, save_every=200),
     "quality": dict(steps=2000, rank=32, alpha=32.0, learning_rate=5e-5, lr_scheduler="cosine",
-                    lr_warmup_steps=100, save_every=250),
+                    lr_warmup_steps=100, save_every=250, preview_every=250),
     "low_vram": dict(gradient_checkpointing=True, batch_size=1, rank=16, alpha=16.0, optimizer="adamw8bit"),
     # `auto`: rank 16; steps, learning rate and repeats from the dataset (`suggest_schedule`),
     # and memory settings from the GPU when the run starts (`memory.plan_auto`).

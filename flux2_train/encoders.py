@@ -104,6 +104,10 @@ class PipelineEncoders:
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
         return (latents - mean) / std
 
+    def decoder(self) -> "PipelineDecoder":
+        """The VAE's decoder for preview images; it outlives `free` (the text encoder is what is large)."""
+        return PipelineDecoder(self.pipeline.vae, self.pipeline._unpatchify_latents)
+
     def free(self) -> None:
         """Drop the encoders' weights so the transformer has the accelerator to itself."""
         self.pipeline.text_encoder = None
@@ -134,3 +138,25 @@ def load_pipeline_encoders(path: str | Path, device: str | torch.device = "cpu",
     pipe.vae.to(device, torch.float32)  # the VAE encodes in float32: latents are cached once
     pipe.text_encoder.to(device)
     return PipelineEncoders(pipe, text_layers)
+
+
+class PipelineDecoder:
+    """Latents as the cache holds them to images, as the FLUX.2 pipelines decode them. The VAE waits
+    in CPU memory between previews, so training keeps the accelerator."""
+
+    def __init__(self, vae, unpatchify):
+        self.vae, self.unpatchify = vae, unpatchify
+        self.device = vae.device
+        vae.to("cpu")
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae.to(self.device)
+        try:
+            latents = latents.to(self.device, vae.dtype)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+            image = vae.decode(self.unpatchify(latents * std + mean), return_dict=False)[0]
+            return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+        finally:
+            vae.to("cpu")

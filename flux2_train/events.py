@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -85,7 +86,7 @@ class JsonlMetrics:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def __call__(self, event) -> None:
-        d = event.to_dict()
+        d = event.to_dict() | {"time": round(time.time(), 3)}
         d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
         self._f.write(json.dumps(d) + "\n")
         self._f.flush()
@@ -136,7 +137,8 @@ class ConsoleProgress:
 
 
 class TensorboardLogger:
-    """Scalars for tensorboard; only built when tensorboard is installed."""
+    """Scalars (losses, validation loss, lr, s/step, memory, CLIP score) and preview images for
+    tensorboard; only built when tensorboard is installed."""
 
     def __init__(self, log_dir: str | Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -150,6 +152,18 @@ class TensorboardLogger:
             self.writer.add_scalar("lr", event.lr, event.step)
             self.writer.add_scalar("seconds_per_step", event.seconds_per_step, event.step)
             self.writer.add_scalar("peak_memory_gib", event.peak_memory_bytes / 2**30, event.step)
+        elif isinstance(event, StatusEvent) and event.kind == "validation":
+            self.writer.add_scalar("loss/validation", event.data["validation_loss"], event.step)
+        elif isinstance(event, StatusEvent) and event.kind == "preview":
+            import numpy as np
+            from PIL import Image
+
+            for k, entry in enumerate(event.data["images"]):
+                with Image.open(entry["path"]) as img:
+                    self.writer.add_image(f"preview/{k}", np.asarray(img.convert("RGB")), event.step,
+                                          dataformats="HWC")
+                if entry.get("clip_score") is not None:
+                    self.writer.add_scalar(f"clip_score/{k}", entry["clip_score"], event.step)
 
     def close(self) -> None:
         self.writer.close()

@@ -96,6 +96,10 @@ class Flux2Backbone(Protocol):
 
     def enable_gradient_checkpointing(self) -> None: ...
 
+    def set_training(self, training: bool) -> None:
+        """Train mode (LoRA dropout on) or eval mode, for the validation loss and previews."""
+        ...
+
     # Adapters. Layer names are diffusers' (`transformer_blocks.0.attn.to_q`) on every
     # backbone, so adapter state dicts, checkpoints and LoRA files are interchangeable.
     def lora_layers(self) -> dict[str, tuple[int, int]]:
@@ -194,6 +198,9 @@ class DiffusersFlux2Backbone:
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
+
+    def set_training(self, training: bool) -> None:
+        self.transformer.train(training)
 
     def lora_layers(self) -> dict[str, tuple[int, int]]:
         return linear_shapes(self.transformer)

@@ -29,7 +29,6 @@ GRID_COLOR = (228, 228, 228)
 RAW_COLOR = (160, 190, 230)  # thin, light
 SMOOTH_COLOR = (20, 70, 170)  # bold, dark
 VAL_COLOR = (230, 110, 20)
-VAL_OUTLINE = (120, 50, 0)
 
 RAW_WIDTH = 1
 SMOOTH_WIDTH = 3
@@ -84,9 +83,46 @@ def save_loss_plot(
     Series of unequal length are cut to the shorter one.
     """
     raw = _points(steps, losses)
-    smooth_pts = _points(steps, smoothed) if smoothed is not None else []
-    val = _points(val_steps or [], val_losses or []) if val_steps is not None and val_losses is not None else []
+    layers = []
+    if smoothed is not None:
+        if raw:
+            layers.append(Layer("loss", raw, RAW_COLOR, RAW_WIDTH))
+        layers.append(Layer("smoothed", _points(steps, smoothed), SMOOTH_COLOR, SMOOTH_WIDTH))
+    else:
+        layers.append(Layer("loss", raw, SMOOTH_COLOR, SMOOTH_WIDTH))
+    if val_steps is not None and val_losses is not None:
+        val = _points(val_steps, val_losses)
+        if val:
+            layers.append(Layer("validation", val, VAL_COLOR, 1, dots=True))
+    return _draw(path, title, layers)
 
+
+RUN_COLORS = [(20, 70, 170), (200, 80, 20), (30, 140, 60), (150, 40, 150)]
+
+
+def save_runs_plot(path: str | Path, runs: Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[int],
+                                                          Sequence[float]]], title: str = "") -> Path:
+    """Several runs in one PNG: each run's smoothed loss (a line) and validation loss (dots) in its colour.
+
+    `runs`: (label, steps, smoothed losses, validation steps, validation losses) per run.
+    """
+    layers = []
+    for (label, steps, smoothed, val_steps, val_losses), color in zip(runs, RUN_COLORS * len(runs)):
+        layers.append(Layer(label, _points(steps, smoothed), color, SMOOTH_WIDTH))
+        val = _points(val_steps, val_losses)
+        if val:
+            layers.append(Layer(f"{label} validation", val, color, 1, dots=True))
+    return _draw(path, title, layers)
+
+
+class Layer:
+    """One series: a line (`width` pixels) or, with `dots`, points joined by a thin line."""
+
+    def __init__(self, label: str, segments, color, width: int, dots: bool = False):
+        self.label, self.segments, self.color, self.width, self.dots = label, segments, color, width, dots
+
+
+def _draw(path: str | Path, title: str, layers: list[Layer]) -> Path:
     img = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     draw = ImageDraw.Draw(img)
     font = _font(12)
@@ -97,18 +133,10 @@ def save_loss_plot(
         _text(draw, (WIDTH // 2, 6), _fit(draw, title, title_font, WIDTH - 20), title_font, anchor="ma")
 
     # legend row (right-aligned, between the title and the plot frame)
-    entries = []
-    if smoothed is not None:
-        if raw:
-            entries.append(("loss", RAW_COLOR, RAW_WIDTH, False))
-        entries.append(("smoothed", SMOOTH_COLOR, SMOOTH_WIDTH, False))
-    else:
-        entries.append(("loss", SMOOTH_COLOR, SMOOTH_WIDTH, False))
-    if val:
-        entries.append(("validation", VAL_COLOR, 0, True))
-    _legend(draw, entries, font, right=PLOT_RIGHT, y=32)
+    _legend(draw, [(layer.label, layer.color, layer.width, layer.dots) for layer in layers], font,
+            right=PLOT_RIGHT, y=32)
 
-    all_pts = [p for series in (raw, smooth_pts, val) for s in series for p in s]
+    all_pts = [p for layer in layers for s in layer.segments for p in s]
     box = (PLOT_LEFT, PLOT_TOP, PLOT_RIGHT, PLOT_BOTTOM)
     if not all_pts:
         _frame(draw, box)
@@ -143,21 +171,20 @@ def save_loss_plot(
     _text(draw, ((PLOT_LEFT + PLOT_RIGHT) // 2, HEIGHT - 8), "step", font, anchor="md")
     _text(draw, (8, PLOT_TOP - 10), "loss", font, anchor="ls")
 
-    # curves: raw (thin, light) under smoothed (bold); without `smoothed` raw is the bold line
-    if smoothed is not None:
-        _polyline(draw, raw, to_px, RAW_COLOR, RAW_WIDTH)
-        _polyline(draw, smooth_pts, to_px, SMOOTH_COLOR, SMOOTH_WIDTH)
-    else:
-        _polyline(draw, raw, to_px, SMOOTH_COLOR, SMOOTH_WIDTH)
-    if val:
-        _polyline(draw, val, to_px, VAL_COLOR, 1)
-        for seg in val:
-            for x, y in seg:
-                px, py = to_px(x, y)
-                r = VAL_RADIUS
-                draw.ellipse([px - r, py - r, px + r, py + r], fill=VAL_COLOR, outline=VAL_OUTLINE)
-
+    # in order: thin lines under bold ones, dots last
+    for layer in layers:
+        _polyline(draw, layer.segments, to_px, layer.color, layer.width)
+        if layer.dots:
+            for seg in layer.segments:
+                for x, y in seg:
+                    px, py = to_px(x, y)
+                    r = VAL_RADIUS
+                    draw.ellipse([px - r, py - r, px + r, py + r], fill=layer.color, outline=_darker(layer.color))
     return _save(img, path)
+
+
+def _darker(color) -> tuple[int, int, int]:
+    return tuple(c // 2 for c in color)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -277,7 +304,7 @@ def _legend(draw: ImageDraw.ImageDraw, entries, font, right: int, y: int) -> Non
     for (label, color, width, dot), w in zip(entries, widths):
         if dot:
             cx, r = x + swatch // 2, VAL_RADIUS
-            draw.ellipse([cx - r, y - r, cx + r, y + r], fill=color, outline=VAL_OUTLINE)
+            draw.ellipse([cx - r, y - r, cx + r, y + r], fill=color, outline=_darker(color))
         else:
             draw.line([(x, y), (x + swatch, y)], fill=color, width=width)
         _text(draw, (x + swatch + gap, y), label, font, anchor="lm")

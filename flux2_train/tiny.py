@@ -141,3 +141,37 @@ def build_tiny_pipeline_folder(folder: str | Path, guidance_embeds: bool = False
     index["_flux2_train_tiny"] = [guidance_embeds, seed]
     marker.write_text(json.dumps(index, indent=2))
     return folder
+
+
+def build_tiny_clip_folder(folder: str | Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel with tiny random weights, its tokenizer (one token per character) and
+    image processor, saved as `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` read them."""
+    import json
+    import string
+
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

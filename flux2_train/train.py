@@ -28,6 +28,7 @@ from .config import TrainConfig, save_yaml
 from .data import DatasetReport, scan_dataset_for
 from .distributed import World, check_precision, lost_a_process
 from .encoders import FeatureEncoder
+from .evaluation import RunWatcher, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
@@ -60,6 +61,13 @@ class TrainResult:
     summary: str = ""
     checkpoints: list[Path] = field(default_factory=list)
     adapter: dict[str, torch.Tensor] = field(default_factory=dict)  # final LoRA weights, PEFT naming
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    previews: list[Path] = field(default_factory=list)  # the last round's files
+    preview_images: list[torch.Tensor] = field(default_factory=list)  # the same, (3, H, W) in [0, 1]
+
+    @property
+    def best_validation(self) -> tuple[int, float] | None:
+        return min(self.validation, key=lambda sv: sv[1]) if self.validation else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -344,7 +352,8 @@ class Trainer:
     def _run(self, cfg, spec, device, weight_dtype, mixed_precision, precision_text, run_dir, resume_info):
         started = time.perf_counter()
         log.info("%s on %s: %s", spec.title, device, precision_text)
-        self.events.emit(StatusEvent("info", precision_text, total=cfg.steps))
+        self.events.emit(StatusEvent("info", precision_text, total=cfg.steps,
+                                     data={"model": spec.title, "family": spec.family}))
 
         report = self.dataset
         cache = FeatureCache(cfg.cache_dir or Path(cfg.output_dir) / "cache")
@@ -369,6 +378,18 @@ class Trainer:
         except self.stop_exceptions:
             raise TrainingCancelled("stopped while caching; the images cached so far are kept for the next run",
                                     0, None) from None
+        # Held-out images stay cached (the validation loss reads them) but leave the training data.
+        all_data = data
+        train_ids, held_ids = split_validation(len(data.samples), cfg.validation_split, cfg.seed)
+        if held_ids:
+            data = dataclasses.replace(data, samples=[data.samples[i] for i in train_ids])
+            log.info("validation: %d image(s) held out of training: %s", len(held_ids),
+                     ", ".join(all_data.samples[i].path.name for i in held_ids[:5]))
+        preview_texts, decoder = [], None
+        if cfg.preview_every:
+            preview_texts = [self.encoder.encode_text([p], cfg.max_sequence_length)[0].float().cpu()
+                             for p in preview_prompts(cfg)]
+            decoder = self.encoder.decoder()
         if self.free_encoder:
             self.free_encoder()
         self.encoder = None
@@ -407,12 +428,17 @@ class Trainer:
                                      num_training_steps=cfg.steps, num_cycles=cfg.lr_num_cycles)
         optimizer = accelerator.prepare(optimizer)
 
+        watcher = self.watcher = RunWatcher(
+            cfg, spec, backbone, all_data, held_ids or train_ids, device=device, weight_dtype=weight_dtype,
+            autocast=accelerator.autocast, world=world, events=self.events, run_dir=run_dir, decoder=decoder,
+            preview_texts=preview_texts, negative_text=all_data.cache.load("text", all_data.empty_text_key))
         step, micro_step, losses = 0, 0, []
         if resume_info:
             info, adapter, state = resume_info
             optimizer.load_state_dict(shard_like(state["optimizer"], params))
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
+            watcher.load_state(state)
 
         plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
         console = None
@@ -444,6 +470,8 @@ class Trainer:
         step_time_avg = None
         checkpoints = []
         epoch = 0
+        if step == 0:
+            self._watch(0, False, device)  # where the validation loss and previews start from
         while step < cfg.steps:
             t0 = time.perf_counter()
             micro_losses = []
@@ -505,6 +533,7 @@ class Trainer:
                 hook(step, self)
 
             last = step == cfg.steps
+            self._watch(step, last, device)
             stop = not last and self.should_stop()
             if world.size > 1 and not last:  # a stop asked of any process (Ctrl-C) stops all of them
                 stop = self._sum([float(stop)], device, step, run_dir)[0] > 0
@@ -613,6 +642,14 @@ class Trainer:
                                          text.to(device, weight_dtype), guidance=cfg.guidance_scale)
         return flow_loss(pred, target, sigmas, cfg.loss_weighting)
 
+    def _watch(self, step: int, last: bool, device) -> None:
+        """The validation loss and previews due at `step`."""
+        try:
+            self.watcher.after_step(step, last)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message(device) + " (It ran out in the validation loss or the previews: "
+                              "--preview-resolution, --validate-every 0 or --preview-every 0 lower that part.)") from None
+
     def _save_checkpoint(self, st, step, micro_step, losses) -> Path:
         cfg = self.cfg
         # Every process takes part in gathering sharded (FSDP) weights and state; the main one writes.
@@ -628,6 +665,7 @@ class Trainer:
             "losses": list(losses),
             "optimizer": optimizer_state,
             "lr_scheduler": st["lr_scheduler"].state_dict(),
+            **self.watcher.state(),
         }
         info = {"step": step, "config": cfg.to_dict(), "model": st["spec"].to_dict(), "targets": st["targets"],
                 "processes": self.world.size, "accumulation_per_process": st["accumulation"],
@@ -652,13 +690,16 @@ class Trainer:
                                  targets=st["targets"])
             paths.append(save_lora(run_dir / name, adapter, rank=cfg.rank, alpha=cfg.alpha, fmt=fmt, metadata=meta))
         if self.world.is_main:
+            history = self.watcher.history
             save_loss_plot(run_dir / "loss.png", list(range(1, len(losses) + 1)), losses, smoothed,
-                           title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}")
+                           title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}",
+                           val_steps=[s for s, _ in history] or None, val_losses=[v for _, v in history] or None)
         result = TrainResult(
             run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
             smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
             peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints,
-            adapter=adapter)
+            adapter=adapter, validation=list(self.watcher.history), previews=list(self.watcher.preview_paths),
+            preview_images=list(self.watcher.preview_images))
         result.summary = summarize(result, cfg)
         if self.world.is_main:
             atomic_write_text(run_dir / "summary.txt", result.summary)
@@ -731,6 +772,14 @@ def summarize(result: TrainResult, cfg: TrainConfig) -> str:
         + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(result.dataset.bucket_counts.items())),
         f"steps        {result.steps} in {result.seconds:.1f} s; loss {first:.4f} (first 5) -> {last:.4f} (last 5)",
         f"peak memory  {result.peak_memory_bytes / 2**30:.2f} GiB",
+    ]
+    if result.best_validation:
+        (best_step, best), (last_step, last_val) = result.best_validation, result.validation[-1]
+        lines.append(f"validation   best {best:.4f} at step {best_step} (step {last_step}: {last_val:.4f}); "
+                     f"the checkpoint nearest step {best_step} is the one to keep")
+    if result.previews:
+        lines.append(f"previews     {result.previews[0].parent}  ({len(result.previews)} per round)")
+    lines += [
         f"loss curve   {result.run_dir / 'loss.png'}",
         f"metrics      {result.run_dir / 'metrics.jsonl'}",
         f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: --resume {result.run_dir})",

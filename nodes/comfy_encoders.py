@@ -20,6 +20,7 @@ class ComfyEncoders:
         self.clip = clip
         self.vae = vae
         self.process_latent_in = model_patcher.model.process_latent_in
+        self.process_latent_out = model_patcher.model.process_latent_out
         # The CLIP's own weights, and what changes its output: LoRA patches (by their id), the layer
         # it stops at, tokenizer options.
         self.text_identity = "|".join([
@@ -45,3 +46,12 @@ class ComfyEncoders:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)  # (B, H, W, C) in [0, 1]
         return self.process_latent_in(self.vae.encode(images).float().cpu())
+
+    def decoder(self) -> "ComfyEncoders":
+        return self  # ComfyUI's model management moves the VAE in and out as it is used
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAEDecode's images, as (B, 3, H, W) in [0, 1]."""
+        images = self.vae.decode(self.process_latent_out(latents.float().cpu()))
+        return images.float().movedim(-1, 1).clamp(0, 1).cpu()

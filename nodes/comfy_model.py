@@ -197,6 +197,11 @@ class ComfyFlux2Backbone:
     def enable_gradient_checkpointing(self) -> None:
         self._checkpointing = True
 
+    def set_training(self, training: bool) -> None:
+        self.diffusion_model.train(training)
+        for pair in self._pairs.values():  # the adapters live beside ComfyUI's modules, not in them
+            pair.train(training)
+
     def compute_dtype(self) -> torch.dtype:
         return self.patcher.model.get_dtype_inference()
 
