@@ -33,8 +33,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            parser.add_argument(flag, type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                                metavar="A,B,...", **kw)
+            sep = f.metadata["separator"]
+            parser.add_argument(flag, type=lambda s, sep=sep: [x.strip() for x in s.split(sep) if x.strip()],
+                                metavar=f"A{sep}B{sep}...", **kw)
         else:
             parser.add_argument(flag, type=type(default), **kw)
 

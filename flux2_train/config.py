@@ -33,8 +33,8 @@ SUBJECT_PRESETS = ("character", "style", "concept")
 QUICK_PRESETS = ("fast", "quality", "low_vram", "auto")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, separator: str = ",", **kw: Any) -> Any:
+    meta = {"help": help, "separator": separator}  # separator: of a list's items on the command line
     if choices:
         meta["choices"] = choices
     if isinstance(default, (list, dict)):
@@ -117,7 +117,7 @@ class TrainConfig:
     validation_split: float = _opt(0.0, "Fraction of the images held out of training for the validation loss (0: fixed noise and noise levels over the training images).")
     validation_samples: int = _opt(8, "(image, noise level) pairs the validation loss averages.")
     preview_every: int = _opt(0, "Sample preview images every N steps, and at the end (0: never; each preview costs about preview_steps forward passes).")
-    preview_prompts: list = _opt([], "Prompts of the previews (default: the trigger word in a short prompt per subject preset).")
+    preview_prompts: list = _opt([], "Prompts of the previews, separated by | (default: the trigger word in a short prompt per subject preset).", separator="|")
     preview_resolution: int = _opt(512, "Side of the square preview images (multiple of 16).")
     preview_steps: int = _opt(20, "Sampling steps per preview image.")
     preview_guidance: float = _opt(4.0, "Guidance of the previews: [dev]'s guidance input; for [klein], classifier-free guidance against the empty prompt (1: none).")

@@ -466,7 +466,8 @@ class Trainer:
         if resume_info:  # with the earlier losses, so a live chart can draw the whole run
             done = "; the run had reached its last step, so only its LoRA files are written" if step == cfg.steps else ""
             self.events.emit(StatusEvent("info", f"resumed from step {step}{done}", step=step, total=cfg.steps,
-                                         data={"losses": list(losses), "smoothed_losses": list(smoothed_all)}))
+                                         data={"losses": list(losses), "smoothed_losses": list(smoothed_all),
+                                               "validation": [[s, v] for s, v in watcher.history]}))
         step_time_avg = None
         checkpoints = []
         epoch = 0

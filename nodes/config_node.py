@@ -7,6 +7,7 @@ import yaml
 from comfy_api.latest import io, ui
 from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help
 from flux2_train.errors import ConfigError
+from flux2_train.evaluation import preview_prompts
 
 from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
 
@@ -64,6 +65,14 @@ class Flux2LoraConfig(io.ComfyNode):
                                 tooltip="Any other training option as YAML, one per line, e.g. "
                                         "'timestep_sampling: sigmoid' or 'lora_dropout: 0.1'. Names as in "
                                         "`python -m flux2_train train --help` with _ for -."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Sample preview images every N steps, at the start and at the end; they appear "
+                                     "on the training node as they come and are its previews output. 0 = from the "
+                                     "presets (fast: none, quality: every 250). Each round costs about "
+                                     "preview_steps forward passes per prompt (the node shows the seconds)."),
+                io.String.Input("preview_prompts", default="", multiline=True, optional=True,
+                                tooltip="One prompt per line for the previews (seeds fixed). Empty: the trigger "
+                                        "word in a short prompt for the subject preset."),
             ],
             outputs=[ConfigType.Output(display_name="config")],
         )
@@ -75,11 +84,15 @@ class Flux2LoraConfig(io.ComfyNode):
 
 
 def config_handle(subject, quick_preset, rank, alpha, steps, learning_rate, optimizer, batch_size,
-                  gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="") -> ConfigHandle:
+                  gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="",
+                  preview_every=0, preview_prompts="") -> ConfigHandle:
     """The node's widget values as engine overrides (also used for the vRAM bar before the graph runs)."""
     overrides = parse_advanced(advanced or "")
+    prompts = [line.strip() for line in (preview_prompts or "").splitlines() if line.strip()]
+    if prompts:
+        overrides["preview_prompts"] = prompts
     explicit = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                    gradient_accumulation=gradient_accumulation, save_every=save_every)
+                    gradient_accumulation=gradient_accumulation, save_every=save_every, preview_every=preview_every)
     overrides.update({k: v for k, v in explicit.items() if v})
     if optimizer != PRESET:
         overrides["optimizer"] = optimizer
@@ -123,5 +136,8 @@ def describe(handle: ConfigHandle) -> str:
              f"{cfg.steps} steps, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), optimizer {cfg.optimizer}",
              f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation}, dtype {handle.overrides['dtype']}, "
              f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
-             f"checkpoint every {cfg.save_every or 'end only'}, seed {cfg.seed}, timesteps {cfg.timestep_sampling}"]
+             f"checkpoint every {cfg.save_every or 'end only'}, seed {cfg.seed}, timesteps {cfg.timestep_sampling}",
+             f"validation loss every {cfg.validate_every or 'never'}; previews "
+             + (f"every {cfg.preview_every} steps, {cfg.preview_resolution}px, {cfg.preview_steps} steps: "
+                + " | ".join(preview_prompts(cfg)) if cfg.preview_every else "off")]
     return "\n".join(lines)

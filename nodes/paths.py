@@ -86,3 +86,9 @@ def lora_file(name: str, overwrite: bool) -> Path:
         path = base / f"{clean}_{counter:03d}.safetensors"
         counter += 1
     return path
+
+
+def output_view(path: str | Path) -> dict:
+    """ComfyUI's /view query for a file under the output folder: filename, subfolder, type."""
+    relative = Path(path).resolve().relative_to(Path(folder_paths.get_output_directory()).resolve())
+    return {"filename": relative.name, "subfolder": relative.parent.as_posix(), "type": "output"}

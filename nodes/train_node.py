@@ -31,6 +31,9 @@ class Flux2TrainLora(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The input MODEL with the trained LoRA applied."),
                 LoraType.Output(display_name="lora", tooltip="The trained LoRA, for FLUX.2 Save LoRA."),
                 LossMapType.Output(display_name="loss", tooltip="Loss per step (ComfyUI's Plot Loss Graph reads it)."),
+                io.Image.Output(display_name="previews",
+                                tooltip="The last round of preview images (the config's preview_every); one black "
+                                        "image when previews are off."),
             ],
             hidden=[io.Hidden.unique_id],
             not_idempotent=True,
@@ -38,6 +41,6 @@ class Flux2TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, config, resume="") -> io.NodeOutput:
-        model_out, lora, losses = train_lora(model, clip, vae, dataset, config, resume=resume.strip(),
-                                             node_id=cls.hidden.unique_id)
-        return io.NodeOutput(model_out, lora, losses)
+        model_out, lora, losses, previews = train_lora(model, clip, vae, dataset, config, resume=resume.strip(),
+                                                       node_id=cls.hidden.unique_id)
+        return io.NodeOutput(model_out, lora, losses, previews)

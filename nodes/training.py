@@ -149,6 +149,9 @@ class ComfyProgress:
             payload = event.to_dict() | {"memory_total_bytes": self.memory_total}
         elif isinstance(event, StatusEvent):
             payload = event.to_dict()
+            if event.kind == "preview":  # where the browser fetches each image: ComfyUI's /view of output/
+                payload["data"] = dict(payload["data"], images=[dict(entry, view=paths.output_view(entry["path"]))
+                                                                for entry in payload["data"]["images"]])
         else:
             return
         message = _json_safe({"node": self.node_id, "run": self.run_id, "seq": len(self.log), **payload})
@@ -168,8 +171,9 @@ def _json_safe(value):
 
 
 def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",
-               node_id: str | None = None) -> tuple[object, LoraHandle, dict]:
-    """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history)."""
+               node_id: str | None = None) -> tuple[object, LoraHandle, dict, torch.Tensor]:
+    """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history,
+    the last previews as an IMAGE batch)."""
     cfg = training_config(model, dataset, config, resume)
     resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
 
@@ -194,7 +198,14 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
 
     lora = LoraHandle(adapter=result.adapter, cfg=trainer.cfg, spec=result.spec, steps=result.steps,
                       image_count=len(result.dataset.items), targets=result.targets)
-    return apply_lora(model, lora), lora, {"loss": list(result.losses)}
+    return apply_lora(model, lora), lora, {"loss": list(result.losses)}, preview_batch(result.preview_images)
+
+
+def preview_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """ComfyUI's IMAGE: (B, H, W, 3) in [0, 1]; one black 64x64 image when there are none."""
+    if not images:
+        return torch.zeros(1, 64, 64, 3)
+    return torch.stack([img.movedim(0, -1) for img in images]).float().cpu()
 
 
 def apply_lora(model, lora: LoraHandle, strength: float = 1.0):

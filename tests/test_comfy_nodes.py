@@ -127,6 +127,29 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
     assert image_bytes(server, with_lora) != image_bytes(server, before)
 
 
+def test_previews_and_the_validation_loss_reach_the_page_and_the_previews_output(comfy_server, dataset_name):
+    import urllib.request
+
+    prompt = training_prompt(dataset_name, steps=4, file_name="with_previews", seed=31)
+    prompt["5"]["inputs"]["advanced"] += "\npreview_resolution: 64\npreview_steps: 2\nvalidate_every: 2"
+    prompt["5"]["inputs"].update(preview_every=2, preview_prompts="r0b0t on a table\nr0b0t in the snow")
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 3], "filename_prefix": "lora_previews"}}
+    entry, events = comfy_server.run(prompt, timeout=300)
+
+    progress = [d for kind, d in events if kind == "flux2_lora.progress"]
+    previews = [d for d in progress if d["kind"] == "preview"]
+    assert [d["step"] for d in previews] == [0, 2, 4]
+    assert [img["prompt"] for img in previews[-1]["data"]["images"]] == ["r0b0t on a table", "r0b0t in the snow"]
+    view = previews[-1]["data"]["images"][0]["view"]
+    assert view["type"] == "output" and view["subfolder"].startswith("flux2_lora/")
+    with urllib.request.urlopen(f"{comfy_server.url}/view?filename={view['filename']}&subfolder={view['subfolder']}"
+                                f"&type=output") as r:
+        assert r.read(8) == b"\x89PNG\r\n\x1a\n"  # the browser fetches it from here
+    validation = [d for d in progress if d["kind"] == "validation"]
+    assert [d["step"] for d in validation] == [0, 2, 4] and validation[-1]["data"]["best_step"] in (0, 2, 4)
+    assert len(output_images(comfy_server, entry)) == 2  # the previews output: the last round
+
+
 @pytest.mark.failure_case("LoRA file of the same name exists")
 def test_saving_twice_adds_a_counter_instead_of_overwriting(comfy_server, dataset_name):
     # A changed seed: ComfyUI re-runs nothing for an unchanged graph.
@@ -268,7 +291,7 @@ def as_tiny_run(prompt: dict, dataset: str) -> dict:
         elif cls == "Flux2LoraDataset":
             inputs.update(folder=dataset, resolution=128, trigger_word="r0b0t")
         elif cls == "Flux2LoraConfig":
-            inputs.update(steps=2, rank=4)
+            inputs.update(steps=2, rank=4, advanced="preview_resolution: 64\npreview_steps: 2")
         elif cls in ("EmptyFlux2LatentImage", "Flux2Scheduler"):
             inputs.update(width=64, height=64, **({"steps": 2} if cls == "Flux2Scheduler" else {}))
     return prompt

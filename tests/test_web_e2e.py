@@ -37,8 +37,12 @@ CHART_STATE_JS = """(id) => {
   const chart = window.app.graph.getNodeById(id)?.flux2LossChart;
   if (!chart) return null;
   const run = chart.run;
+  const images = (run.previews?.images ?? []).map((p) => chart.image(p.view));
   return {loading: chart.loading, historyFor: chart.historyFor, state: run.state, step: run.step,
-          total: run.total, steps: [...run.steps], loss: [...run.loss], smoothed: [...run.smoothed]};
+          total: run.total, steps: [...run.steps], loss: [...run.loss], smoothed: [...run.smoothed],
+          validation: {steps: [...run.validation.steps], losses: [...run.validation.losses], best: run.validation.best},
+          previewStep: run.previews?.step ?? null, previewSizes: images.map((i) => i && i.complete ? i.naturalWidth : 0),
+          previewRects: (chart.previewRects ?? []).length};
 }"""
 
 # The status line the chart draws (statusLines of web/chart_data.js on the chart's data).
@@ -102,7 +106,9 @@ def make_tiny(page, dataset: str) -> dict[str, int]:
     page.replace_node(ids.pop("VAELoader"), "Flux2TestTinyVAE")
     page.set_widgets(ids["Flux2LoraDataset"], {"folder": dataset, "resolution": 128, "trigger_word": "r0b0t"})
     # A seed no other test uses: ComfyUI would otherwise answer from its cache.
-    page.set_widgets(ids["Flux2LoraConfig"], {"steps": STEPS, "rank": 4, "seed": 4242, "save_every": 6})
+    # The template's preview_every (200) stays: previews at the start and at the last step, small.
+    page.set_widgets(ids["Flux2LoraConfig"], {"steps": STEPS, "rank": 4, "seed": 4242, "save_every": 6,
+                                              "advanced": "preview_resolution: 64\npreview_steps: 3"})
     page.set_widgets(ids.pop("Flux2Scheduler"), {"steps": 2, "width": 64, "height": 64})
     page.set_widgets(ids.pop("EmptyFlux2LatentImage"), {"width": 64, "height": 64})
     return ids
@@ -173,6 +179,17 @@ def test_template_run_with_the_loss_chart_across_a_page_reload(comfy_page, robot
     assert [e["loss"] for e in history if e["kind"] == "step"] == chart["loss"]
     status = page.page.evaluate(STATUS_JS, train)
     assert status["head"].startswith("Finished") and f"step {STEPS}/{STEPS}" in status["head"], status
+    # The validation loss at the start and the end, and the last previews, fetched and drawn under the plot.
+    assert chart["validation"]["steps"] == [0, STEPS] and chart["validation"]["best"]["step"] in (0, STEPS)
+    assert "val " in status["detail"], status
+    page.wait_for(f"""() => {{ const c = window.app.graph.getNodeById({train}).flux2LossChart;
+                               return (c.previewRects ?? []).length === 2
+                                      && c.run.previews.images.every((p) => c.image(p.view).naturalWidth === 64); }}""",
+                  what="the last previews drawn on the node")
+    chart = page.page.evaluate(CHART_STATE_JS, train)
+    assert chart["previewStep"] == STEPS and chart["previewSizes"] == [64, 64], chart
+    previews = [e["data"] for e in page.events("flux2_lora.progress") if e["data"].get("kind") == "preview"]
+    assert [p["step"] for p in previews][-1] == STEPS
 
     shot = keep(page.screenshot_node(train, tmp_path / "train_lora_node.png"))
     pixels = page.page.evaluate(CHART_PIXELS_JS, train)

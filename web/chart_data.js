@@ -6,6 +6,8 @@
 export const STATES = ["waiting", "starting", "caching", "training", "checkpoint", "finished", "cancelled", "failed"];
 const TERMINAL = new Set(["finished", "cancelled", "failed"]);
 const STATUS_KINDS = new Set(["info", "caching", "training", "checkpoint", "finished", "cancelled", "failed"]);
+// Reports during training that do not change the run's phase.
+const WATCH_KINDS = new Set(["validation", "preview"]);
 
 /** Weight of the past in the fallback EMA; the trainer's default smoothing is the same. */
 export const DEFAULT_SMOOTHING = 0.9;
@@ -69,6 +71,8 @@ export class RunState {
     this.peakMemoryBytes = 0;
     this.memoryTotalBytes = 0;
     this.checkpoints = []; // steps at which a checkpoint was written
+    this.validation = { steps: [], losses: [], best: null }; // best: { step, loss }
+    this.previews = null; // the latest round: { step, seconds, images: [{ prompt, view, clipScore }] }
     this.run = undefined; // optional run id from the server, to tell runs apart
     this.seq = -Infinity; // optional sequence number from the server, to drop duplicates
     this.smoother = new Smoother(this.smoothing);
@@ -87,12 +91,13 @@ export class RunState {
   ingest(event) {
     if (!event || typeof event !== "object") return false;
     const kind = event.kind;
-    if (kind !== "step" && !STATUS_KINDS.has(kind)) return false;
+    if (kind !== "step" && !STATUS_KINDS.has(kind) && !WATCH_KINDS.has(kind)) return false;
     if (this.#isDuplicate(event)) return false;
     if (this.#startsNewRun(event)) this.reset();
     if (event.run !== undefined) this.run = event.run;
     if (finite(event.seq)) this.seq = event.seq;
-    const changed = kind === "step" ? this.#ingestStep(event) : this.#ingestStatus(event);
+    const changed = kind === "step" ? this.#ingestStep(event)
+      : WATCH_KINDS.has(kind) ? this.#ingestWatch(event) : this.#ingestStatus(event);
     if (changed) this.version += 1;
     return changed;
   }
@@ -171,9 +176,42 @@ export class RunState {
     return true;
   }
 
+  // The validation loss (a point per evaluation, the best one named) and the latest previews.
+  #ingestWatch(e) {
+    const step = num(e.step);
+    const data = e.data ?? {};
+    if (e.kind === "validation") {
+      const loss = num(data.validation_loss);
+      if (!Number.isFinite(step) || !Number.isFinite(loss)) return false;
+      this.#addValidation(step, loss);
+      return true;
+    }
+    const images = Array.isArray(data.images) ? data.images : [];
+    this.previews = {
+      step,
+      seconds: num(data.seconds),
+      images: images.map((img) => ({ prompt: img.prompt ?? "", view: img.view ?? null, clipScore: num(img.clip_score) })),
+    };
+    return true;
+  }
+
+  #addValidation(step, loss) {
+    const v = this.validation;
+    const at = v.steps.indexOf(step);
+    if (at >= 0) v.losses[at] = loss;
+    else {
+      v.steps.push(step);
+      v.losses.push(loss);
+    }
+    if (!v.best || loss < v.best.loss) v.best = { step, loss };
+  }
+
   // Optional: an event's data.losses (and data.smoothed_losses) holds the loss of steps
   // 1..n from before a resume, so a resumed run's chart starts at step 1.
   #seedLosses(data) {
+    for (const pair of Array.isArray(data?.validation) ? data.validation : []) {
+      if (Array.isArray(pair) && finite(pair[0]) && finite(pair[1])) this.#addValidation(pair[0], pair[1]);
+    }
     const losses = data?.losses;
     if (!Array.isArray(losses) || losses.length === 0 || this.steps.length > 0) return;
     const given = Array.isArray(data.smoothed_losses) && data.smoothed_losses.length === losses.length
@@ -203,6 +241,8 @@ export class RunState {
       peakMemoryGiB: this.peakMemoryBytes > 0 ? this.peakMemoryBytes / GIB : NaN,
       memoryTotalGiB: this.memoryTotalBytes > 0 ? this.memoryTotalBytes / GIB : NaN,
       points: this.steps.length,
+      validation: this.validation.steps.length
+        ? { last: this.validation.losses[this.validation.losses.length - 1], best: { ...this.validation.best } } : null,
     };
   }
 }
@@ -307,6 +347,10 @@ export function statusLines(summary) {
   if (Number.isFinite(summary.peakMemoryGiB)) {
     const total = Number.isFinite(summary.memoryTotalGiB) ? ` / ${summary.memoryTotalGiB.toFixed(1)}` : "";
     detail.push(`peak ${summary.peakMemoryGiB.toFixed(1)}${total} GiB`);
+  }
+  if (summary.validation) {
+    const { last, best } = summary.validation;
+    detail.push(`val ${last.toFixed(4)} (best ${best.loss.toFixed(4)} @ ${best.step})`);
   }
   const showMessage = summary.state !== "training" && summary.state !== "waiting";
   return { head: head.join("  ·  "), detail: detail.join("  ·  "), message: showMessage ? summary.message : "" };

@@ -28,6 +28,7 @@ export function themeColors() {
   // Line colours picked for contrast on the plot background of each kind of theme.
   colors.accent = colors.light ? "#1456c8" : "#5aa2ff";
   colors.accentSoft = colors.light ? "rgba(20, 86, 200, 0.35)" : "rgba(90, 162, 255, 0.38)";
+  colors.validation = colors.light ? "#c25a00" : "#ff9a3c";
   cached = colors;
   cachedAt = now;
   return colors;

@@ -1,5 +1,6 @@
 // Live loss chart on every FLUX.2 Train LoRA node: raw loss (thin) and smoothed loss
-// (bold) with axes, and a status line (state, step/total, s/step, ETA, lr, peak memory).
+// (bold) with axes, the validation loss (dots, the best one ringed), a status line (state,
+// step/total, s/step, ETA, lr, peak memory, validation) and a strip of the latest previews.
 // Fed by the trainer's `flux2_lora.progress` websocket events; after a page reload it
 // rebuilds from GET /flux2_lora/history/<node id>.
 import { app } from "../../scripts/app.js";
@@ -16,6 +17,7 @@ const MIN_HEIGHT = 190; // status lines + a plot that still shows a trend
 const MIN_WIDTH = 200; // with litegraph's widget padding, the 320-wide layouts keep their width
 const MARGIN = 10; // litegraph's widget margin, so the chart lines up with the widgets above
 const LINE = 15;
+const STRIP = 92; // the preview strip under the plot: caption + thumbnails
 
 /** Charts of the nodes in the open graph, for routing websocket events to them. */
 const charts = new Set();
@@ -29,6 +31,7 @@ class LossChart {
     this.loading = false;
     this.buffer = []; // live events that arrive while the history request is out
     this.cache = null;
+    this.images = new Map(); // preview URL -> Image, loaded once
     this.widget = this.#makeWidget();
     this.requestDraw = frameThrottle(() => redrawWidget(this.node, this.widget));
   }
@@ -44,7 +47,7 @@ class LossChart {
       serialize: false,
       options: { serialize: false },
       // Layout-sized (not computeSize) so the plot takes whatever height the node is given.
-      computeLayoutSize: () => ({ minHeight: MIN_HEIGHT, minWidth: MIN_WIDTH }),
+      computeLayoutSize: () => ({ minHeight: MIN_HEIGHT + (chart.hasPreviews ? STRIP : 0), minWidth: MIN_WIDTH }),
       draw(ctx, node, width, y, H) {
         const height = Math.max(this.computedHeight ?? 0, H ?? 0, MIN_HEIGHT);
         chart.draw(ctx, width, y, height);
@@ -54,7 +57,33 @@ class LossChart {
 
   onEvent(event) {
     if (this.loading) this.buffer.push(event);
-    else if (this.run.ingest(event)) this.requestDraw();
+    else if (this.run.ingest(event)) this.#changed();
+  }
+
+  get hasPreviews() {
+    return Boolean(this.run.previews?.images.length);
+  }
+
+  #changed() {
+    if (this.hasPreviews && this.node.size[1] < this.node.computeSize()[1]) {
+      this.node.setSize([this.node.size[0], this.node.computeSize()[1]]); // room for the strip
+    }
+    this.requestDraw();
+  }
+
+  /** The preview's image, fetched from ComfyUI's /view of the output folder. */
+  image(view) {
+    if (!view?.filename) return null;
+    const query = new URLSearchParams({ filename: view.filename, subfolder: view.subfolder ?? "", type: view.type ?? "output" });
+    const url = api.apiURL(`/view?${query}`);
+    let img = this.images.get(url);
+    if (!img) {
+      img = new Image();
+      img.onload = () => this.requestDraw();
+      img.src = url;
+      this.images.set(url, img);
+    }
+    return img;
   }
 
   /** Rebuild from the server's record of the node's latest run; `force` asks again. */
@@ -84,7 +113,7 @@ class LossChart {
     }
     this.buffer = [];
     this.cache = null;
-    this.requestDraw();
+    this.#changed();
   }
 
   // ---------------------------------------------------------------- drawing
@@ -113,8 +142,36 @@ class LossChart {
       ctx.fillText(fitText(ctx, lines.message, w), x0, ty);
       ty += LINE;
     }
-    this.#drawPlot(ctx, c, x0, ty + 2, w, y + height - 4 - (ty + 2));
+    const strip = this.hasPreviews ? STRIP : 0;
+    this.#drawPlot(ctx, c, x0, ty + 2, w, y + height - 4 - strip - (ty + 2));
+    if (strip) this.#drawPreviews(ctx, c, x0, y + height - strip, w, strip);
     ctx.restore();
+  }
+
+  // The latest previews side by side, each as large as the strip allows, with their step.
+  #drawPreviews(ctx, c, x, y, w, h) {
+    const { step, seconds, images } = this.run.previews;
+    ctx.font = "10px Arial, sans-serif";
+    ctx.textAlign = "left";
+    ctx.textBaseline = "top";
+    ctx.fillStyle = c.muted;
+    const cost = Number.isFinite(seconds) ? ` · ${seconds.toFixed(1)} s` : "";
+    ctx.fillText(fitText(ctx, `previews at step ${step}${cost}`, w), x, y + 4);
+    const gap = 4, top = y + 18, side = Math.min(h - 22, (w - gap * (images.length - 1)) / images.length);
+    this.previewRects = [];
+    images.forEach((entry, i) => {
+      const px = x + i * (side + gap);
+      const img = this.image(entry.view);
+      if (img?.complete && img.naturalWidth > 0) ctx.drawImage(img, px, top, side, side);
+      else {
+        ctx.fillStyle = c.inputBg;
+        ctx.fillRect(px, top, side, side);
+      }
+      ctx.strokeStyle = c.border;
+      ctx.lineWidth = 1;
+      ctx.strokeRect(px + 0.5, top + 0.5, side - 1, side - 1);
+      this.previewRects.push({ x: px, y: top, w: side, h: side, prompt: entry.prompt });
+    });
   }
 
   #stateColor(c) {
@@ -155,6 +212,7 @@ class LossChart {
       ctx.clip(); // spikes beyond the robust y range run off the edge
       strokeSeries(ctx, view.raw, toX, toY, c.accentSoft, 1);
       strokeSeries(ctx, view.smooth, toX, toY, c.accent, 2.25);
+      this.#drawValidation(ctx, c, toX, toY);
       ctx.restore();
       this.#drawCheckpoints(ctx, c, { px, py, pw, ph, toX });
       this.#drawLegend(ctx, c, px + pw - 4, py + 3);
@@ -172,7 +230,7 @@ class LossChart {
     const key = `${run.version}|${buckets}|${Math.round(ph)}`;
     if (this.cache?.key === key && this.cache.run === run) return this.cache;
     const xr = stepRange(run.steps, run.total);
-    const yr = lossRange(run.loss, run.smoothed);
+    const yr = lossRange(run.loss, run.smoothed.concat(run.validation.losses));
     const opts = { x0: xr[0], x1: xr[1], buckets };
     this.cache = {
       key, run, xr, yr,
@@ -210,6 +268,25 @@ class LossChart {
     ctx.globalAlpha = 1;
   }
 
+  // Validation loss: dots joined by a thin line; the best one ringed.
+  #drawValidation(ctx, c, toX, toY) {
+    const { steps, losses, best } = this.run.validation;
+    if (!steps.length) return;
+    ctx.strokeStyle = c.validation;
+    ctx.fillStyle = c.validation;
+    ctx.lineWidth = 1;
+    ctx.beginPath();
+    steps.forEach((s, i) => (i ? ctx.lineTo(toX(s), toY(losses[i])) : ctx.moveTo(toX(s), toY(losses[i]))));
+    ctx.stroke();
+    steps.forEach((s, i) => dot(ctx, toX(s), toY(losses[i]), 1.8));
+    if (best) {
+      ctx.lineWidth = 1.5;
+      ctx.beginPath();
+      ctx.arc(toX(best.step), toY(best.loss), 5.5, 0, Math.PI * 2);
+      ctx.stroke();
+    }
+  }
+
   // Checkpoints: small triangles on the bottom edge, over the lines.
   #drawCheckpoints(ctx, c, { px, py, pw, ph, toX }) {
     const marks = this.run.checkpoints;
@@ -232,6 +309,7 @@ class LossChart {
     ctx.textAlign = "right";
     ctx.textBaseline = "top";
     const items = [["smoothed", c.accent, 2.25], ["loss", c.accentSoft, 1.5]];
+    if (this.run.validation.steps.length) items.unshift(["validation", c.validation, 1.5]);
     let x = right;
     for (const [label, color, width] of items) {
       ctx.fillStyle = c.muted;

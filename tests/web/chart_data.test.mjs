@@ -392,3 +392,43 @@ describe("history rebuild", () => {
     assert.equal(fromHistory({ not: "a list" }).state, "waiting");
   });
 });
+
+describe("validation loss and previews", () => {
+  const validation = (step, loss, best) => status("validation", `validation loss ${loss}`, step, 10,
+    { validation_loss: loss, best_step: best[0], best_loss: best[1] });
+  const preview = (step, n = 2) => status("preview", `${n} previews`, step, 10, {
+    seconds: 2.5,
+    images: Array.from({ length: n }, (_, k) => ({
+      path: `/out/flux2_lora/run/previews/step-${step}-${k}.png`, prompt: `prompt ${k}`, clip_score: 20 + k,
+      view: { filename: `step-${step}-${k}.png`, subfolder: "flux2_lora/run/previews", type: "output" },
+    })),
+  });
+
+  test("validation points are kept beside the loss and the best one is named, without changing the phase", () => {
+    const run = new RunState();
+    run.ingestAll([status("training", "go", 0, 10), validation(0, 0.9, [0, 0.9]), stepEvent(1, 0.8),
+      validation(2, 0.7, [2, 0.7]), stepEvent(2, 0.6), validation(4, 0.75, [2, 0.7])]);
+    assert.deepEqual(run.validation.steps, [0, 2, 4]);
+    assert.deepEqual(run.validation.losses, [0.9, 0.7, 0.75]);
+    assert.deepEqual(run.validation.best, { step: 2, loss: 0.7 });
+    assert.equal(run.state, "training");
+    assert.match(statusLines(run.summary()).detail, /val 0\.7500 \(best 0\.7000 @ 2\)/);
+  });
+
+  test("the latest previews replace the earlier ones and keep where to fetch them", () => {
+    const run = new RunState();
+    run.ingestAll([status("training", "go", 0, 10), preview(0), stepEvent(1, 0.8), preview(5, 3)]);
+    assert.equal(run.previews.step, 5);
+    assert.equal(run.previews.images.length, 3);
+    assert.deepEqual(run.previews.images[1].view, { filename: "step-5-1.png", subfolder: "flux2_lora/run/previews", type: "output" });
+    assert.equal(run.previews.images[2].clipScore, 22);
+    assert.equal(run.previews.seconds, 2.5);
+  });
+
+  test("a resumed run's earlier validation points come with its resume event", () => {
+    const run = fromHistory([status("info", "resumed from step 4", 4, 10,
+      { losses: [1, 0.9, 0.8, 0.7], validation: [[0, 1.1], [4, 0.95]] }), stepEvent(5, 0.6)]);
+    assert.deepEqual(run.validation.steps, [0, 4]);
+    assert.deepEqual(run.validation.best, { step: 4, loss: 0.95 });
+  });
+});
