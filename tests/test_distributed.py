@@ -113,11 +113,16 @@ def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_b
                                                                    demo_dataset, tmp_path):
     out = tmp_path / "out"
     keep = dict(gradient_accumulation=2, keep_effective_batch=True)
+    # With the validation loss and previews, which need every process in each sharded forward pass.
+    watch = dict(validate_every=1, preview_every=2, preview_resolution=64, preview_steps=2)
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=2, multi_gpu="fsdp",
-                          **keep) + ["--num-gpus", "2"])
+                          **keep, **watch) + ["--num-gpus", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (FSDP)" in done.stderr
     run = out / "run"
+    assert sorted(p.name for p in (run / "previews").iterdir()) == [f"step-00000{s}-0.png" for s in (0, 2)]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "validation"] == [0, 1, 2]
     info = json.loads((run / "checkpoints" / "step-000002" / "checkpoint.json").read_text())
     assert info["multi_gpu"] == "fsdp"
     # The checkpoint holds the whole adapter and optimizer state, gathered from the shards.

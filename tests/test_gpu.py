@@ -1,4 +1,5 @@
-"""The same loop on a CUDA GPU: bf16 and fp16 mixed precision on the tiny model (skipped without a GPU)."""
+"""The same loop on a CUDA GPU: bf16 and fp16 mixed precision on the tiny model, with the validation loss and
+previews, and a real CUDA out-of-memory error (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,17 @@ def test_tiny_model_trains_on_the_gpu_with_mixed_precision(dtype, demo_dataset, 
     cfg = resolve_config(overrides=dict(
         dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path), name="gpu",
         trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=6, rank=4,
-        dtype=dtype, device="cuda", save_every=3, tensorboard=False, gradient_checkpointing=True))
+        dtype=dtype, device="cuda", save_every=3, tensorboard=False, gradient_checkpointing=True,
+        validate_every=3, preview_every=3, preview_resolution=64, preview_steps=2))
     backbone = load_transformer(tiny_pipeline_dir, dtype=weight_dtype)
     encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
     result = Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free).run()
     assert all(math.isfinite(x) for x in result.losses)
     assert result.peak_memory_bytes > 0 and result.lora_path.is_file()
+    # The validation loss and previews under the same mixed precision, with checkpointing on.
+    assert [s for s, _ in result.validation] == [0, 3, 6] and all(math.isfinite(v) for _, v in result.validation)
+    assert len(list((result.run_dir / "previews").glob("*.png"))) == 3 * len(result.preview_images) == 3
+    assert all(torch.isfinite(img).all() for img in result.preview_images)
 
 
 @pytest.mark.gpu
