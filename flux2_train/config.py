@@ -119,8 +119,8 @@ class TrainConfig:
     preview_every: int = _opt(0, "Sample preview images every N steps, and at the end (0: never; each preview costs about preview_steps forward passes).")
     preview_prompts: list = _opt([], "Prompts of the previews, separated by | (default: the trigger word in a short prompt per subject preset).", separator="|")
     preview_resolution: int = _opt(512, "Side of the square preview images (multiple of 16).")
-    preview_steps: int = _opt(20, "Sampling steps per preview image.")
-    preview_guidance: float = _opt(4.0, "Guidance of the previews: [dev]'s guidance input; for [klein], classifier-free guidance against the empty prompt (1: none).")
+    preview_steps: int = _opt(0, "Sampling steps per preview image (0: 20, or 4 for a distilled [klein]).")
+    preview_guidance: float = _opt(4.0, "Guidance of the previews: [dev]'s guidance input; for [klein] base, classifier-free guidance against the empty prompt (1: none); a distilled [klein] takes none.")
     clip_model: str = _opt("", "Folder of a transformers CLIPModel (e.g. openai/clip-vit-large-patch14): score each preview against its prompt.")
 
     # --- provenance (set by presets; kept for the metadata) ---------------
@@ -174,7 +174,7 @@ class TrainConfig:
         need(self.preview_every >= 0, f"--preview-every must be 0 or more (got {self.preview_every})")
         need(self.preview_resolution >= 64 and self.preview_resolution % 16 == 0,
              f"--preview-resolution must be a multiple of 16, at least 64 (got {self.preview_resolution})")
-        need(self.preview_steps > 0, f"--preview-steps must be at least 1 (got {self.preview_steps})")
+        need(self.preview_steps >= 0, f"--preview-steps must be 0 (automatic) or more (got {self.preview_steps})")
         for fmt in self.extra_formats:
             need(fmt in LORA_FORMATS, f"--extra-formats has {fmt!r}; choose from {', '.join(LORA_FORMATS)}")
         if self.timestep_shift not in ("auto", "none"):
@@ -335,7 +335,7 @@ def _coerce_types(cfg: TrainConfig) -> None:
                 setattr(cfg, f.name, int(v))
             elif isinstance(default, list):
                 if isinstance(v, str):
-                    v = [s.strip() for s in v.split(",") if s.strip()]
+                    v = [s.strip() for s in v.split(f.metadata["separator"]) if s.strip()]
                 setattr(cfg, f.name, list(v))
             elif isinstance(default, str):
                 setattr(cfg, f.name, "" if v is None else str(v))

@@ -7,14 +7,16 @@ off, and touches neither the optimizer nor the training's random streams, so a r
 trains exactly the run without it.
 
 Previews are sampled from the model being trained (the LoRA as it is at that step) with
-FLUX.2's Euler flow sampler: sigmas from 1 to 0 with the pipelines' resolution-dependent
-shift, [dev]'s guidance input or, for [klein], classifier-free guidance against the
-empty prompt. Every backbone samples through its own `predict`, so a ComfyUI MODEL
-previews with ComfyUI's model code and its weight patches.
+FLUX.2's Euler flow sampler and the diffusers pipelines' schedule (sigmas 1 .. 1/steps
+shifted by `compute_empirical_mu` for the resolution and step count), [dev]'s guidance
+input or, for [klein] base, classifier-free guidance against the empty prompt (distilled
+[klein] takes none, and 4 steps). Every backbone samples through its own `predict`, so a
+ComfyUI MODEL previews with ComfyUI's model code and its weight patches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,8 @@ def split_validation(n_samples: int, fraction: float, seed: int) -> tuple[list[i
     held_count = min(n_samples - 1, max(1, round(n_samples * fraction)))
     order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held = sorted(order[:held_count])
-    return [i for i in range(n_samples) if i not in set(held)], held
+    held_set = set(held)
+    return [i for i in range(n_samples) if i not in held_set], held
 
 
 def validation_pairs(pool: list[int], count: int, seed: int, shift: str, tokens: list[int]) -> list[ValidationPair]:
@@ -72,8 +75,13 @@ def validation_pairs(pool: list[int], count: int, seed: int, shift: str, tokens:
     for i in range(count):
         sample = pool[i % len(pool)]
         sigma = float(shift_sigmas(torch.tensor([(i + 0.5) / count]), shift, tokens[sample])[0])
-        pairs.append(ValidationPair(sample, sigma, seed * 1_000_003 + 104_729 + i))
+        pairs.append(ValidationPair(sample, sigma, _stream_seed("validation", seed, i)))
     return pairs
+
+
+def _stream_seed(*parts) -> int:
+    """A seed of its own for each (purpose, run seed, index): never one the training's streams use."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") % (2**63 - 1)
 
 
 @torch.no_grad()
@@ -105,15 +113,35 @@ def validation_loss(backbone, data, pairs: list[ValidationPair], device, weight_
 # --------------------------------------------------------------------------- previews
 
 def flux2_sigmas(steps: int, image_tokens: int) -> torch.Tensor:
-    """The FLUX.2 pipelines' schedule: 1 .. 1/steps, shifted for the resolution, then 0."""
+    """The FLUX.2 pipelines' schedule: 1 .. 1/steps, shifted by their empirical mu for this many
+    image tokens and steps (FlowMatchEulerDiscreteScheduler's exponential time shift), then 0."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
     u = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    return torch.cat([shift_sigmas(u, "auto", image_tokens), torch.zeros(1, dtype=torch.float64)])
+    factor = math.exp(compute_empirical_mu(image_tokens, steps))
+    return torch.cat([factor * u / (1 + (factor - 1) * u), torch.zeros(1, dtype=torch.float64)])
+
+
+def preview_plan(cfg, spec) -> tuple[int, float, bool]:
+    """(steps, guidance, classifier-free guidance?) of the previews for this model.
+
+    [dev] is guidance-distilled (its guidance input, no second pass); [klein] base takes
+    classifier-free guidance; distilled [klein] takes neither and needs only a few steps.
+    """
+    distilled = bool(getattr(spec, "distilled", False)) and not spec.guidance_embeds
+    steps = cfg.preview_steps or (4 if distilled else 20)
+    use_cfg = not spec.guidance_embeds and not distilled and cfg.preview_guidance > 1
+    return steps, cfg.preview_guidance, use_cfg
 
 
 @torch.no_grad()
 def sample_latents(backbone, text: torch.Tensor, negative: torch.Tensor | None, *, size: int, steps: int,
                    guidance: float, guidance_input: bool, seed: int, device, weight_dtype, autocast) -> torch.Tensor:
-    """Euler steps of the flow from noise (seeded on the CPU) to a latent, as (1, 128, size/16, size/16)."""
+    """Euler steps of the flow from noise (seeded on the CPU) to a latent, as (1, 128, size/16, size/16).
+
+    `guidance_input`: the model takes `guidance` as an input ([dev]); otherwise a `negative`
+    embedding turns on classifier-free guidance with scale `guidance`.
+    """
     side = size // 16
     x = torch.randn((1, 128, side, side), generator=torch.Generator().manual_seed(seed)).to(device)
     sigmas = flux2_sigmas(steps, side * side)
@@ -140,6 +168,15 @@ def save_png(image: torch.Tensor, path: Path) -> Path:
 
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A saved preview back as (3, H, W) in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
 
 # --------------------------------------------------------------------------- CLIP score
@@ -193,7 +230,9 @@ class RunWatcher:
         self.history: list[tuple[int, float]] = []  # (step, validation loss)
         self.preview_images: list[torch.Tensor] = []  # the latest round, (3, H, W) in [0, 1]
         self.preview_paths: list[Path] = []
-        self._clip: ClipScorer | None = None
+        # Loaded before the first step, on the main process (the one that scores): a bad folder
+        # stops the run at once rather than at the first preview.
+        self._clip = ClipScorer(cfg.clip_model) if cfg.clip_model and cfg.preview_every and world.is_main else None
 
     # -- checkpoints carry the history, so a resumed run still names its best step
     def state(self) -> dict:
@@ -241,19 +280,20 @@ class RunWatcher:
         if self.decoder is None:
             return []
         cfg, started = self.cfg, time.perf_counter()
+        steps, guidance, use_cfg = preview_plan(cfg, self.spec)
         self.backbone.set_training(False)
-        try:
-            latents = [sample_latents(self.backbone, text, self.negative_text, size=cfg.preview_resolution,
-                                      steps=cfg.preview_steps, guidance=cfg.preview_guidance,
+        try:  # every process samples (a sharded model needs all of them); the main one decodes
+            latents = [sample_latents(self.backbone, text, self.negative_text if use_cfg else None,
+                                      size=cfg.preview_resolution, steps=steps, guidance=guidance,
                                       guidance_input=self.spec.guidance_embeds, seed=cfg.seed + k, device=self.device,
                                       weight_dtype=self.weight_dtype, autocast=self.autocast)
                        for k, text in enumerate(self.preview_texts)]
         finally:
             self.backbone.set_training(True)
-        images = [self.decoder.decode_latents(x)[0].float().cpu() for x in latents]
-        self.preview_images = images
         if not self.world.is_main:
             return []
+        images = [self.decoder.decode_latents(x)[0].float().cpu() for x in latents]
+        self.preview_images = images
         paths = [save_png(img, self.run_dir / "previews" / f"step-{step:06d}-{k}.png") for k, img in enumerate(images)]
         self.preview_paths = paths
         scores = self._clip_scores(images)
@@ -267,9 +307,13 @@ class RunWatcher:
         return paths
 
     def _clip_scores(self, images: list[torch.Tensor]) -> list[float]:
-        if not self.cfg.clip_model:
-            return []
-        if self._clip is None:
-            self._clip = ClipScorer(self.cfg.clip_model)
-        return self._clip.score(images, self.prompts)
+        return self._clip.score(images, self.prompts) if self._clip else []
+
+    def latest_round(self) -> list[Path]:
+        """The newest preview files on disk (a run resumed only to write its final files made none)."""
+        if self.preview_paths or not (self.run_dir / "previews").is_dir():
+            return self.preview_paths
+        files = sorted((self.run_dir / "previews").glob("step-*.png"))
+        last = files[-1].name.rsplit("-", 1)[0] if files else ""
+        return [f for f in files if f.name.rsplit("-", 1)[0] == last]
 

@@ -50,20 +50,24 @@ def read_run(path: str | Path) -> RunRecord:
     lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
     by_step: dict[int, tuple[float, float]] = {}
     validation: dict[int, float] = {}
-    times = []
+    seconds, start, last = 0.0, None, None  # summed per session: a resume starts a new one
     for line in lines:
         try:
             event = json.loads(line)
         except ValueError:
             continue  # a line a killed run left half-written
-        times += [event["time"]] if "time" in event else []
-        kind, data = event.get("kind"), event.get("data") or {}
+        kind, data, now = event.get("kind"), event.get("data") or {}, event.get("time")
+        if kind == "info" and data.get("model"):  # each session (the first, or a resume) opens with it
+            record.model, record.status = data["model"], "running or killed"
+            if start is not None and last is not None:
+                seconds += last - start
+            start = now
+        last = now if now is not None else last
         if kind == "step" and event.get("loss") is not None:
-            by_step[event["step"]] = (event["loss"], event.get("smoothed_loss") or event["loss"])  # a resume repeats steps: the last wins
+            # A resume repeats the steps after its checkpoint: the last record of a step wins.
+            by_step[event["step"]] = (event["loss"], event.get("smoothed_loss") or event["loss"])
         elif kind == "validation":
             validation[event["step"]] = data["validation_loss"]
-        elif kind == "info" and data.get("model"):
-            record.model = data["model"]
         elif kind == "finished":
             record.status, record.lora_path = "finished", data.get("lora_path", "")
         elif kind in ("cancelled", "failed"):
@@ -72,8 +76,8 @@ def read_run(path: str | Path) -> RunRecord:
     record.losses = [by_step[s][0] for s in record.steps]
     record.smoothed = [by_step[s][1] for s in record.steps]
     record.validation = sorted(validation.items())
-    if len(times) > 1:
-        record.seconds = times[-1] - times[0]
+    if start is not None and last is not None:
+        record.seconds = seconds + last - start
     return record
 
 

@@ -28,7 +28,7 @@ from .config import TrainConfig, save_yaml
 from .data import DatasetReport, scan_dataset_for
 from .distributed import World, check_precision, lost_a_process
 from .encoders import FeatureEncoder
-from .evaluation import RunWatcher, preview_prompts, split_validation
+from .evaluation import RunWatcher, load_png, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
@@ -279,6 +279,7 @@ class Trainer:
         self.world = World()
         self.strategy = ""  # "ddp" or "fsdp" with several processes
         self.resume_path: Path | None = None  # the checkpoint folder a resume continues from
+        self.step = 0  # the last step done, for the events of a failure
 
     # ------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -340,10 +341,10 @@ class Trainer:
             raise
         except DiskFull as e:
             error = DiskFull(f"{e}. {self._last_checkpoint_text(run_dir)}")
-            self.events.emit(StatusEvent("failed", str(error), total=cfg.steps))
+            self.events.emit(StatusEvent("failed", str(error), step=self.step, total=cfg.steps))
             raise error from None
         except Exception as e:
-            self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
+            self.events.emit(StatusEvent("failed", str(e), step=self.step, total=cfg.steps))
             raise
         finally:
             self.events.close()
@@ -387,9 +388,15 @@ class Trainer:
                      ", ".join(all_data.samples[i].path.name for i in held_ids[:5]))
         preview_texts, decoder = [], None
         if cfg.preview_every:
-            preview_texts = [self.encoder.encode_text([p], cfg.max_sequence_length)[0].float().cpu()
-                             for p in preview_prompts(cfg)]
-            decoder = self.encoder.decoder()
+            make_decoder = getattr(self.encoder, "decoder", None)
+            if make_decoder is None:
+                log.warning("previews are off: %s has no VAE decoder", type(self.encoder).__name__)
+            else:
+                preview_texts = [self.encoder.encode_text([p], cfg.max_sequence_length)[0].float().cpu()
+                                 for p in preview_prompts(cfg)]
+                decoder = make_decoder()
+        elif cfg.clip_model:
+            log.warning("--clip-model scores preview images, and --preview-every is 0: no CLIP score this run")
         if self.free_encoder:
             self.free_encoder()
         self.encoder = None
@@ -438,6 +445,7 @@ class Trainer:
             optimizer.load_state_dict(shard_like(state["optimizer"], params))
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
+            self.step = step
             watcher.load_state(state)
 
         plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
@@ -519,7 +527,7 @@ class Trainer:
                 if world.size > 1 and lost_a_process(e):
                     raise ProcessLost(self._lost_message(step + 1, run_dir, e)) from None
                 raise
-            step += 1
+            step = self.step = step + 1
             loss_value = self._sum([sum(micro_losses)], device, step, run_dir)[0] / (len(micro_losses) * world.size)
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
@@ -534,7 +542,7 @@ class Trainer:
                 hook(step, self)
 
             last = step == cfg.steps
-            self._watch(step, last, device)
+            self._watch(step, last, device, state, micro_step, losses)
             stop = not last and self.should_stop()
             if world.size > 1 and not last:  # a stop asked of any process (Ctrl-C) stops all of them
                 stop = self._sum([float(stop)], device, step, run_dir)[0] > 0
@@ -643,10 +651,16 @@ class Trainer:
                                          text.to(device, weight_dtype), guidance=cfg.guidance_scale)
         return flow_loss(pred, target, sigmas, cfg.loss_weighting)
 
-    def _watch(self, step: int, last: bool, device) -> None:
-        """The validation loss and previews due at `step`."""
+    def _watch(self, step: int, last: bool, device, st=None, micro_step: int = 0, losses=()) -> None:
+        """The validation loss and previews due at `step`; a host's stop inside them (ComfyUI's
+        Cancel) ends the run with a checkpoint of `step`, as between steps."""
         try:
             self.watcher.after_step(step, last)
+        except self.stop_exceptions:
+            path = self._save_checkpoint(st, step, micro_step, losses) if step > 0 else None
+            raise TrainingCancelled(f"stopped at step {step} of {self.cfg.steps}"
+                                    + (f"; checkpoint {path} holds the run: resume from it to continue" if path
+                                       else " (before training)"), step, str(path) if path else None) from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message(device) + " (It ran out in the validation loss or the previews: "
                               "--preview-resolution, --validate-every 0 or --preview-every 0 lower that part.)") from None
@@ -699,8 +713,8 @@ class Trainer:
             run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
             smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
             peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints,
-            adapter=adapter, validation=list(self.watcher.history), previews=list(self.watcher.preview_paths),
-            preview_images=list(self.watcher.preview_images))
+            adapter=adapter, validation=list(self.watcher.history), previews=list(self.watcher.latest_round()),
+            preview_images=list(self.watcher.preview_images) or [load_png(p) for p in self.watcher.latest_round()])
         result.summary = summarize(result, cfg)
         if self.world.is_main:
             atomic_write_text(run_dir / "summary.txt", result.summary)

@@ -47,8 +47,28 @@ class ComfyEncoders:
         images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1)  # (B, H, W, C) in [0, 1]
         return self.process_latent_in(self.vae.encode(images).float().cpu())
 
-    def decoder(self) -> "ComfyEncoders":
-        return self  # ComfyUI's model management moves the VAE in and out as it is used
+    def decoder(self) -> "ComfyCpuDecoder":
+        return ComfyCpuDecoder(self.vae, self.process_latent_out)
+
+
+class ComfyCpuDecoder:
+    """The graph's VAE, copied to the CPU for preview images. Decoding on the GPU would make ComfyUI
+    free memory for the VAE, which can unload part of the MODEL being trained mid-run; on the CPU
+    ComfyUI frees nothing (a float32 copy of the FLUX.2 VAE takes about 340 MB of CPU memory)."""
+
+    def __init__(self, vae, process_latent_out):
+        import copy
+
+        import comfy.model_patcher
+
+        cpu = torch.device("cpu")
+        model = copy.deepcopy(vae.first_stage_model).to(cpu, torch.float32).eval()
+        self.vae = copy.copy(vae)  # ComfyUI's decode logic (tiling, output layout) on the copy
+        self.vae.first_stage_model = model
+        self.vae.patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        self.vae.device = self.vae.output_device = cpu
+        self.vae.vae_dtype = torch.float32
+        self.process_latent_out = process_latent_out
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

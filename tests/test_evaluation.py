@@ -142,3 +142,32 @@ def test_runs_lists_compares_and_saves_a_preset(dataset, tiny_pipeline_dir, tmp_
 
     lines = [json.loads(x) for x in (out / "first" / "metrics.jsonl").read_text().splitlines()]
     assert all("time" in x for x in lines)
+
+
+@pytest.mark.parametrize("size, steps", [(512, 20), (1024, 28), (1536, 4)])
+def test_the_preview_schedule_is_the_flux2_pipelines_schedule(size, steps):
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    from flux2_train.evaluation import flux2_sigmas
+
+    tokens = (size // 16) ** 2
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(tokens, steps))
+    assert torch.allclose(flux2_sigmas(steps, tokens).float(), scheduler.sigmas.float(), atol=1e-6)
+
+
+def test_previews_guide_as_each_flux2_model_samples():
+    from types import SimpleNamespace
+
+    from flux2_train.evaluation import preview_plan
+
+    cfg = resolve_config(overrides={"preview_every": 100})
+    dev = SimpleNamespace(guidance_embeds=True, distilled=None)
+    base = SimpleNamespace(guidance_embeds=False, distilled=False)
+    distilled = SimpleNamespace(guidance_embeds=False, distilled=True)
+    assert preview_plan(cfg, dev) == (20, 4.0, False)  # its guidance input, one pass a step
+    assert preview_plan(cfg, base) == (20, 4.0, True)  # classifier-free guidance
+    assert preview_plan(cfg, distilled)[0::2] == (4, False)  # few steps, no guidance
+    assert preview_plan(resolve_config(overrides={"preview_steps": 8}), distilled)[0] == 8

@@ -203,7 +203,8 @@ export class RunState {
       v.steps.push(step);
       v.losses.push(loss);
     }
-    if (!v.best || loss < v.best.loss) v.best = { step, loss };
+    const i = v.losses.indexOf(Math.min(...v.losses)); // a replaced point can change the best
+    v.best = { step: v.steps[i], loss: v.losses[i] };
   }
 
   // Optional: an event's data.losses (and data.smoothed_losses) holds the loss of steps
