@@ -20,6 +20,7 @@ def demo_config(output_dir: Path, steps: int, device: str = "cpu", model_dir: Pa
             name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", trigger_word=DEMO_TRIGGER,
             resolution=128, max_sequence_length=64, steps=steps, rank=8, alpha=8.0,
             learning_rate=3e-3, gradient_accumulation=1, save_every=max(1, steps // 2),
+            validate_every=max(1, steps // 6),
             dtype="float32", device=device, tensorboard=False,
         ),
     )
