@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .errors import DiskFull, ResumeError
-from .fsutil import atomic_write_text, disk_full, publish_dir, save_safetensors_atomic
+from .fsutil import atomic_write_text, disk_full, out_of_space, publish_dir, restore_set_aside, save_safetensors_atomic
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.safetensors"
@@ -49,8 +49,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder under a temporary name, then rename it into place."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as e:  # a new folder needs a free block on most filesystems
+        if out_of_space(e):
+            raise disk_full(final) from None
+        raise
     try:
         save_safetensors_atomic(adapter, tmp / "adapter.safetensors")
         write_lora(tmp / "lora.safetensors")
@@ -83,8 +88,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def remove_leftovers(run_dir: Path) -> None:
-    """Temporary files and checkpoint folders of writes that never finished (a kill, a power cut)."""
-    for leftover in [*run_dir.glob(".*.tmp"), *(run_dir / CHECKPOINTS).glob(".step-*")]:
+    """Temporary files and checkpoint folders of writes that never finished (a kill, a power cut)
+    anywhere in the run folder; a checkpoint moved aside by an unfinished rewrite is put back."""
+    if (run_dir / CHECKPOINTS).is_dir():
+        restore_set_aside(run_dir / CHECKPOINTS)
+    for leftover in [*run_dir.rglob(".*.tmp"), *(run_dir / CHECKPOINTS).glob(".step-*")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -116,8 +124,10 @@ def checkpoint_info(ckpt: Path) -> dict[str, Any]:
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(info, adapter weights, training state); refuses damaged files with a clear message."""
     if not (ckpt / STATE_FILE).is_file() and any((ckpt / n).exists() for n in ("state.pt", "state.bin")):
-        raise ResumeError(f"checkpoint {ckpt} keeps its training state as a pickle file, which this trainer never "
-                          "loads (unpickling can run code); resume from a checkpoint this trainer wrote")
+        raise ResumeError(f"checkpoint {ckpt} keeps its training state as a pickle file (as this trainer's versions "
+                          "before safetensors checkpoints did, or another tool); it is never loaded, since "
+                          "unpickling can run code. Its LoRA, lora.safetensors, loads as it is; to train on, "
+                          "start a new run")
     try:
         info = checkpoint_info(ckpt)
         adapter = load_file(str(ckpt / "adapter.safetensors"))
@@ -188,6 +198,14 @@ def _unpack(obj, tensors: dict[str, torch.Tensor]):
         return {k: _unpack(v, tensors) for k, v in value}
     items = [_unpack(v, tensors) for v in value]
     return tuple(items) if kind == "tuple" else items
+
+
+def check_not_finished(run_dir: Path, step: int, cfg) -> None:
+    """A checkpoint at the last step resumes only to write final files that a crash cut short."""
+    done = (run_dir / "summary.txt").is_file() and (run_dir / f"{cfg.name or run_dir.name}.safetensors").is_file()
+    if step >= cfg.steps and done:
+        raise ResumeError(f"the run {run_dir} already finished at step {step} and its LoRA is written; "
+                          f"raise --steps above {step} to train on from its last checkpoint")
 
 
 def check_resumable(info: dict[str, Any], cfg, spec) -> list[str]:

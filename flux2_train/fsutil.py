@@ -26,8 +26,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
     FileExistsError when `path` appeared meanwhile: nothing is ever replaced.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if out_of_space(e):
+            raise disk_full(path) from None
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -42,7 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if _out_of_space(e):
+        if out_of_space(e):
             raise disk_full(path) from None
         raise
     return path
@@ -53,7 +58,7 @@ def disk_full(target: Path) -> DiskFull:
                     "nothing was replaced. Free some space (or point the output elsewhere) and run again")
 
 
-def _out_of_space(e: BaseException) -> bool:
+def out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in _NO_SPACE
     # safetensors' writer (Rust) reports the OS error as text: "... (os error 28)"
@@ -100,11 +105,26 @@ def save_safetensors_atomic(tensors: dict, path: str | Path, metadata: dict[str,
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written folder into place (replacing an older one of the same name)."""
+    """Move a fully written folder into place. An older folder of the same name is moved aside first
+    and deleted only after the new one is in place (`restore_set_aside` undoes a kill in between)."""
+    aside = None
     if final_dir.exists():
-        shutil.rmtree(final_dir)
+        aside = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, aside)
     os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_set_aside(folder: Path) -> None:
+    """Put back folders that `publish_dir` moved aside when it was stopped before the new one was in place."""
+    for aside in folder.glob(".*.old-*"):
+        final = folder / aside.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
 
 
 def resolve_within(user_path: str, roots: list[Path], what: str, base: Path | None = None) -> Path:
@@ -127,8 +147,9 @@ def resolve_within(user_path: str, roots: list[Path], what: str, base: Path | No
 
 
 # Refused in names on Windows or by ComfyUI's file lists; control characters anywhere.
-_RESERVED_CHARACTERS = set('<>:"|?*')
-_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_RESERVED_CHARACTERS = set('<>:"|?*\x7f')
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                   *(f"{d}{i}" for d in ("com", "lpt") for i in [*"123456789", "\u00b9", "\u00b2", "\u00b3"])}
 
 
 def check_file_name(name: str, what: str = "file name") -> str:

@@ -32,7 +32,7 @@ from .evaluation import RunWatcher, load_png, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, out_of_space
 from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
@@ -145,7 +145,11 @@ def optimizer_factory(cfg: TrainConfig, device: torch.device) -> Callable[[list]
         return lambda params: Prodigy(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay,
                                       safeguard_warmup=cfg.lr_warmup_steps > 0)
     if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        try:
+            from transformers.optimization import Adafactor
+        except ImportError:
+            raise ConfigError("--optimizer adafactor needs transformers' Adafactor: pip install -U transformers "
+                              "(or use --optimizer adamw)") from None
 
         return lambda params: Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
                                         warmup_init=False, weight_decay=cfg.weight_decay)
@@ -284,18 +288,17 @@ class Trainer:
     # ------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, spec = self.cfg, self.backbone.spec
-        device = resolve_device(cfg.device)
-        world = self.world = World.join(device, allowed=self.several_processes)
-        device = world.device(device)
-        weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
-        optimizer_factory(cfg, device)  # an optimizer this machine cannot run is named before any work
-        world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
-        if world.size > 1:
-            check_precision(mixed_precision)
-
-        # Before any heavy work (and before a run folder exists): the dataset's buckets
-        # and the memory plan. A run that cannot fit stops here.
+        # Before any heavy work (and before a run folder exists): the options this machine can
+        # run, the dataset's buckets and the memory plan. A run that cannot fit stops here.
         try:
+            device = resolve_device(cfg.device)
+            world = self.world = World.join(device, allowed=self.several_processes)
+            device = world.device(device)
+            weight_dtype, mixed_precision, precision_text = precision_plan(cfg.dtype, device)
+            optimizer_factory(cfg, device)  # an optimizer this machine cannot run
+            world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
+            if world.size > 1:
+                check_precision(mixed_precision)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
         except Exception as e:
@@ -311,6 +314,7 @@ class Trainer:
             if changed:
                 log.warning("resuming with changed options: %s", ", ".join(changed))
             run_dir = ckpt_path.parent.parent
+            ckpt.check_not_finished(run_dir, int(resume_info[0].get("step", 0)), cfg)
             if world.is_main:
                 ckpt.remove_leftovers(run_dir)  # of writes cut short by a crash or a kill
             if not cfg.name:
@@ -339,8 +343,12 @@ class Trainer:
         except TrainingCancelled as e:
             self.events.emit(StatusEvent("cancelled", str(e), step=e.step, total=cfg.steps))
             raise
-        except DiskFull as e:
-            error = DiskFull(f"{e}. {self._last_checkpoint_text(run_dir)}")
+        except (DiskFull, OSError) as e:
+            if not isinstance(e, DiskFull) and not out_of_space(e):
+                self.events.emit(StatusEvent("failed", str(e), step=self.step, total=cfg.steps))
+                raise
+            error = DiskFull(f"{e if isinstance(e, DiskFull) else 'the disk is full: ' + str(e)}. "
+                             f"{self._last_checkpoint_text(run_dir)}")
             self.events.emit(StatusEvent("failed", str(error), step=self.step, total=cfg.steps))
             raise error from None
         except Exception as e:
@@ -724,7 +732,7 @@ class Trainer:
     @staticmethod
     def _last_checkpoint_text(run_dir) -> str:
         last = ckpt.list_checkpoints(run_dir)
-        return (f"The last checkpoint, {last[-1]}, is intact: resume from it (--resume {run_dir})" if last
+        return (f"The last checkpoint, {last[-1]}, is intact: {_resume_hint(run_dir)}" if last
                 else "No checkpoint had been written yet")
 
     def _nan_message(self, step, value, run_dir) -> str:
@@ -745,7 +753,7 @@ class Trainer:
 
     def _lost_message(self, step, run_dir, error) -> str:
         last = ckpt.list_checkpoints(run_dir)
-        keep = (f"the last checkpoint, {last[-1]}, is intact: resume from it (--resume {run_dir}) on any number "
+        keep = (f"the last checkpoint, {last[-1]}, is intact: {_resume_hint(run_dir)}, on any number "
                 "of processes" if last else "no checkpoint was written before it")
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         return (f"another process of this {self.world.size}-process run stopped during step {step} (its own "
@@ -770,6 +778,10 @@ class Trainer:
                 f"rank {cfg.rank}, dtype {cfg.dtype}, gradient checkpointing "
                 f"{'on' if cfg.gradient_checkpointing else 'off'}; try " + (", ".join(tips) or "a smaller model")
                 + ". The last checkpoint is intact; resume from it with the new settings.")
+
+
+def _resume_hint(run_dir: Path) -> str:
+    return f"resume from it (--resume {run_dir}; in ComfyUI, the training node's resume input {Path(run_dir).name})"
 
 
 def summarize(result: TrainResult, cfg: TrainConfig) -> str:

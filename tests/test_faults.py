@@ -206,6 +206,43 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_resume_reproduces_the_run(
     assert report["hidden_after_resume"] == []
 
 
+@pytest.mark.failure_case("disk full during a save")
+def test_a_disk_too_full_for_a_new_folder_is_named_too(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from flux2_train.errors import DiskFull
+
+    def no_space(*args, **kwargs):  # what ext4 says when a new folder finds no free block
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_space)
+    with pytest.raises(DiskFull, match=r"the disk is full: .*step-000004 could not be written"):
+        ckpt.save_checkpoint(tmp_path / "run", 4, adapter={}, write_lora=lambda p: None, state={}, info={}, keep=2)
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    from flux2_train.fsutil import atomic_write_text
+
+    with pytest.raises(DiskFull, match="summary.txt could not be written"):
+        atomic_write_text(tmp_path / "run" / "summary.txt", "x")
+
+
+@pytest.mark.failure_case("killed during a checkpoint write")
+def test_a_checkpoint_rewrite_cut_short_between_its_renames_is_put_back(tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    save = dict(adapter={"a": torch.ones(2)}, write_lora=lambda p: save_file({"x": torch.ones(1)}, str(p)),
+                state={"step": 2}, info={"step": 2}, keep=2)
+    first = ckpt.save_checkpoint(run, 2, **save)
+    aside = first.with_name(f".{first.name}.old-123")  # the old folder moved aside, the new one not yet in
+    os.replace(first, aside)
+    assert ckpt.list_checkpoints(run) == []
+    ckpt.remove_leftovers(run)
+    assert ckpt.list_checkpoints(run) == [first] and not aside.exists()
+    ckpt.save_checkpoint(run, 2, **save)  # a rewrite of the same step, done whole
+    assert ckpt.list_checkpoints(run) == [first] and not list((run / ckpt.CHECKPOINTS).glob(".*"))
+
+
 # --------------------------------------------------------------------------- files from elsewhere
 
 @pytest.fixture
@@ -265,7 +302,7 @@ def test_pickle_files_are_refused_and_never_unpickled(dataset, tiny_pipeline_dir
     (step / ckpt.STATE_FILE).unlink()
     (step / "state.pt").write_bytes(pickle.dumps({"step": _Payload(marker)}))
     msg = resume_error(dataset, tiny_pipeline_dir, finished_run)
-    assert "pickle file, which this trainer never loads" in msg
+    assert "as a pickle file" in msg and "it is never loaded" in msg
 
     for name in ("flux2-dev.ckpt", "flux2-dev.pt", "diffusion_pytorch_model.bin"):
         (tmp_path / name).write_bytes(pickle.dumps(_Payload(marker)))

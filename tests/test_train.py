@@ -217,6 +217,10 @@ def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeli
     run_dir = tmp_path / "run"
     with pytest.raises(ResumeError, match="nothing is left to train"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=1), tiny_pipeline_dir, resume=run_dir)
+    lora = (run_dir / "run.safetensors").read_bytes()
+    with pytest.raises(ResumeError, match="already finished at step 2 and its LoRA is written"):
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2), tiny_pipeline_dir, resume=run_dir)
+    assert (run_dir / "run.safetensors").read_bytes() == lora
     with pytest.raises(ResumeError, match="rank was 4, now 8"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, rank=8), tiny_pipeline_dir,
               resume=run_dir)
