@@ -396,5 +396,27 @@ def main(argv: list[str] | None = None) -> int:
         leave()
 
 
+def entry_point() -> None:
+    """The console script and `python -m flux2_train`: `main`, then exit with its code.
+
+    A process of a multi-process run exits without running interpreter teardown: the process
+    group is already destroyed, and gloo's threads can otherwise abort the exit (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded.
+    """
+    from .distributed import launched_processes
+
+    try:
+        several = launched_processes() > 1
+    except ConfigError:  # main says what is wrong with it
+        several = False
+    code = main()
+    if several:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
