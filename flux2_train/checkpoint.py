@@ -82,9 +82,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    root = run_dir / CHECKPOINTS
-    for leftover in root.glob(".step-*"):  # folders of a write that was killed midway
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -163,8 +160,7 @@ def check_adapter(ckpt: Path, adapter: dict[str, torch.Tensor], expected: dict[s
 def save_state(state: dict[str, Any], path: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _pack(state, tensors)
-    save_safetensors_atomic({k: t.clone() for k, t in tensors.items()}, path,
-                            metadata={"state": json.dumps(skeleton)})
+    save_safetensors_atomic(tensors, path, metadata={"state": json.dumps(skeleton)})
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -177,7 +173,7 @@ def load_state(path: Path) -> dict[str, Any]:
 def _pack(obj, tensors: dict[str, torch.Tensor]):
     if isinstance(obj, torch.Tensor):
         key = str(len(tensors))
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach().cpu().clone()  # its own storage: safetensors refuses tensors that share one
         return {"tensor": key}
     if isinstance(obj, dict):  # keys may be ints (optimizer state by parameter index)
         return {"dict": [[k, _pack(v, tensors)] for k, v in obj.items()]}

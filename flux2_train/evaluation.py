@@ -50,6 +50,11 @@ class LatentDecoder(Protocol):
 
 # --------------------------------------------------------------------------- validation
 
+def best_step(history: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """The (step, validation loss) with the lowest loss; None before any evaluation."""
+    return min(history, key=lambda sv: sv[1]) if history else None
+
+
 @dataclass(frozen=True)
 class ValidationPair:
     sample: int  # index into the cached samples
@@ -243,7 +248,7 @@ class RunWatcher:
 
     @property
     def best(self) -> tuple[int, float] | None:
-        return min(self.history, key=lambda sv: sv[1]) if self.history else None
+        return best_step(self.history)
 
     def after_step(self, step: int, last: bool) -> None:
         cfg = self.cfg

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import load_yaml
 from .errors import ConfigError
+from .evaluation import best_step
 from .fsutil import atomic_write_text
 
 # Options that say where a run was, not how it trained: left out of comparisons and presets.
@@ -38,7 +39,7 @@ class RunRecord:
 
     @property
     def best_validation(self) -> tuple[int, float] | None:
-        return min(self.validation, key=lambda sv: sv[1]) if self.validation else None
+        return best_step(self.validation)
 
 
 def read_run(path: str | Path) -> RunRecord:

@@ -28,7 +28,7 @@ from .config import TrainConfig, save_yaml
 from .data import DatasetReport, scan_dataset_for
 from .distributed import World, check_precision, lost_a_process
 from .encoders import FeatureEncoder
-from .evaluation import RunWatcher, load_png, preview_prompts, split_validation
+from .evaluation import RunWatcher, best_step, load_png, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
@@ -67,7 +67,7 @@ class TrainResult:
 
     @property
     def best_validation(self) -> tuple[int, float] | None:
-        return min(self.validation, key=lambda sv: sv[1]) if self.validation else None
+        return best_step(self.validation)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -343,17 +343,15 @@ class Trainer:
         except TrainingCancelled as e:
             self.events.emit(StatusEvent("cancelled", str(e), step=e.step, total=cfg.steps))
             raise
-        except (DiskFull, OSError) as e:
-            if not isinstance(e, DiskFull) and not out_of_space(e):
-                self.events.emit(StatusEvent("failed", str(e), step=self.step, total=cfg.steps))
-                raise
-            error = DiskFull(f"{e if isinstance(e, DiskFull) else 'the disk is full: ' + str(e)}. "
-                             f"{self._last_checkpoint_text(run_dir)}")
-            self.events.emit(StatusEvent("failed", str(error), step=self.step, total=cfg.steps))
-            raise error from None
         except Exception as e:
-            self.events.emit(StatusEvent("failed", str(e), step=self.step, total=cfg.steps))
-            raise
+            error = e
+            if isinstance(e, DiskFull) or out_of_space(e):  # named with what survived, wherever it happened
+                text = str(e) if isinstance(e, DiskFull) else f"the disk is full: {e}"
+                error = DiskFull(f"{text}. {self._last_checkpoint_text(run_dir)}")
+            self.events.emit(StatusEvent("failed", str(error), step=self.step, total=cfg.steps))
+            if error is e:
+                raise
+            raise error from None
         finally:
             self.events.close()
 
@@ -717,12 +715,13 @@ class Trainer:
             save_loss_plot(run_dir / "loss.png", list(range(1, len(losses) + 1)), losses, smoothed,
                            title=f"{cfg.name}: {st['spec'].title}, rank {cfg.rank}",
                            val_steps=[s for s, _ in history] or None, val_losses=[v for _, v in history] or None)
+        previews = self.watcher.latest_round()
         result = TrainResult(
             run_dir=run_dir, lora_path=paths[0], extra_lora_paths=paths[1:], steps=len(losses), losses=losses,
             smoothed=smoothed, targets=st["targets"], spec=st["spec"], seconds=time.perf_counter() - started,
             peak_memory_bytes=peak_memory_bytes(st["device"]), dataset=st["report"], checkpoints=checkpoints,
-            adapter=adapter, validation=list(self.watcher.history), previews=list(self.watcher.latest_round()),
-            preview_images=list(self.watcher.preview_images) or [load_png(p) for p in self.watcher.latest_round()])
+            adapter=adapter, validation=list(self.watcher.history), previews=previews,
+            preview_images=list(self.watcher.preview_images) or [load_png(p) for p in previews])
         result.summary = summarize(result, cfg)
         if self.world.is_main:
             atomic_write_text(run_dir / "summary.txt", result.summary)

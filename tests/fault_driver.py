@@ -17,29 +17,17 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from flux2_train import checkpoint as ckpt
 from flux2_train import fsutil
-from flux2_train.config import resolve_config
-from flux2_train.encoders import load_pipeline_encoders
 from flux2_train.errors import DiskFull
-from flux2_train.model import load_transformer
 from flux2_train.train import Trainer
-
-
-def config(args: dict, out: str):
-    return resolve_config(overrides=dict(
-        dataset=args["dataset"], model=args["model"], output_dir=out, cache_dir=args["cache"], name="run",
-        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=args["steps"], rank=4,
-        alpha=4.0, learning_rate=1e-3, dtype="float32", device="cpu", save_every=args["save_every"],
-        tensorboard=False, caption_dropout=0.2, flip=True, lora_dropout=0.1, seed=7))
+from tiny_run import tiny_config, tiny_trainer
 
 
 def trainer(args: dict, out: str, resume=None) -> Trainer:
-    model = Path(args["model"])
-    return Trainer(config(args, out), load_transformer(model, dtype=torch.float32),
-                   encoder=load_pipeline_encoders(model, device="cpu", dtype=torch.float32), resume=resume)
+    cfg = tiny_config(args["dataset"], args["model"], out, args["cache"], steps=args["steps"],
+                      save_every=args["save_every"])
+    return tiny_trainer(cfg, Path(args["model"]), resume=resume)
 
 
 def die_halfway_through(args: dict) -> None:

@@ -43,6 +43,21 @@ def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_training(args: list[str], new_session: bool = False) -> subprocess.Popen:
+    """`python -m flux2_train train ARGS` in the background, as a user starts it in a terminal."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+
+
+def wait_until(done, seconds: float = 120) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not done():
+        time.sleep(0.2)
+    return done()
+
+
 def step_losses(run: Path) -> list[float]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [x["loss"] for x in lines if "loss" in x]
@@ -164,15 +179,10 @@ def test_an_accumulation_that_cannot_be_shared_is_named_before_any_work(tiny_pip
 @pytest.mark.failure_case("a process of a multi-GPU run dies")
 def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeline_dir, demo_dataset, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "flux2_train", "train", "--num-gpus", "2",
-                             *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=100000,
-                                      save_every=5)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_training(["--num-gpus", "2", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache",
+                                                       steps=100000, save_every=5)])
     checkpoints = out / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
-        time.sleep(0.2)
+    wait_until(lambda: checkpoints.exists() and any(checkpoints.glob("step-*")))
     assert any(checkpoints.glob("step-*")), "no checkpoint within 2 minutes"
     second = [pid for pid in _children(proc.pid) if _env_of(pid).get("RANK") == "1"]
     assert len(second) == 1
@@ -192,17 +202,11 @@ def test_a_process_that_dies_ends_the_run_and_its_checkpoint_resumes(tiny_pipeli
 @pytest.mark.failure_case("Ctrl-C or SIGTERM")
 def test_ctrl_c_stops_every_process_at_a_checkpoint(tiny_pipeline_dir, demo_dataset, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     # A session of its own: Ctrl-C in a terminal reaches the whole foreground group, as here.
-    proc = subprocess.Popen([sys.executable, "-m", "flux2_train", "train", "--num-gpus", "2",
-                             *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=100000,
-                                      save_every=100000)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_training(["--num-gpus", "2", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache",
+                                                       steps=100000, save_every=100000)], new_session=True)
     metrics = out / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"kind": "step"' in metrics.read_text()):
-        time.sleep(0.2)
+    wait_until(lambda: metrics.exists() and '"kind": "step"' in metrics.read_text())
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]

@@ -15,11 +15,9 @@ from safetensors.torch import load_file
 from flux2_train.cli import main
 from flux2_train.config import resolve_config
 from flux2_train.demo import DEMO_DATA
-from flux2_train.encoders import load_pipeline_encoders
 from flux2_train.events import EventBus, StatusEvent
-from flux2_train.model import load_transformer
 from flux2_train.tiny import build_tiny_clip_folder
-from flux2_train.train import Trainer
+from tiny_run import tiny_config, tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +28,12 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def make_cfg(dataset: Path, model: Path, out: Path, **kw):
-    values = dict(dataset=str(dataset), model=str(model), output_dir=str(out), cache_dir=str(out.parent / "cache"),
-                  name="run", trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=6,
-                  rank=4, alpha=4.0, learning_rate=1e-3, dtype="float32", device="cpu", save_every=0,
-                  tensorboard=False, caption_dropout=0.2, flip=True, lora_dropout=0.1, seed=7, validate_every=0,
-                  subject_preset="character")
-    return resolve_config(overrides=values | kw)
+    options = dict(save_every=0, validate_every=0, subject_preset="character") | kw
+    return tiny_config(dataset, model, out, out.parent / "cache", **options)
 
 
 def run(cfg, model: Path, seen=None):
-    trainer = Trainer(cfg, load_transformer(model, dtype=torch.float32),
-                      encoder=load_pipeline_encoders(model, device="cpu", dtype=torch.float32),
-                      events=EventBus([seen.append] if seen is not None else []))
+    trainer = tiny_trainer(cfg, model, events=EventBus([seen.append] if seen is not None else []))
     return trainer, trainer.run()
 
 

@@ -19,15 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux2_train import checkpoint as ckpt
-from flux2_train.config import resolve_config
 from flux2_train.demo import DEMO_DATA
-from flux2_train.encoders import load_pipeline_encoders
 from flux2_train.errors import ConfigError, ModelError, ResumeError, TrainingCancelled
 from flux2_train.model import load_transformer
 from flux2_train.train import Trainer
+from tiny_run import TINY_OPTIONS, tiny_config, tiny_trainer
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-STEPS, SAVE_EVERY = 6, 2
+STEPS, SAVE_EVERY = TINY_OPTIONS["steps"], TINY_OPTIONS["save_every"]
 
 
 class Interrupted(Exception):
@@ -41,28 +40,15 @@ def dataset(tmp_path_factory) -> Path:
     return dst
 
 
-def make_cfg(dataset: Path, model: Path, out: Path, cache: Path, **kw):
-    values = dict(dataset=str(dataset), model=str(model), output_dir=str(out), cache_dir=str(cache), name="run",
-                  trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=32, steps=STEPS, rank=4,
-                  alpha=4.0, learning_rate=1e-3, dtype="float32", device="cpu", save_every=SAVE_EVERY,
-                  tensorboard=False, caption_dropout=0.2, flip=True, lora_dropout=0.1, seed=7)
-    return resolve_config(overrides=values | kw)
-
-
-def make_trainer(cfg, model: Path, backbone=None, **kw) -> Trainer:
-    return Trainer(cfg, backbone or load_transformer(model, dtype=torch.float32),
-                   encoder=load_pipeline_encoders(model, device="cpu", dtype=torch.float32), **kw)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tiny_pipeline_dir, tmp_path_factory):
     """The reference: the same run, never interrupted."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    return make_trainer(make_cfg(dataset, tiny_pipeline_dir, root, root / "cache"), tiny_pipeline_dir).run()
+    return tiny_trainer(tiny_config(dataset, tiny_pipeline_dir, root, root / "cache"), tiny_pipeline_dir).run()
 
 
 def resume(dataset, model, out: Path, cache: Path):
-    return make_trainer(make_cfg(dataset, model, out, cache), model, resume=out / "run").run()
+    return tiny_trainer(tiny_config(dataset, model, out, cache), model, resume=out / "run").run()
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -83,13 +69,13 @@ def test_cancel_while_caching_keeps_what_was_cached_and_the_next_run_reuses_it(d
     cache = tmp_path / "cache"
     cached = lambda: len(list((cache / "latents").rglob("*.safetensors"))) if cache.exists() else 0  # noqa: E731
     with pytest.raises(TrainingCancelled, match="cancelled while caching") as stopped:
-        make_trainer(make_cfg(dataset, tiny_pipeline_dir, tmp_path, cache), tiny_pipeline_dir,
+        tiny_trainer(tiny_config(dataset, tiny_pipeline_dir, tmp_path, cache), tiny_pipeline_dir,
                      should_stop=lambda: cached() >= 2).run()
     assert stopped.value.checkpoint is None and stopped.value.step == 0
     assert 2 <= cached() < 12, "the cache kept what was encoded before Cancel"
     assert ckpt.list_checkpoints(tmp_path / "run") == []
 
-    again = make_trainer(make_cfg(dataset, tiny_pipeline_dir, tmp_path, cache), tiny_pipeline_dir).run()
+    again = tiny_trainer(tiny_config(dataset, tiny_pipeline_dir, tmp_path, cache), tiny_pipeline_dir).run()
     assert again.run_dir.name == "run-2" and cached() == 12  # a new run, which finishes the cache
     assert_same_run(again, uninterrupted)
 
@@ -107,9 +93,9 @@ def test_cancel_inside_a_step_drops_that_step_and_resume_redoes_it(dataset, tiny
         return real_predict(*args, **kwargs)
 
     backbone.predict = predict
-    cfg = make_cfg(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", save_every=0)
+    cfg = tiny_config(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", save_every=0)
     with pytest.raises(TrainingCancelled, match="stopped during step 4") as stopped:
-        make_trainer(cfg, tiny_pipeline_dir, backbone, stop_exceptions=(Interrupted,)).run()
+        tiny_trainer(cfg, tiny_pipeline_dir, backbone, stop_exceptions=(Interrupted,)).run()
     assert stopped.value.step == 3
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000003"]
     assert_same_run(resume(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache"), uninterrupted)
@@ -127,7 +113,7 @@ def test_cancel_while_a_checkpoint_is_written_ends_the_run_on_that_checkpoint(da
 
     monkeypatch.setattr(ckpt, "save_state", save_state)
     with pytest.raises(TrainingCancelled, match="stopped at step 2") as stopped:
-        make_trainer(make_cfg(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache"), tiny_pipeline_dir,
+        tiny_trainer(tiny_config(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache"), tiny_pipeline_dir,
                      should_stop=lambda: pressed.get("yes", False)).run()
     assert stopped.value.checkpoint.endswith("step-000002")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000002"]
@@ -247,13 +233,13 @@ def test_a_checkpoint_rewrite_cut_short_between_its_renames_is_put_back(tmp_path
 
 @pytest.fixture
 def finished_run(dataset, tiny_pipeline_dir, tmp_path) -> Path:
-    make_trainer(make_cfg(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", steps=2), tiny_pipeline_dir).run()
+    tiny_trainer(tiny_config(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", steps=2), tiny_pipeline_dir).run()
     return tmp_path / "run"
 
 
 def resume_error(dataset, model, run: Path) -> str:
     with pytest.raises(ResumeError) as e:
-        make_trainer(make_cfg(dataset, model, run.parent, run.parent / "cache", steps=4), model, resume=run).run()
+        tiny_trainer(tiny_config(dataset, model, run.parent, run.parent / "cache", steps=4), model, resume=run).run()
     return str(e.value)
 
 
@@ -325,9 +311,9 @@ def test_a_caption_longer_than_the_token_limit_is_truncated_with_a_warning(datas
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     (data / "robot_01.txt").write_text("r0b0t " + "a very long description of the robot " * 40, encoding="utf-8")
-    cfg = make_cfg(data, tiny_pipeline_dir, tmp_path, tmp_path / "cache", steps=1, max_sequence_length=16)
+    cfg = tiny_config(data, tiny_pipeline_dir, tmp_path, tmp_path / "cache", steps=1, max_sequence_length=16)
     with caplog.at_level(logging.WARNING):
-        make_trainer(cfg, tiny_pipeline_dir).run()
+        tiny_trainer(cfg, tiny_pipeline_dir).run()
     warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert warned and "longer than 16 tokens" in warned[0] and "robot_01.png" in warned[0]
 
@@ -342,32 +328,26 @@ def test_options_this_machine_cannot_run_are_named_before_any_work(dataset, tiny
         "adamw8bit runs on CUDA GPUs only": dict(optimizer="adamw8bit"),
     }
     for message, options in cases.items():
-        cfg = make_cfg(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", **options)
+        cfg = tiny_config(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", **options)
         with pytest.raises(ConfigError, match=message):
             Trainer(cfg, NoModel()).run()
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     with pytest.raises(ConfigError, match="Prodigy sets its own step size"):
-        make_cfg(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", optimizer="prodigy", learning_rate=1e-4)
+        tiny_config(dataset, tiny_pipeline_dir, tmp_path, tmp_path / "cache", optimizer="prodigy", learning_rate=1e-4)
 
 
 @pytest.mark.failure_case("Ctrl-C or SIGTERM")
 def test_sigterm_to_a_command_line_run_stops_it_at_a_checkpoint_that_resumes(dataset, tiny_pipeline_dir, tmp_path):
     import signal
-    import time
 
     from flux2_train.cli import main
-    from test_distributed import REPO, options
+    from test_distributed import options, start_training, wait_until
 
     out = tmp_path / "out"
-    args = options(tiny_pipeline_dir, dataset, out, tmp_path / "cache", steps=100000, save_every=100000)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_training(options(tiny_pipeline_dir, dataset, out, tmp_path / "cache", steps=100000,
+                                  save_every=100000))
     metrics = out / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"kind": "step"' in metrics.read_text()):
-        time.sleep(0.2)
+    wait_until(lambda: metrics.exists() and '"kind": "step"' in metrics.read_text())
     proc.send_signal(signal.SIGTERM)  # what a preempted job or `docker stop` sends
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
