@@ -16,6 +16,8 @@ from typing import Any
 from .errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
+BASE_FORMATS = ("none", "fp8", "int8", "nf4")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
@@ -99,6 +101,10 @@ class TrainConfig:
     # --- precision and memory --------------------------------------------
     dtype: str = _opt("bfloat16", "Precision of the frozen weights; autocast follows it (float32 turns mixed precision off).", DTYPES)
     gradient_checkpointing: bool = _opt(False, "Recompute block activations in the backward pass ([klein] 4B at 1024²: 60% less memory, 43% slower; bench/README.md).")
+    checkpoint_blocks: int = _opt(0, "With --gradient-checkpointing: recompute only the first N blocks and keep the others' activations (0: all blocks; the auto preset picks the fewest that fit).")
+    quantize_base: str = _opt("none", "Store the frozen block weights as fp8 (scaled, with fp8 matmuls on Ada/Hopper), int8 or nf4 (QLoRA; both need bitsandbytes). Engine path only: in ComfyUI pick the weight dtype in the model loader.", BASE_FORMATS)
+    attention: str = _opt("auto", "Attention kernel (PyTorch SDPA): auto, or one of flash, cudnn, efficient, math.", ATTENTION_BACKENDS)
+    compile: bool = _opt(False, "torch.compile each transformer block (regional): the first step compiles for tens of seconds, later steps run faster.")
     device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
     memory_check: bool = _opt(True, "Refuse, before any heavy work, a run whose estimated peak exceeds the GPU's free memory (--no-memory-check: try anyway).")
 
@@ -175,6 +181,9 @@ class TrainConfig:
         need(self.preview_resolution >= 64 and self.preview_resolution % 16 == 0,
              f"--preview-resolution must be a multiple of 16, at least 64 (got {self.preview_resolution})")
         need(self.preview_steps >= 0, f"--preview-steps must be 0 (automatic) or more (got {self.preview_steps})")
+        need(self.checkpoint_blocks >= 0, f"--checkpoint-blocks must be 0 (all) or more (got {self.checkpoint_blocks})")
+        need(self.quantize_base != "fp8" or self.dtype == "bfloat16",
+             f"--quantize-base fp8 computes in bfloat16; set --dtype bfloat16 (got {self.dtype})")
         for fmt in self.extra_formats:
             need(fmt in LORA_FORMATS, f"--extra-formats has {fmt!r}; choose from {', '.join(LORA_FORMATS)}")
         if self.timestep_shift not in ("auto", "none"):

@@ -113,6 +113,9 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dro
     with torch.no_grad():
         for name in targets:
             layer = modules[name]
+            # PEFT gives adapters the base weight's dtype (bf16, even fp8); they train in float32.
+            layer.lora_A[ADAPTER_NAME].float()
+            layer.lora_B[ADAPTER_NAME].float()
             a, b = initial_lora_weights(name, layer.in_features, layer.out_features, rank, seed)
             layer.lora_A[ADAPTER_NAME].weight.copy_(a)
             layer.lora_B[ADAPTER_NAME].weight.copy_(b)

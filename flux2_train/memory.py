@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from .config import TrainConfig
 from .errors import OutOfMemory
 from .lora import resolve_targets
-from .model import ModelSpec, spec_linear_shapes
+from .model import BLOCK_PREFIXES, ModelSpec, spec_linear_shapes
+from .speed import checkpointed_count
 
 GIB = 2**30
 
@@ -70,6 +71,8 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  
 CHECKPOINTING_SLOWDOWN = 0.45  # [klein] 4B at 1024²: 0.292 -> 0.426 s
 BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
 FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights cast per op: 0.346 -> 0.379 s
+FP8_ENGINE_SLOWDOWN = 0.0  # the engine's fp8 matmuls: no slower than bf16 (bench/README.md)
+NF4_SLOWDOWN = 0.25  # bitsandbytes dequantizes each NF4 weight per pass (bench/README.md)
 # Streamed weights cross the bus in each pass that uses them; ComfyUI overlaps the copies with
 # compute, so a GiB costs less than the bus's rate: 0.006 s per GiB and pass, from two
 # [klein] 4B points (5.0 and 7.0 GiB offloaded, with checkpointing).
@@ -190,7 +193,11 @@ def stored_format(stored_bytes: int | None, param_count: int) -> str:
 
 
 def weight_format(placement: Placement, cfg: TrainConfig) -> str:
-    return placement.weight_format or DTYPE_FORMATS[cfg.dtype]
+    if placement.weight_format:
+        return placement.weight_format
+    if placement.host == "engine" and cfg.quantize_base != "none":
+        return cfg.quantize_base
+    return DTYPE_FORMATS[cfg.dtype]
 
 
 def stored_weight_bytes(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement()) -> int:
@@ -224,8 +231,12 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     blocks = spec.num_double + spec.num_single
     # The peak is at one end of the backward pass: all saved activations and no LoRA
     # gradients yet, or all gradients while the first block's activations are still held.
-    if cfg.gradient_checkpointing:
-        held = vector * (blocks * ACT_VECTORS_CHECKPOINTED + RECOMPUTE_VECTORS)
+    recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    if recomputed:
+        # The first `recomputed` blocks keep their inputs; the rest keep everything until the
+        # backward pass reaches them, and have let it go by the time a recomputation starts.
+        inputs = recomputed * ACT_VECTORS_CHECKPOINTED
+        held = vector * (inputs + max((blocks - recomputed) * ACT_VECTORS_PER_BLOCK, RECOMPUTE_VECTORS))
         last = vector * RECOMPUTE_VECTORS
     else:
         held = vector * blocks * ACT_VECTORS_PER_BLOCK
@@ -239,7 +250,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         # Each process holds its shard, plus the block being gathered and the next one (prefetch).
         sizes: dict[str, int] = {}
         for name, (i, o) in spec_linear_shapes(spec).items():
-            if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            if name.startswith(BLOCK_PREFIXES):
                 block = ".".join(name.split(".")[:2])
                 sizes[block] = sizes.get(block, 0) + i * o
         per_param = stored / spec.param_count
@@ -264,7 +275,8 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     settings = {"resolution": f"{cfg.resolution}" if not buckets else _bucket_text(buckets), "batch": cfg.batch_size,
                 "rank": cfg.rank, "targets": cfg.targets, "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)"
                                                                              if offloaded else ""),
-                "checkpointing": "on" if cfg.gradient_checkpointing else "off", "optimizer": cfg.optimizer}
+                "checkpointing": ("off" if not recomputed else "on" if recomputed == blocks
+                                  else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
     streamable = 0
     if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
         everything = dataclasses.replace(placement, offloaded_bytes=stored)
@@ -309,11 +321,15 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     if cfg.optimizer == "adamw":
         found.append(Advice("optimizer adamw8bit", saving(optimizer="adamw8bit"), 0.0))
     if WEIGHT_FORMATS[weight_format(placement, cfg)] >= 2:
-        # fp8 storage exists on the ComfyUI path: priced there, with its casts.
-        fp8 = Placement("comfyui", "fp8", offloaded_bytes=placement.offloaded_bytes)
-        how = ("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)" if placement.host == "comfyui"
-               else "fp8 base: train in ComfyUI with the model loaded in fp8")
-        found.append(Advice(how, saving(placement=fp8), FP8_SLOWDOWN))
+        if placement.host == "comfyui":
+            fp8 = Placement("comfyui", "fp8", offloaded_bytes=placement.offloaded_bytes)
+            found.append(Advice("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)", saving(placement=fp8),
+                                FP8_SLOWDOWN))
+        elif cfg.dtype == "bfloat16":
+            found.append(Advice("--quantize-base fp8", saving(quantize_base="fp8"), FP8_ENGINE_SLOWDOWN))
+    if placement.host == "engine" and WEIGHT_FORMATS[weight_format(placement, cfg)] > WEIGHT_FORMATS["nf4"]:
+        found.append(Advice("--quantize-base nf4 (QLoRA, needs bitsandbytes)", saving(quantize_base="nf4"),
+                            NF4_SLOWDOWN))
     if cfg.batch_size > 1:
         found.append(Advice(f"batch 1 with gradient accumulation {cfg.batch_size * cfg.gradient_accumulation}",
                             saving(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation),
@@ -364,9 +380,11 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
         est = estimate_memory(spec, cfg, placement, None, buckets)
         return AutoPlan(cfg, est, "auto: no GPU memory limit known: the settings as given")
     candidates = []
-    for ckpt in (False, True):
+    blocks = spec.num_double + spec.num_single
+    for recompute in sorted({0, blocks // 4, blocks // 2, 3 * blocks // 4, blocks}):
+        ckpt = recompute > 0
         for split in ((False, True) if cfg.batch_size > 1 and split_batch else (False,)):
-            changes = dict(gradient_checkpointing=ckpt)
+            changes = dict(gradient_checkpointing=ckpt, checkpoint_blocks=0 if recompute == blocks else recompute)
             if split:
                 changes.update(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation)
             c = dataclasses.replace(cfg, **changes)
@@ -380,7 +398,7 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                 est = estimate_memory(spec, c, p, available, buckets, advise=False)
             if est.upper > margin * available:
                 continue
-            cost = 1.0 + (CHECKPOINTING_SLOWDOWN if ckpt else 0.0) + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
+            cost = 1.0 + CHECKPOINTING_SLOWDOWN * recompute / blocks + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
             cost += offload_slowdown(spec, c, p.offloaded_bytes - placement.offloaded_bytes, buckets)
             candidates.append((cost, c, est, p))
     if not candidates:
@@ -392,14 +410,17 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
     cost, chosen, est, p = min(candidates, key=lambda c: c[0])
     est = estimate_memory(spec, chosen, p, available, buckets)
     what = []
-    if chosen.gradient_checkpointing != cfg.gradient_checkpointing:
-        what.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'}")
+    recompute = checkpointed_count(blocks, chosen.gradient_checkpointing, chosen.checkpoint_blocks)
+    if recompute != checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks):
+        what.append("gradient checkpointing " + ("off" if not recompute else "on" if recompute == blocks
+                                                 else f"on {recompute} of {blocks} blocks"))
     if chosen.batch_size != cfg.batch_size:
         what.append(f"batch {chosen.batch_size} with gradient accumulation {chosen.gradient_accumulation}")
     if p.offloaded_bytes > placement.offloaded_bytes:
         what.append(f"{(p.offloaded_bytes - placement.offloaded_bytes) / GIB:.1f} GiB of weights offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
-    relative = cost / (1.0 + (CHECKPOINTING_SLOWDOWN if cfg.gradient_checkpointing else 0.0)) - 1
+    given_recompute = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    relative = cost / (1.0 + CHECKPOINTING_SLOWDOWN * given_recompute / blocks) - 1
     speed = f"≈{relative:.0%} slower" if relative >= 0.005 else (f"≈{-relative:.0%} faster" if relative <= -0.005
                                                                    else "about as fast")
     given = f"as given the run needs about {plain.total / GIB:.1f} GiB"

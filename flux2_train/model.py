@@ -22,6 +22,8 @@ from torch import nn
 
 from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
+from .quantize import quantize_base
+from .speed import checkpoint_blocks
 
 if TYPE_CHECKING:
     from .memory import Placement
@@ -34,6 +36,7 @@ KNOWN_FAMILIES = {
     "klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288),
     "klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680),
 }
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 FAMILY_TITLES = {"dev": "FLUX.2 [dev]", "klein-9b": "FLUX.2 [klein] 9B", "klein-4b": "FLUX.2 [klein] 4B"}
 
 
@@ -94,7 +97,13 @@ class Flux2Backbone(Protocol):
         """Velocity for `latents` (B, 128, h, w), patchified and normalised as the FLUX.2 pipelines do."""
         ...
 
-    def enable_gradient_checkpointing(self) -> None: ...
+    def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
+        """Recompute the first `blocks` transformer blocks in the backward pass (0: all of them)."""
+        ...
+
+    # Optional: `quantize(fmt, device, dtype)` stores the frozen block weights as `fmt`
+    # (config.BASE_FORMATS) on `device`, before `prepare`. A host that stores its own weights
+    # (ComfyUI) has none.
 
     def set_training(self, training: bool) -> None:
         """Train mode (LoRA dropout on) or eval mode, for the validation loss and previews."""
@@ -196,8 +205,13 @@ class DiffusersFlux2Backbone:
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
+        checkpoint_blocks(self.blocks, blocks or len(self.blocks))
+
+    def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype) -> None:
+        count = quantize_base(self.transformer, fmt, device, dtype, BLOCK_PREFIXES)
+        if count:
+            log.info("%d block Linear layers stored as %s", count, fmt)
 
     def set_training(self, training: bool) -> None:
         self.transformer.train(training)
@@ -212,8 +226,13 @@ class DiffusersFlux2Backbone:
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         self.transformer.to(device)
-        if any(p.dtype != dtype for p in self.transformer.parameters()):
-            self.transformer.to(dtype)
+        for module in self.transformer.modules():
+            if getattr(module, "quantized_base", False):
+                continue  # stored as quantized; its scales stay float32
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_floating_point() and t.dtype != dtype:
+                        t.data = t.data.to(dtype)
 
     def add_lora(self, targets, rank, alpha, dropout, seed):
         add_lora(self.transformer, targets, rank, alpha, dropout, seed=seed)

@@ -38,6 +38,8 @@ from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
 from .plot import Smoother, save_loss_plot
+from .quantize import check_quantize
+from .speed import attention_kernels, check_attention, check_compile, compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +301,14 @@ class Trainer:
             world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)  # refuses one it cannot share
             if world.size > 1:
                 check_precision(mixed_precision)
+            check_attention(cfg.attention, device, spec.head_dim, weight_dtype)
+            check_quantize(cfg.quantize_base, self.backbone)
+            check_compile(cfg.compile, self.backbone)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
+            if cfg.quantize_base != "none" and self.strategy == "fsdp":
+                raise ConfigError(f"--quantize-base {cfg.quantize_base} does not shard: use --multi-gpu ddp "
+                                  "(a quantized [dev] fits one GPU)")
         except Exception as e:
             self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
             self.events.close()
@@ -410,6 +418,8 @@ class Trainer:
         backbone = self.backbone
         # FSDP shards the model from CPU memory: no GPU ever holds all of it.
         home = torch.device("cpu") if self.strategy == "fsdp" else device
+        if cfg.quantize_base != "none":
+            backbone.quantize(cfg.quantize_base, home, weight_dtype)
         backbone.prepare(home, weight_dtype, training_bytes=self.estimate.training_bytes)
         module = backbone.module
         targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
@@ -421,7 +431,9 @@ class Trainer:
             ckpt.check_adapter(self.resume_path, resume_info[1], expected)
             backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
-            self.backbone.enable_gradient_checkpointing()
+            backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
+        if cfg.compile:
+            compile_blocks(backbone.blocks)
         module.train()
 
         accumulation = world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)
@@ -497,7 +509,7 @@ class Trainer:
                     # process r of n takes every n-th, so n processes train what one would.
                     index = micro_step + k * world.size + world.rank
                     epoch, batch = plan.batch(index)
-                    with accelerator.accumulate(train_module):
+                    with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(batch, index, data, device, weight_dtype, accelerator, spec)
                         accelerator.backward(loss)
                         # Checked after backward is queued, and before any weight changes.
@@ -765,6 +777,11 @@ class Trainer:
         tips = []
         if not cfg.gradient_checkpointing:
             tips.append("--gradient-checkpointing")
+        elif cfg.checkpoint_blocks:
+            tips.append("--checkpoint-blocks 0 (all blocks)")
+        if cfg.quantize_base in ("none", "int8") and hasattr(self.backbone, "quantize"):
+            tips.append("--quantize-base fp8" if cfg.quantize_base == "none" and cfg.dtype == "bfloat16"
+                        else "--quantize-base nf4")
         if cfg.batch_size > 1:
             tips.append(f"--batch-size 1 --gradient-accumulation {cfg.batch_size * cfg.gradient_accumulation}")
         if cfg.resolution > 512:

@@ -21,7 +21,6 @@ import logging
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 import comfy.model_base
@@ -32,6 +31,7 @@ from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
 from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use, stored_format
 from flux2_train.model import ModelSpec, spec_from_config
+from flux2_train.speed import pinned_attention
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,10 @@ def _autocast_state(device_type: str) -> dict:
 class ComfyFlux2Backbone:
     """`Flux2Backbone` over a ComfyUI FLUX.2 ModelPatcher, trained in place without a copy."""
 
+    # Its blocks add residuals into their inputs in place, which a compiled block cannot do
+    # under autograd; they run eager.
+    compiles = False
+
     def __init__(self, model_patcher):
         check_flux2(model_patcher)
         self.patcher = model_patcher.clone()
@@ -178,7 +182,7 @@ class ComfyFlux2Backbone:
         self._pairs: dict[str, LoraPair] = {}
         self._hooks: list = []  # RemovableHandles of the adapters' forward hooks
         self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own `forward` before, or None)
-        self._checkpointing = False
+        self._checkpointing = 0  # blocks recomputed in the backward pass, the first ones
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
         self._was_training = self.diffusion_model.training
         self._was_in_training = comfy.model_management.in_training
@@ -194,8 +198,8 @@ class ComfyFlux2Backbone:
     def blocks(self) -> list[nn.Module]:
         return list(self.diffusion_model.double_blocks) + list(self.diffusion_model.single_blocks)
 
-    def enable_gradient_checkpointing(self) -> None:
-        self._checkpointing = True
+    def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
+        self._checkpointing = blocks or len(self.blocks)
 
     def set_training(self, training: bool) -> None:
         self.diffusion_model.train(training)
@@ -352,10 +356,10 @@ class ComfyFlux2Backbone:
             return options
         replace = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
         dit = replace.setdefault("dit", {})
-        for i, block in enumerate(self.diffusion_model.double_blocks):
-            dit.setdefault(("double_block", i), functools.partial(_checkpointed_block, _run_double, block))
-        for i, block in enumerate(self.diffusion_model.single_blocks):
-            dit.setdefault(("single_block", i), functools.partial(_checkpointed_block, _run_single, block))
+        double = len(self.diffusion_model.double_blocks)
+        for i, block in enumerate(self.blocks[:self._checkpointing]):
+            patch = functools.partial(_checkpointed_block, _run_double if i < double else _run_single, block)
+            dit.setdefault(("double_block", i) if i < double else ("single_block", i - double), patch)
         options["patches_replace"] = replace
         return options
 
@@ -388,10 +392,10 @@ class TrainingForward(TorchFunctionMode):
     - Each LayerNorm gets its own copy of an input that needs gradients: the blocks
       add residuals in place (`img += ...`) into the tensor a LayerNorm just read and
       kept for its backward pass, which autograd refuses.
-    - Attention runs on a fixed set of SDPA kernels without cuDNN: ComfyUI's kernel
-      priority is not applied the same way in the forward pass and in the checkpoint
-      recomputation (autograd's thread), and cuDNN and FlashAttention save different
-      tensors, which the checkpoint rejects.
+    - Attention runs on the SDPA kernels the run allows (`--attention`), in one fixed
+      order: ComfyUI's kernel priority is not applied the same way in the forward pass
+      and in the checkpoint recomputation (autograd's thread), and cuDNN and
+      FlashAttention save different tensors, which the checkpoint rejects.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -399,12 +403,9 @@ class TrainingForward(TorchFunctionMode):
         if func is torch.nn.functional.layer_norm and args[0].requires_grad:
             args = (args[0].clone(), *args[1:])
         elif func is torch.nn.functional.scaled_dot_product_attention and args[0].is_cuda:
-            with sdpa_kernel(_SDPA_BACKENDS):
+            with pinned_attention():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
-
-
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _run_double(block: nn.Module, img, txt, vec, pe, attn_mask, transformer_options) -> dict:

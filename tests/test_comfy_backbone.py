@@ -54,6 +54,7 @@ def run(cfg, backbone, model_dir):
 @pytest.mark.parametrize("kind, options", [
     ("klein", dict()),
     ("dev", dict(targets="all_linear", gradient_checkpointing=True)),
+    ("klein", dict(gradient_checkpointing=True, checkpoint_blocks=2)),
 ])
 def test_the_comfyui_model_trains_exactly_like_the_diffusers_model(kind, options, comfy, pack, tmp_path,
                                                                    tiny_pipeline_dir, tiny_dev_pipeline_dir):
@@ -72,6 +73,22 @@ def test_the_comfyui_model_trains_exactly_like_the_diffusers_model(kind, options
     assert trained.adapter.keys() == reference.adapter.keys()
     for key, value in reference.adapter.items():
         torch.testing.assert_close(trained.adapter[key], value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(quantize_base="fp8", dtype="bfloat16"), "choose the weight dtype in the model loader"),
+    (dict(compile=True), "cannot be compiled for training"),
+])
+def test_engine_only_speed_options_are_refused_before_any_work(comfy, pack, tmp_path, tiny_pipeline_dir, options,
+                                                               message):
+    from flux2_train.errors import ConfigError
+
+    patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    cfg = make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", **options)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, backbone, tiny_pipeline_dir)
+    assert not (tmp_path / "run").exists()  # refused before the run folder
 
 
 def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_pipeline_dir):

@@ -67,3 +67,44 @@ def test_a_real_cuda_out_of_memory_mid_run_keeps_the_checkpoint_and_resumes(demo
     resumed = run(tmp_path / "a", resume=tmp_path / "a" / "oom")
     full = run(tmp_path / "b")
     assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
+
+
+GPU_MODES = {
+    "fp8": (dict(quantize_base="fp8"), 0.05),
+    "int8": (dict(quantize_base="int8"), 0.03),
+    "nf4": (dict(quantize_base="nf4"), 0.12),
+    "compile": (dict(compile=True), 0.02),
+    "checkpoint some blocks": (dict(gradient_checkpointing=True, checkpoint_blocks=1), 0.02),
+    "flash attention": (dict(attention="flash"), 0.02),
+    "cudnn attention": (dict(attention="cudnn"), 0.02),
+    "efficient attention": (dict(attention="efficient"), 0.02),
+    "fp8 + compile + checkpointing": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True), 0.05),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(GPU_MODES))
+def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo_dataset, tiny_pipeline_dir,
+                                                                      tmp_path):
+    """bf16 on the GPU is not bit-reproducible across kernels: a mode's losses stay within its tolerance.
+
+    16 image and 48 text tokens: a sequence length cuDNN's attention handles (a multiple of 64).
+    """
+    options, tolerance = GPU_MODES[mode]
+    if options.get("quantize_base") in ("int8", "nf4"):
+        pytest.importorskip("bitsandbytes")
+
+    def losses(name, **extra):
+        cfg = resolve_config(overrides=dict(
+            dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path / name), name=name,
+            cache_dir=str(tmp_path / "cache"), trigger_word="r0b0t", resolution=64, max_upscale=4.0,
+            max_sequence_length=48, steps=5, rank=4, learning_rate=1e-3, dtype="bfloat16", device="cuda",
+            save_every=0, tensorboard=False, validate_every=0, lora_dropout=0.0, caption_dropout=0.0) | extra)
+        backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
+        encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
+        return Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free).run().losses
+
+    plain, moded = losses("plain"), losses("mode", **options)
+    assert all(math.isfinite(x) for x in moded)
+    gaps = [abs(a - b) / abs(b) for a, b in zip(moded, plain)]
+    assert max(gaps) < tolerance, (mode, moded, plain)

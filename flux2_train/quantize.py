@@ -1,0 +1,177 @@
+"""Frozen base weights in fewer bytes: scaled fp8 with fp8 matmuls, or bitsandbytes 8-bit / NF4 (QLoRA).
+
+Only the Linear layers of the transformer blocks are converted: they hold all but
+a few hundred MB of every FLUX.2. LoRA adapters go on the converted layers as on
+plain ones (PEFT knows bitsandbytes' layers; `Float8Linear` is an `nn.Linear`).
+
+fp8: each weight row is scaled into float8 e4m3's range (one float32 scale per
+output feature), as ComfyUI's "fp8 scaled" checkpoints store [dev]. The forward
+pass quantizes each input row the same way and multiplies in fp8
+(`torch._scaled_mm`, rowwise scales, bf16 out); the backward pass folds the weight
+scale into the output gradient and multiplies in fp8 again. Where the GPU has no
+fp8 matmul (before Ada / Hopper) the weight is dequantized per layer instead, so
+the memory saving stays and the speed-up goes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import BASE_FORMATS
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+
+
+def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> e4m3 values and the float32 scale of each row, (M, 1)."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def has_fp8_matmul(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T + b with W in e4m3 (row scales); the input gradient only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias, out_dtype):
+        shape = x.shape
+        xq, xs = _rowwise_fp8(x.reshape(-1, shape[-1]))
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        ctx.save_for_backward(weight, weight_scale)
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        return out.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, weight_scale = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        # g @ (s * W8) == (g * s^T) @ W8: the weight's row scale moves onto the gradient's columns.
+        gq, gs = _rowwise_fp8(g.float() * weight_scale.t())
+        ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
+        # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
+        grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
+                                  out_dtype=torch.bfloat16)
+        return grad_x.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None, None
+
+
+class Float8Linear(nn.Linear):
+    """A frozen Linear stored as e4m3 with one float32 scale per output feature."""
+
+    def __init__(self, linear: nn.Linear, fp8_matmul: bool = True):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+        self.weight = nn.Parameter((w.float() / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        # _scaled_mm needs both sides of each product in multiples of 16.
+        self.fp8_matmul = fp8_matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.fp8_matmul and dtype == torch.bfloat16:
+            return _Fp8Linear.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), self.dequantized(dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 (row scales)"
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("--quantize-base int8 and nf4 need bitsandbytes: pip install bitsandbytes "
+                          "(or use --quantize-base fp8, which needs nothing extra)") from None
+    return bitsandbytes
+
+
+def _bnb_linear(linear: nn.Linear, fmt: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = _bnb()
+    bias = linear.bias is not None
+    w = linear.weight.detach()
+    if fmt == "nf4":
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+                              quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w.to("cpu") if device.type == "cpu" else w, requires_grad=False,
+                                     quant_type="nf4")
+        q.weight = q.weight._quantize(device)
+    else:
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                threshold=0.0, device="meta")
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        q.weight = q.weight._quantize(device) if hasattr(q.weight, "_quantize") else q.weight.to(device)
+    if bias:
+        q.bias = nn.Parameter(linear.bias.detach().to(device, compute_dtype), requires_grad=False)
+    return q
+
+
+def check_quantize(fmt: str, backbone) -> None:
+    """Refuse before any work a format this host or machine cannot store."""
+    if fmt == "none":
+        return
+    if not hasattr(backbone, "quantize"):
+        raise ConfigError(f"--quantize-base {fmt}: this model's host stores its own weights; in ComfyUI choose the "
+                          "weight dtype in the model loader (e.g. fp8_e4m3fn) and leave quantize_base at none")
+    if fmt in ("int8", "nf4"):
+        _bnb()
+
+
+def block_linears(transformer: nn.Module, block_prefixes: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every plain Linear inside the blocks."""
+    found = []
+    for name, module in transformer.named_modules():
+        if not name.startswith(block_prefixes):
+            continue
+        for child_name, child in module.named_children():
+            if type(child) is nn.Linear:
+                found.append((module, child_name))
+    return found
+
+
+def quantize_base(transformer: nn.Module, fmt: str, device: torch.device, compute_dtype: torch.dtype,
+                  block_prefixes: tuple[str, ...]) -> int:
+    """Convert the blocks' Linear layers to `fmt` one at a time on `device`; return how many.
+
+    A layer at a time, so the device never holds more than one unconverted layer
+    beyond the converted ones: [dev] quantizes from CPU memory onto a 24 GB card.
+    """
+    if fmt not in BASE_FORMATS:
+        raise ConfigError(f"unknown --quantize-base {fmt!r}; choose one of {', '.join(BASE_FORMATS)}")
+    if fmt == "none":
+        return 0
+    if fmt == "fp8" and compute_dtype != torch.bfloat16:
+        raise ConfigError("--quantize-base fp8 computes in bfloat16; set --dtype bfloat16")
+    if fmt in ("int8", "nf4"):
+        _bnb()
+    fp8_matmul = has_fp8_matmul(device)
+    if fmt == "fp8" and not fp8_matmul:
+        log.warning("this GPU has no fp8 matmul: fp8 weights are dequantized per layer (memory saved, no speed-up)")
+    layers = block_linears(transformer, block_prefixes)
+    for parent, attr in layers:
+        # Nothing else holds the layer: its unconverted weight is freed as soon as it is replaced.
+        linear = getattr(parent, attr).to(device=device, dtype=compute_dtype)
+        new = Float8Linear(linear, fp8_matmul=fp8_matmul) if fmt == "fp8" else _bnb_linear(linear, fmt, device,
+                                                                                            compute_dtype)
+        new.quantized_base = fmt
+        setattr(parent, attr, new)
+        del linear
+    return len(layers)

@@ -1,0 +1,178 @@
+"""Speed and memory modes keep the training correct: each gives the plain run's losses within its precision."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flux2_train.config import resolve_config
+from flux2_train.errors import ConfigError
+from flux2_train.memory import GIB, Placement, estimate_memory, plan_auto
+from flux2_train.model import family_spec, load_transformer
+from flux2_train.quantize import Float8Linear, quantize_base
+from flux2_train.speed import compile_blocks
+from tiny_run import tiny_config, tiny_trainer
+
+# Deterministic runs: no dropout, so two runs differ only by the mode under test.
+EXACT = dict(steps=4, save_every=0, lora_dropout=0.0, caption_dropout=0.0, validate_every=0)
+
+
+def run_losses(demo_dataset, model_dir, tmp_path, name, **options):
+    cfg = tiny_config(demo_dataset, model_dir, tmp_path / name, tmp_path / "cache", **(EXACT | options))
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    trainer = tiny_trainer(cfg, model_dir, backbone=load_transformer(model_dir, dtype=dtype))
+    result = trainer.run()
+    return result.losses, trainer.backbone
+
+
+def relative_gaps(a, b):
+    return [abs(x - y) / abs(y) for x, y in zip(a, b)]
+
+
+def test_fp8_linear_matches_its_dequantized_weight_forward_and_backward():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384).to(torch.bfloat16)
+    fp8 = Float8Linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (384, 1) and fp8.fp8_matmul
+    x = torch.randn(2, 40, 256, dtype=torch.bfloat16, requires_grad=True)
+    reference = torch.nn.Linear(256, 384).to(torch.bfloat16)
+    with torch.no_grad():  # the weights the fp8 layer holds, exactly
+        reference.weight.copy_(fp8.dequantized(torch.bfloat16))
+        reference.bias.copy_(linear.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = fp8(x), reference(x)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    # What is left is the input's (and the gradient's) rounding to e4m3: a few percent.
+    assert (y - y_ref).float().norm() / y_ref.float().norm() < 0.05
+    assert (gx - gx_ref).float().norm() / gx_ref.float().norm() < 0.05
+    # The fallback (no fp8 matmul on the device) computes with the same weight.
+    fp8.fp8_matmul = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_dq = fp8(x)
+    assert (y_dq - y_ref).float().norm() / y_ref.float().norm() < 0.01
+
+
+def test_quantize_converts_the_block_linears_one_by_one(tiny_pipeline_dir):
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
+    before = sum(p.numel() * p.element_size() for p in backbone.module.parameters())
+    backbone.quantize("fp8", torch.device("cpu"), torch.bfloat16)
+    backbone.prepare(torch.device("cpu"), torch.bfloat16)
+    blocks = [m for b in backbone.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert blocks and all(isinstance(m, Float8Linear) for m in blocks)
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.dtype == torch.float32 for m in blocks)
+    assert not isinstance(backbone.module.x_embedder, Float8Linear)  # outside the blocks: kept as it was
+    after = sum(p.numel() * p.element_size() for p in backbone.module.parameters())
+    assert after < 0.7 * before
+    with pytest.raises(ConfigError, match="unknown --quantize-base"):
+        quantize_base(backbone.module, "fp4", torch.device("cpu"), torch.bfloat16, ("transformer_blocks.",))
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("fp8", 0.05), ("int8", 0.03), ("nf4", 0.12)])
+def test_quantized_base_trains_with_the_plain_runs_losses(demo_dataset, tiny_pipeline_dir, tmp_path, fmt, tolerance):
+    if fmt != "fp8":
+        pytest.importorskip("bitsandbytes")
+    plain, _ = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "plain", dtype="bfloat16")
+    losses, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, fmt, dtype="bfloat16",
+                                  quantize_base=fmt)
+    assert all(math.isfinite(x) for x in losses)
+    assert max(relative_gaps(losses, plain)) < tolerance, (losses, plain)
+    lora = {n: p for n, p in backbone.module.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # it learned
+
+
+def test_checkpointing_some_or_all_blocks_gives_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path):
+    plain, _ = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "plain")
+    some, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "some", gradient_checkpointing=True,
+                                checkpoint_blocks=1)
+    wrapped = [b for b in backbone.blocks if "forward" in b.__dict__]
+    assert len(wrapped) == 1 and wrapped[0] is backbone.blocks[0]
+    every, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "all", gradient_checkpointing=True)
+    assert all("forward" in b.__dict__ for b in backbone.blocks)
+    assert max(relative_gaps(some, plain)) < 1e-5 and max(relative_gaps(every, plain)) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_losses(demo_dataset, tiny_pipeline_dir, tmp_path):
+    eager, _ = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "eager", steps=3)
+    compiled, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "compiled", steps=3, compile=True,
+                                    gradient_checkpointing=True, checkpoint_blocks=2)
+    checkpointed, rest = backbone.blocks[:2], backbone.blocks[2:]
+    # Checkpointed blocks run compiled code inside the checkpoint; the others are compiled whole.
+    assert all(hasattr(b.forward.args[0], "_torchdynamo_orig_callable") for b in checkpointed)
+    assert rest and all(getattr(b, "_compiled_call_impl", None) is not None for b in rest)
+    assert max(relative_gaps(compiled, eager)) < 1e-3, (compiled, eager)
+
+
+def test_speed_options_are_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(ConfigError, match="fp8 computes in bfloat16"):
+        tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", quantize_base="fp8",
+                    dtype="float32").validate()
+    with pytest.raises(ConfigError, match="--attention"):
+        tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", attention="fast").validate()
+    with pytest.raises(ConfigError, match="--checkpoint-blocks"):
+        tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", checkpoint_blocks=-1).validate()
+
+
+def test_estimate_counts_quantized_weights_and_partial_checkpointing():
+    spec = family_spec("dev")
+    base = dict(resolution=1024, rank=16, gradient_checkpointing=True)
+    bf16 = estimate_memory(spec, resolve_config(overrides=base))
+    fp8 = estimate_memory(spec, resolve_config(overrides=base | dict(quantize_base="fp8")))
+    nf4 = estimate_memory(spec, resolve_config(overrides=base | dict(quantize_base="nf4")))
+    assert fp8.parts["frozen weights"] == pytest.approx(bf16.parts["frozen weights"] / 2, rel=0.01)
+    assert nf4.parts["frozen weights"] < 18 * GIB and nf4.total < fp8.total < bf16.total
+    klein = estimate_memory(family_spec("klein-4b"), resolve_config(overrides=base | dict(quantize_base="fp8")))
+    assert klein.total < 8 * GIB
+    half = estimate_memory(spec, resolve_config(overrides=base | dict(checkpoint_blocks=28)))
+    none = estimate_memory(spec, resolve_config(overrides=base | dict(gradient_checkpointing=False)))
+    assert bf16.total < half.total < none.total
+    assert half.settings["checkpointing"] == "28 of 56 blocks"
+
+
+def test_auto_checkpoints_only_as_many_blocks_as_memory_needs():
+    spec = family_spec("klein-9b")
+    cfg = resolve_config(overrides=dict(resolution=1024, rank=16), quick_preset="auto")
+    everything = estimate_memory(spec, cfg)
+    plan = plan_auto(spec, cfg, Placement(), available=int(everything.total * 0.8))
+    assert plan.cfg.gradient_checkpointing and 0 < plan.cfg.checkpoint_blocks < 32
+    assert "blocks" in plan.reason
+    assert plan.estimate.total <= 0.9 * everything.total * 0.8
+
+
+def saved_for_backward_bytes(backbone) -> int:
+    """Bytes autograd keeps from one forward pass of the backbone (a fixed random input)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = backbone.predict(torch.randn(1, 128, 16, 16, generator=g), torch.tensor([0.5]),
+                               torch.randn(1, 32, 96, generator=g))
+    out.square().mean().backward()
+    return total
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_pipeline_dir):
+    def saved(compile, checkpoint):
+        backbone = load_transformer(tiny_pipeline_dir, dtype=torch.float32)
+        backbone.add_lora(["transformer_blocks.0.attn.to_q"], 4, 4.0, 0.0, 0)
+        if checkpoint:
+            backbone.enable_gradient_checkpointing()
+        if compile:
+            compile_blocks(backbone.blocks)
+        saved_for_backward_bytes(backbone)  # the first call compiles
+        return saved_for_backward_bytes(backbone)
+
+    eager_checkpointed = saved(False, True)
+    assert saved(True, True) == eager_checkpointed < saved(True, False) < saved(False, False)
