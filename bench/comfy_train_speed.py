@@ -105,6 +105,7 @@ def run(args) -> dict:
     rec = dict(path="comfyui", dynamic_vram=not args.no_dynamic_vram, reserve_vram=args.reserve_vram,
                family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
                targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+               checkpoint_blocks=args.checkpoint_blocks, attention=args.attention,
                weight_dtype=args.weight_dtype, status="ok", error="")
     rec.update(env_info(device))
     work = Path(tempfile.mkdtemp(prefix="comfy_speed_"))
@@ -128,7 +129,8 @@ def run(args) -> dict:
             name="bench", resolution=args.resolution, steps=args.steps, rank=args.rank, alpha=float(args.rank),
             targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype=dtype,
             device=str(device), batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
-            keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS))
+            keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
+            checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, validate_every=0))
         steps = []
         device_used = [0]
 
@@ -156,6 +158,7 @@ def run(args) -> dict:
         rec["losses"] = [loss for _, loss in steps]
         if device.type == "cuda":
             rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             rec["device_used_at_step_end_gib"] = device_used[0] / 2**30
         rec["streams_weights"] = backbone.streams_weights
     except Exception as e:
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="attention_mlp")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
+    p.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
     p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -179,7 +179,9 @@ def run_one(args, family: str) -> dict:
     res = args.resolution
     image_tokens = (res // 16) ** 2
     rec = dict(family=family, resolution=res, steps=args.steps, rank=args.rank, targets=args.targets,
-               gradient_checkpointing=args.gradient_checkpointing, batch_size=1, dtype="bfloat16",
+               gradient_checkpointing=args.gradient_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
+               quantize_base=args.quantize_base, attention=args.attention, compile=args.compile,
+               mode=mode_text(args), batch_size=1, dtype="bfloat16",
                device=str(device), text_tokens=TEXT_TOKENS, image_tokens=image_tokens, warmup=args.warmup,
                config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
                status="ok", error="", processes=world.size, multi_gpu=args.multi_gpu)
@@ -208,18 +210,29 @@ def run_one(args, family: str) -> dict:
         backbone = DiffusersFlux2Backbone(transformer)
         rec["spec_family"] = backbone.spec.family
         rec["title"] = backbone.spec.title
+        if args.quantize_base != "none":  # here rather than in the loop, so the cap below holds for training
+            t0 = time.perf_counter()
+            backbone.quantize(args.quantize_base, device, torch.bfloat16)
+            rec["quantize_seconds"] = time.perf_counter() - t0
+        rec["resident_weights_gib"] = sum(t.numel() * t.element_size() for t in
+                                          [*transformer.parameters(), *transformer.buffers()]) / 2**30
 
+        # Linear FLOPs of one forward pass of the frozen model, counted eagerly before training
+        # (a compiled block calls no hooks); the LoRA pairs (under 1% at rank 16) are left out.
         counter = LinearFlopCounter()
-        inner_predict = backbone.predict
-
-        def predict(*a, **kw):  # count the Linear FLOPs of the first forward pass only
-            counter.active = counter.flops == 0
-            try:
-                return inner_predict(*a, **kw)
-            finally:
-                counter.active = False
-
-        backbone.predict = predict
+        counter.active = True
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            backbone.predict(torch.randn(1, 128, res // 16, res // 16, device=device, dtype=torch.bfloat16),
+                             torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
+                             torch.randn(1, TEXT_TOKENS, config["joint_attention_dim"], device=device,
+                                         dtype=torch.bfloat16))
+        counter.remove()
+        if args.memory_cap_gib and device.type == "cuda":
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total,
+                                                       device.index or torch.cuda.current_device())
+            rec["memory_cap_gib"] = args.memory_cap_gib
 
         cfg = resolve_config(overrides=dict(
             dataset=str(work / "data"), output_dir=str(work / "runs"), cache_dir=str(work / "cache"),
@@ -227,7 +240,9 @@ def run_one(args, family: str) -> dict:
             targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype="bfloat16",
             device=args.device, batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
-            learning_rate=args.learning_rate, multi_gpu=args.multi_gpu))
+            learning_rate=args.learning_rate, multi_gpu=args.multi_gpu, quantize_base=args.quantize_base,
+            attention=args.attention, compile=args.compile, checkpoint_blocks=args.checkpoint_blocks,
+            validate_every=0))
 
         steps: list[dict] = []
 
@@ -235,8 +250,6 @@ def run_one(args, family: str) -> dict:
             if isinstance(ev, StepEvent):
                 steps.append(dict(step=ev.step, loss=ev.loss, seconds=ev.seconds_per_step,
                                   peak_gib=ev.peak_memory_bytes / 2**30))
-                if ev.step == 1:
-                    counter.remove()
                 if world.is_main and (args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total):
                     print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
                           f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
@@ -307,6 +320,20 @@ def run_one(args, family: str) -> dict:
     return rec
 
 
+def mode_text(args) -> str:
+    """The speed and memory settings of a run, in a few words."""
+    parts = [f"{args.quantize_base} base" if args.quantize_base != "none" else "bf16 base"]
+    if args.gradient_checkpointing:
+        parts.append(f"ckpt {args.checkpoint_blocks} blocks" if args.checkpoint_blocks else "ckpt all")
+    if args.compile:
+        parts.append("compile")
+    if args.attention != "auto":
+        parts.append(f"{args.attention} attention")
+    if args.memory_cap_gib:
+        parts.append(f"capped {args.memory_cap_gib:g} GiB")
+    return ", ".join(parts)
+
+
 def env_info(device: torch.device) -> dict:
     import importlib.metadata as md
 
@@ -324,7 +351,7 @@ def env_info(device: torch.device) -> dict:
     return info
 
 
-HEADER = ("| family | device | GPUs | res | steps | rank | targets | grad ckpt | median s/step | images/s "
+HEADER = ("| family | device | GPUs | res | steps | rank | targets | mode | median s/step | images/s "
           "| peak alloc GiB (per GPU) | finite loss | loss first→last | model TFLOP/s per GPU (MFU) | status |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -345,8 +372,34 @@ def row(r: dict) -> str:
     ips = f"{r['images_per_second']:.2f}" if r.get("images_per_second") else "–"
     gpus = f"{r.get('processes', 1)}" + (f" ({r['strategy'].upper()})" if r.get("strategy") else "")
     return (f"| {r['family']} | {dev} | {gpus} | {r['resolution']} | {r.get('steps_done', 0)}/{r['steps']} "
-            f"| {r['rank']} | {r['targets']} | {'on' if r['gradient_checkpointing'] else 'off'} | {med} | {ips} | {peak} "
+            f"| {r['rank']} | {r['targets']} | {r.get('mode') or ('ckpt all' if r['gradient_checkpointing'] else '')} | {med} | {ips} | {peak} "
             f"| {'yes' if r.get('finite_loss') else 'no'} | {lr} | {tf} | {status} |")
+
+
+def run_each_family(script: Path, argv: list[str], families: list[str], failed) -> list[dict]:
+    """Run `script` once per family, each in its own process (one that runs out of memory loses
+    nothing else), with `argv` less its --family options; the records, or `failed(family, exit code)`."""
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--family":
+            skip = True
+        elif not a.startswith("--family="):
+            cleaned.append(a)
+    runs = []
+    for fam in families:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_file = f.name
+        cmd = [sys.executable, str(script.resolve()), *cleaned, "--family", fam, "--result-file", result_file]
+        print(f"== {fam}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd)
+        try:
+            runs.append(json.loads(Path(result_file).read_text()))
+        except (OSError, json.JSONDecodeError):
+            runs.append(failed(fam, proc.returncode))
+        Path(result_file).unlink(missing_ok=True)
+    return runs
 
 
 def save_json(runs: list[dict]) -> None:
@@ -374,6 +427,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="attention_mlp", choices=("attention", "attention_mlp", "all_linear"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
+    ap.add_argument("--quantize-base", default="none", choices=("none", "fp8", "int8", "nf4"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    ap.add_argument("--memory-cap-gib", type=float, default=0.0,
+                    help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction) after the "
+                         "model is built and quantized: a smaller card")
     ap.add_argument("--multi-gpu", default="auto", choices=("auto", "ddp", "fsdp"),
                     help="under accelerate launch: DDP, FSDP, or the trainer's choice")
     ap.add_argument("--device", default="cuda")
@@ -402,32 +462,12 @@ def main(argv=None) -> int:
             return 0
         runs.append(rec)
     else:
-        base = [a for a in (argv if argv is not None else sys.argv[1:])]
-        cleaned, skip = [], False
-        for a in base:  # drop every --family (and its value) from the child's arguments
-            if skip:
-                skip = False
-                continue
-            if a == "--family":
-                skip = True
-                continue
-            if a.startswith("--family="):
-                continue
-            cleaned.append(a)
-        for fam in families:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                result_file = f.name
-            cmd = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--family", fam, "--result-file", result_file]
-            print(f"== {fam}: {' '.join(cmd[1:])}", flush=True)
-            proc = subprocess.run(cmd)
-            try:
-                rec = json.loads(Path(result_file).read_text())
-            except (OSError, json.JSONDecodeError):
-                rec = dict(family=fam, resolution=args.resolution, steps=args.steps, rank=args.rank,
-                           targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
-                           status="error", error=f"subprocess exited with {proc.returncode} and no result")
-            Path(result_file).unlink(missing_ok=True)
-            runs.append(rec)
+        def failed(family: str, code: int) -> dict:
+            return dict(family=family, resolution=args.resolution, steps=args.steps, rank=args.rank,
+                        targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+                        status="error", error=f"subprocess exited with {code} and no result")
+
+        runs = run_each_family(Path(__file__), argv if argv is not None else sys.argv[1:], families, failed)
 
     print()
     print(HEADER)

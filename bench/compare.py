@@ -1,0 +1,161 @@
+"""Our trainer against its peers, one FLUX.2 family per call, all runs on the same GPU.
+
+Each run is its own subprocess (an out-of-memory run loses nothing else):
+
+* peers (`bench/peers.py`): the diffusers + PEFT recipe of diffusers' FLUX.2 DreamBooth
+  LoRA example (its default targets with `torch.compile`, and LoRA on every block
+  Linear), and ComfyUI's built-in `TrainLoraNode` step on ComfyUI's own FLUX.2 model;
+* the engine (`bench/train_speed.py`): the CLI's loop on diffusers' model, in the modes
+  given by `--engine` (default: the fastest that fits the card);
+* the training node's path (`bench/comfy_train_speed.py`): the same loop on ComfyUI's
+  model as the stock loader gives it.
+
+Random weights at the family's real size, 1024², batch 1, LoRA rank 16 on every block
+Linear (the peers' default-target row excepted), median s/step after the warm-up, peak
+memory allocated (and reserved) by PyTorch. MFU = (2 x the Linear FLOPs of one forward
+pass of the frozen model + 3 x its attention FLOPs) / 989 TFLOP/s (H100 dense bf16),
+the same FLOP count for every row of a family (`train_speed.py` counts it); LoRA
+FLOPs (under 1% at rank 16) and recomputation are not counted.
+
+    python3 bench/compare.py --family klein-4b --comfyui /path/to/ComfyUI
+
+Prints the table (with each row's speed-up over each peer) and, with OUT set, writes
+$OUT/compare-<family>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+PEAK = 989.4e12
+
+# The engine's modes per family: the fastest the card holds (bench/README.md says how they were chosen).
+ENGINE_MODES = {
+    "tiny": ["--compile --quantize-base fp8"],
+    "klein-4b": ["--compile --quantize-base fp8 --attention cudnn",
+                 "--compile --quantize-base nf4 --gradient-checkpointing --memory-cap-gib 7.5 --attention cudnn"],
+    "klein-9b": ["--compile --quantize-base fp8 --attention cudnn"],
+    "dev": ["--compile --quantize-base fp8 --gradient-checkpointing --checkpoint-blocks 30 --attention cudnn"],
+}
+# The node's path: ComfyUI's model as the stock loader gives it.
+COMFY_MODES = {
+    "tiny": [""],
+    "klein-4b": ["--attention cudnn"],
+    "klein-9b": ["--gradient-checkpointing"],
+    "dev": ["--gradient-checkpointing"],
+}
+PEER_MODES = {  # (label, options); [dev] needs checkpointing in every peer
+    "diffusers default targets + compile": "--peer diffusers --targets default --compile",
+    "diffusers all block linears": "--peer diffusers --targets all_linear",
+    "ComfyUI TrainLoraNode": "--peer comfyui",
+}
+
+
+def run_job(script: str, argv: list[str], result_name: str, timeout: float) -> dict:
+    """Run one benchmark script in its own process; its record (the last it wrote) or an error record."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(BENCH / script), *argv]
+        print(f"== {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=dict(os.environ, OUT=out), timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        path = Path(out) / result_name
+        try:
+            data = json.loads(path.read_text())
+            rec = (data["runs"] if isinstance(data, dict) else data)[-1]
+        except (OSError, json.JSONDecodeError, KeyError, IndexError):
+            rec = dict(status="error", error=f"exited with {code} and wrote no result")
+        rec["wall_seconds_total"] = time.perf_counter() - t0
+        rec["command"] = f"python3 bench/{script} " + " ".join(shlex.quote(a) for a in argv)
+        return rec
+
+
+def table(rows: list[dict], flops: float | None) -> str:
+    peers = [r for r in rows if r["tool"].startswith("peer") and r.get("median_s_per_step")]
+    head = ["tool, setup", "s/step", "peak GiB alloc (reserved)", "MFU"] + [f"× vs {p['label']}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r.get("median_s_per_step")
+        cells = [f"{r['tool']}: {r['label']}"]
+        if not s:
+            cells += [r.get("status", "error") + (f": {r.get('error', '')[:120]}" if r.get("error") else ""), "–", "–"]
+            cells += ["–"] * len(peers)
+        else:
+            alloc, reserved = r.get("peak_allocated_gib"), r.get("peak_reserved_gib")
+            cells += [f"{s:.3f}", f"{alloc:.1f} ({reserved:.1f})" if alloc and reserved else
+                      (f"{alloc:.1f}" if alloc else "–"), f"{100 * flops / s / PEAK:.0f}%" if flops else "–"]
+            cells += [f"{p['median_s_per_step'] / s:.2f}" for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", required=True, choices=("tiny", "klein-4b", "klein-9b", "dev"))
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR", ""), help="ComfyUI tree (folder with main.py)")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=13)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--engine", action="append", help="options of an engine run (repeat); default per family")
+    ap.add_argument("--comfy", action="append", help="options of a training-node run (repeat); default per family")
+    ap.add_argument("--skip", action="append", default=[], help="leave out: peers, engine, comfy")
+    ap.add_argument("--timeout", type=float, default=400, help="seconds per run")
+    args = ap.parse_args(argv)
+    fam = args.family
+    common = ["--family", fam, "--resolution", str(args.resolution), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--rank", "16"]
+    checkpointing = ["--gradient-checkpointing"] if fam == "dev" else []
+    device = ["--device", args.device]
+    rows = []
+    if "peers" not in args.skip:
+        for label, options in PEER_MODES.items():
+            extra = shlex.split(options)
+            if "comfyui" in options:
+                if not args.comfyui:
+                    continue
+                extra += ["--comfyui", args.comfyui]
+            rec = run_job("peers.py", common + device + checkpointing + extra, "peers.json", args.timeout)
+            rows.append(dict(rec, tool="peer", label=label + (", checkpointing" if checkpointing else "")))
+    if "engine" not in args.skip:
+        for options in args.engine or ENGINE_MODES.get(fam, [""]):
+            rec = run_job("train_speed.py", common + device + ["--targets", "attention_mlp"] + shlex.split(options),
+                          "bench.json", args.timeout)
+            rows.append(dict(rec, tool="ours, engine (CLI)", label=rec.get("mode") or options))
+    if "comfy" not in args.skip and args.comfyui:
+        for options in args.comfy or COMFY_MODES.get(fam, [""]):
+            argv_ = common + ["--comfyui", args.comfyui] + shlex.split(options)
+            if args.device == "cpu":
+                argv_.append("--cpu")
+            rec = run_job("comfy_train_speed.py", argv_, "comfy_bench.json", args.timeout)
+            label = ("fp8 e4m3 MODEL" if "fp8" in options else "bf16 MODEL") + (
+                ", ckpt all" if "--gradient-checkpointing" in options else "")
+            rows.append(dict(rec, tool="ours, ComfyUI node", label=label))
+    flops = next((r["model_tflop_per_step"] * 1e12 for r in rows
+                  if r.get("model_tflop_per_step") and r.get("forward_linear_tflop")), None)
+    env = next((r for r in rows if r.get("gpu")), {})
+    print(f"\n{fam}, {args.resolution}², rank 16, batch 1; {env.get('gpu', args.device)}; "
+          f"model TFLOP per step {flops / 1e12:.2f}" if flops else f"\n{fam}")
+    print(table(rows, flops))
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / f"compare-{fam}.json"
+        path.write_text(json.dumps(dict(family=fam, resolution=args.resolution, model_flops_per_step=flops,
+                                        rows=rows), indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
