@@ -63,7 +63,7 @@ class Flux2LoraConfig(io.ComfyNode):
                              tooltip=helps["seed"]),
                 io.String.Input("advanced", default="", multiline=True, optional=True, advanced=True,
                                 tooltip="Any other training option as YAML, one per line, e.g. "
-                                        "'timestep_sampling: sigmoid' or 'lora_dropout: 0.1'. Names as in "
+                                        "'lora_dropout: 0.1', 'checkpoint_blocks: 24' or 'attention: cudnn'. Names as in "
                                         "`python -m flux2_train train --help` with _ for -."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Sample preview images every N steps, at the start and at the end; they appear "
