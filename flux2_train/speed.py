@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ATTENTION_BACKENDS
 from .errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
          "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -25,7 +23,7 @@ _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTIO
 # pass picked (cuDNN and FlashAttention keep different tensors, and the checkpoint checks them).
 # cuDNN is faster on an H100/H200 (a [klein] 4B step: 0.151 s against 0.195 s with FlashAttention 2,
 # bench/README.md) but stays opt-in (--attention cudnn): the tiny test model's loss turned NaN with
-# it in some GPU runs, at sequence lengths that are not a multiple of 64.
+# it in some GPU runs (fp16, and bf16 at 48 tokens).
 _AUTO_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
                SDPBackend.CUDNN_ATTENTION]
 
@@ -51,9 +49,8 @@ def pinned_attention():
                SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
                SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
-    order = [SDPBackend(int(i)) if not isinstance(i, SDPBackend) else i
-             for i in torch._C._get_sdp_priority_order()] if hasattr(torch._C, "_get_sdp_priority_order") \
-        else _AUTO_ORDER
+    current = getattr(torch._C, "_get_sdp_priority_order", None)
+    order = [SDPBackend(int(i)) for i in current()] if current else _AUTO_ORDER
     return sdpa_kernel([b for b in order if enabled.get(b)] or [SDPBackend.MATH], set_priority=True)
 
 
