@@ -41,7 +41,11 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T + b with W in e4m3 (row scales); the input gradient only (W is frozen)."""
+    """y = x W^T + b with W in e4m3 (row scales); the input gradient only (W is frozen).
+
+    The backward pass makes a transposed copy of the layer's fp8 weight (`_scaled_mm` takes its
+    second operand column-major): one layer at a time, a byte per weight.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, out_dtype):
@@ -73,13 +77,21 @@ class Float8Linear(nn.Linear):
     def __init__(self, linear: nn.Linear, fp8_matmul: bool = True):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        self.weight = nn.Parameter((w.float() / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        weight, scale = _rowwise_fp8(linear.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         # _scaled_mm needs both sides of each product in multiples of 16.
         self.fp8_matmul = fp8_matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
+
+    def _apply(self, fn, recurse=True):
+        # A model-wide .to(dtype) moves these but keeps them e4m3 and float32: cast, they would be
+        # other numbers to `_scaled_mm`.
+        weight, scale = self.weight.data, self.weight_scale
+        super()._apply(fn, recurse)
+        self.weight.data = weight.to(self.weight.device)
+        self.weight_scale = scale.to(self.weight.device)
+        return self
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(dtype)
@@ -111,8 +123,7 @@ def _bnb_linear(linear: nn.Linear, fmt: str, device: torch.device, compute_dtype
     if fmt == "nf4":
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
                               quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(w.to("cpu") if device.type == "cpu" else w, requires_grad=False,
-                                     quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
         q.weight = q.weight._quantize(device)
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
@@ -168,7 +179,8 @@ def quantize_base(transformer: nn.Module, fmt: str, device: torch.device, comput
     layers = block_linears(transformer, block_prefixes)
     for parent, attr in layers:
         # Nothing else holds the layer: its unconverted weight is freed as soon as it is replaced.
-        linear = getattr(parent, attr).to(device=device, dtype=compute_dtype)
+        # Quantized from the precision it was stored in, not through the compute dtype first.
+        linear = getattr(parent, attr).to(device=device)
         new = Float8Linear(linear, fp8_matmul=fp8_matmul) if fmt == "fp8" else _bnb_linear(linear, fmt, device,
                                                                                             compute_dtype)
         new.quantized_base = fmt

@@ -28,30 +28,39 @@ _AUTO_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
                SDPBackend.CUDNN_ATTENTION]
 
 
+# The kernels the running step allows (set by `attention_kernels`), for `pinned_attention`.
+_allowed: list | None = None
+# Outside a training step (validation, previews) on model code that sets its own priority:
+# no cuDNN, whose saved tensors a checkpoint's recomputation by FlashAttention would not match.
+_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
 def attention_kernels(name: str, device: torch.device):
     """Context for a training step's forward and backward passes: SDPA restricted to `name`'s kernel."""
+    global _allowed
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown --attention {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if device.type != "cuda":
-        return contextlib.nullcontext()  # the CPU has one SDPA kernel
-    if name == "auto":
-        return sdpa_kernel(_AUTO_ORDER, set_priority=True)
-    return sdpa_kernel([_SDPA[name]])
+    if device.type != "cuda":  # the CPU has one SDPA kernel
+        yield
+        return
+    backends = _AUTO_ORDER if name == "auto" else [_SDPA[name]]
+    before, _allowed = _allowed, backends
+    try:
+        with sdpa_kernel(backends, set_priority=True):
+            yield
+    finally:
+        _allowed = before
 
 
 def pinned_attention():
-    """The kernels enabled now (by `attention_kernels`), in the priority order set now.
+    """SDPA on the kernels the running step allows, in its order.
 
-    For model code that sets its own SDPA priority per call (ComfyUI), so the
-    recomputation of a checkpoint still picks the kernel its forward pass picked.
+    For model code that opens its own SDPA context per call (ComfyUI's attention
+    does), which would otherwise override the step's choice, and could pick another
+    kernel in a checkpoint's recomputation than in its forward pass.
     """
-    enabled = {SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled(),
-               SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
-               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
-               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
-    current = getattr(torch._C, "_get_sdp_priority_order", None)
-    order = [SDPBackend(int(i)) for i in current()] if current else _AUTO_ORDER
-    return sdpa_kernel([b for b in order if enabled.get(b)] or [SDPBackend.MATH], set_priority=True)
+    return sdpa_kernel(_allowed or _WITHOUT_CUDNN, set_priority=True)
 
 
 def check_attention(name: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
@@ -99,6 +108,8 @@ def checkpointed_count(blocks: int, gradient_checkpointing: bool, checkpoint_blo
 
 def compile_blocks(blocks: list[nn.Module]) -> None:
     """Regional compile: each transformer block on its own, so every block of a kind shares one graph.
+
+    Call it after `checkpoint_blocks`, so the checkpoints stay outside the compiled code.
 
     Compiling the blocks rather than the model keeps the first step's compile to tens of seconds
     and removes what dominates the eager step besides the matmuls: casts, copies, norms and

@@ -306,9 +306,11 @@ class Trainer:
             check_compile(cfg.compile, self.backbone)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
-            if cfg.quantize_base != "none" and self.strategy == "fsdp":
-                raise ConfigError(f"--quantize-base {cfg.quantize_base} does not shard: use --multi-gpu ddp "
-                                  "(a quantized [dev] fits one GPU)")
+            if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile):
+                # Neither has run under DDP or FSDP yet (fp8 and 4-bit weights in NCCL broadcasts and
+                # FSDP shards, FSDP's hooks in compiled blocks).
+                raise ConfigError("--quantize-base and --compile train in one process; leave them out with "
+                                  "several GPUs")
         except Exception as e:
             self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
             self.events.close()

@@ -50,6 +50,9 @@ def test_fp8_linear_matches_its_dequantized_weight_forward_and_backward():
     # What is left is the input's (and the gradient's) rounding to e4m3: a few percent.
     assert (y - y_ref).float().norm() / y_ref.float().norm() < 0.05
     assert (gx - gx_ref).float().norm() / gx_ref.float().norm() < 0.05
+    # A model-wide cast leaves the stored format alone.
+    fp8.to(torch.bfloat16)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.dtype == torch.float32
     # The fallback (no fp8 matmul on the device) computes with the same weight.
     fp8.fp8_matmul = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,3 +179,25 @@ def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_pipeline_dir):
 
     eager_checkpointed = saved(False, True)
     assert saved(True, True) == eager_checkpointed < saved(True, False) < saved(False, False)
+
+
+def test_the_steps_attention_choice_wins_over_a_models_own_sdpa_context():
+    """ComfyUI's attention opens its own SDPA context per call; the kernels the run chose still apply,
+    so a checkpoint's recomputation runs the kernel its forward pass ran."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flux2_train.speed import attention_kernels, pinned_attention
+
+    comfy_order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
+
+    def enabled():
+        cuda = torch.backends.cuda
+        return dict(flash=cuda.flash_sdp_enabled(), cudnn=cuda.cudnn_sdp_enabled(),
+                    efficient=cuda.mem_efficient_sdp_enabled(), math=cuda.math_sdp_enabled())
+
+    with attention_kernels("efficient", torch.device("cuda")), sdpa_kernel(comfy_order, set_priority=True):
+        with pinned_attention():
+            assert enabled() == dict(flash=False, cudnn=False, efficient=True, math=False)
+    with sdpa_kernel(comfy_order, set_priority=True), pinned_attention():  # outside a step: never cuDNN
+        assert not enabled()["cudnn"] and enabled()["flash"]
