@@ -63,7 +63,7 @@ Examples:
 Several `--family` values run one after another, each in its own subprocess, so
 one that runs out of memory leaves the others' results intact. A markdown row per
 run is printed; with the environment variable OUT set, the records are appended
-to the JSON list in $OUT/peers.json.
+to $OUT/peers.json (`{"runs": [...]}`, as train_speed.py writes bench.json).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ from train_speed import (  # noqa: E402
     build_transformer,
     env_info,
     family_config,
+    report,
     run_each_family,
 )
 
@@ -517,23 +518,6 @@ def row(r: dict) -> str:
             f"| {'yes' if r.get('finite_loss') else 'no'} | {lr} | {tf} | {status} |")
 
 
-def save_json(runs: list[dict]) -> None:
-    out = os.environ.get("OUT")
-    if not out:
-        return
-    path = Path(out) / "peers.json"
-    data = []
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            data = []
-    if not isinstance(data, list):
-        data = [data]
-    path.write_text(json.dumps(data + runs, indent=1))
-    print(f"wrote {path}")
-
-
 def run_one(args, family: str) -> dict:
     return run_diffusers(args, family) if args.peer == "diffusers" else run_comfyui(args, family)
 
@@ -592,12 +576,7 @@ def main(argv=None) -> int:
 
         runs = run_each_family(Path(__file__), argv if argv is not None else sys.argv[1:], families, failed)
 
-    print()
-    print(HEADER)
-    for r in runs:
-        print(row(r))
-    save_json(runs)
-    return 0 if all(r["status"] == "ok" for r in runs) else 1
+    return report(runs, HEADER, row, "peers.json")
 
 
 if __name__ == "__main__":

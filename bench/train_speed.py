@@ -402,20 +402,25 @@ def run_each_family(script: Path, argv: list[str], families: list[str], failed) 
     return runs
 
 
-def save_json(runs: list[dict]) -> None:
-    out = os.environ.get("OUT")
-    if not out:
-        return
-    path = Path(out) / "bench.json"
-    data = {"runs": []}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass
-    data.setdefault("runs", []).extend(runs)
-    path.write_text(json.dumps(data, indent=1))
-    print(f"wrote {path}")
+def report(runs: list[dict], header: str, row, file_name: str) -> int:
+    """Print the runs as a markdown table, append them to $OUT/<file_name> when OUT is set, and
+    return the exit code: 0 when every run succeeded."""
+    print()
+    print(header)
+    for r in runs:
+        print(row(r))
+    if out := os.environ.get("OUT"):
+        path = Path(out) / file_name
+        data = {"runs": []}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+        data.setdefault("runs", []).extend(runs)
+        path.write_text(json.dumps(data, indent=1))
+        print(f"wrote {path}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
 
 
 def main(argv=None) -> int:
@@ -469,12 +474,7 @@ def main(argv=None) -> int:
 
         runs = run_each_family(Path(__file__), argv if argv is not None else sys.argv[1:], families, failed)
 
-    print()
-    print(HEADER)
-    for r in runs:
-        print(row(r))
-    save_json(runs)
-    return 0 if all(r["status"] == "ok" for r in runs) else 1
+    return report(runs, HEADER, row, "bench.json")
 
 
 if __name__ == "__main__":

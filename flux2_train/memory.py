@@ -77,7 +77,9 @@ CHECKPOINTING_SLOWDOWN = 0.45  # [klein] 4B at 1024²: 0.292 -> 0.426 s
 BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
 FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights cast per op: 0.346 -> 0.379 s
 FP8_ENGINE_SLOWDOWN = 0.0  # the engine's fp8 matmuls: no slower than bf16 (bench/README.md)
-NF4_SLOWDOWN = 0.25  # bitsandbytes dequantizes each NF4 weight per pass (bench/README.md)
+# NF4 against fp8, both compiled ([klein] 4B, H200, bench/README.md): 0.282 s with checkpointing
+# against 0.155 s without, which the checkpointing cost above puts at about 1.25 times fp8.
+NF4_SLOWDOWN = 0.25
 # Streamed weights cross the bus in each pass that uses them; ComfyUI overlaps the copies with
 # compute, so a GiB costs less than the bus's rate: 0.006 s per GiB and pass, from two
 # [klein] 4B points (5.0 and 7.0 GiB offloaded, with checkpointing).
