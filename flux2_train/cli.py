@@ -276,7 +276,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     cfg, report, spec, stored = _resolve(args, args.config)
     if args.host == "engine":
         if args.offload_gb:
-            raise ConfigError("--offload-gb needs --host comfyui: the engine keeps every weight on the GPU")
+            raise ConfigError("--offload-gb needs --host comfyui: the engine offloads whole blocks (--offload-blocks N)")
         if args.weights and args.weights != DTYPE_FORMATS[cfg.dtype]:
             raise ConfigError(f"the engine stores the weights in --dtype ({cfg.dtype}); --weights {args.weights} "
                               "needs --host comfyui")

@@ -103,6 +103,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute block activations in the backward pass ([klein] 4B at 1024²: 60% less memory, 43% slower; bench/README.md).")
     checkpoint_blocks: int = _opt(0, "With --gradient-checkpointing: recompute only the first N blocks and keep the others' activations (0: all blocks; the auto preset picks the fewest that fit).")
     quantize_base: str = _opt("none", "Store the frozen block weights as fp8 (scaled, with fp8 matmuls on Ada/Hopper), int8 or nf4 (QLoRA; both need bitsandbytes). Engine path only: in ComfyUI pick the weight dtype in the model loader.", BASE_FORMATS)
+    offload_blocks: int = _opt(0, "Keep the frozen weights of N checkpointed blocks in CPU memory and copy each in on a side stream while the block before it computes (needs --gradient-checkpointing; engine path only; the auto preset picks the fewest that fit).")
     attention: str = _opt("auto", "Attention kernel (PyTorch SDPA): auto, or one of flash, cudnn, efficient, math.", ATTENTION_BACKENDS)
     compile: bool = _opt(False, "torch.compile each transformer block (regional): the first step compiles for tens of seconds, later steps run faster.")
     device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
@@ -182,6 +183,7 @@ class TrainConfig:
              f"--preview-resolution must be a multiple of 16, at least 64 (got {self.preview_resolution})")
         need(self.preview_steps >= 0, f"--preview-steps must be 0 (automatic) or more (got {self.preview_steps})")
         need(self.checkpoint_blocks >= 0, f"--checkpoint-blocks must be 0 (all) or more (got {self.checkpoint_blocks})")
+        need(self.offload_blocks >= 0, f"--offload-blocks must be 0 (none) or more (got {self.offload_blocks})")
         need(self.quantize_base != "fp8" or self.dtype == "bfloat16",
              f"--quantize-base fp8 computes in bfloat16; set --dtype bfloat16 (got {self.dtype})")
         for fmt in self.extra_formats:

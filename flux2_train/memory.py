@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .errors import OutOfMemory
 from .lora import resolve_targets
 from .model import BLOCK_PREFIXES, ModelSpec, spec_linear_shapes
+from .offload import spread
 from .speed import checkpointed_count
 
 GIB = 2**30
@@ -84,6 +85,10 @@ NF4_SLOWDOWN = 0.25
 # compute, so a GiB costs less than the bus's rate: 0.006 s per GiB and pass, from two
 # [klein] 4B points (5.0 and 7.0 GiB offloaded, with checkpointing).
 OFFLOAD_SECONDS_PER_GIB_PASS = 0.006
+# The engine's offloaded blocks (--offload-blocks), per GiB and pass, what compute did not hide:
+# [klein] 4B, fp8, compiled, all blocks checkpointed, H100: 0.228 s, and 0.269 s with 12 of its
+# 25 blocks (1.6 GiB) offloaded (bench/README.md). [dev]'s larger blocks hide more of their copy.
+ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS = 0.013
 _EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about 30%)
 
 
@@ -105,7 +110,8 @@ class Placement:
 
     @property
     def can_offload(self) -> bool:
-        return self.host == "comfyui"  # ComfyUI streams what does not fit; the engine keeps all on the GPU
+        # ComfyUI streams any amount that does not fit; the engine offloads whole blocks (cfg.offload_blocks).
+        return self.host == "comfyui"
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,17 @@ def weight_format(placement: Placement, cfg: TrainConfig) -> str:
     return DTYPE_FORMATS[cfg.dtype]
 
 
+def block_params(spec: ModelSpec) -> list[int]:
+    """Linear parameters of each transformer block, in the order the model runs them."""
+    sizes: dict[str, int] = {}
+    for name, (i, o) in spec_linear_shapes(spec).items():
+        if name.startswith(BLOCK_PREFIXES):
+            block = ".".join(name.split(".")[:2])
+            sizes[block] = sizes.get(block, 0) + i * o
+    return ([sizes[f"{BLOCK_PREFIXES[0]}{i}"] for i in range(spec.num_double)]
+            + [sizes[f"{BLOCK_PREFIXES[1]}{i}"] for i in range(spec.num_single)])
+
+
 def stored_weight_bytes(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement()) -> int:
     if placement.stored_bytes is not None:
         return int(placement.stored_bytes)
@@ -255,17 +272,21 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     batch = latent_elems * 4 * 5 + cfg.batch_size * cfg.max_sequence_length * spec.context_dim * compute_bytes
 
     resident = stored - offloaded
+    slots = 0
+    if placement.host == "engine" and cfg.offload_blocks:
+        # Whole checkpointed blocks in CPU memory, streamed through two GPU slots of the largest.
+        per_weight = WEIGHT_FORMATS[fmt]
+        sizes = block_params(spec)
+        moved = [sizes[i] * per_weight for i in spread(min(cfg.offload_blocks, recomputed), recomputed)]
+        resident -= int(sum(moved))
+        slots = int(2 * max(moved, default=0))
     if placement.shards > 1:
         # Each process holds its shard, plus the block being gathered and the next one (prefetch).
-        sizes: dict[str, int] = {}
-        for name, (i, o) in spec_linear_shapes(spec).items():
-            if name.startswith(BLOCK_PREFIXES):
-                block = ".".join(name.split(".")[:2])
-                sizes[block] = sizes.get(block, 0) + i * o
+        sizes = block_params(spec)
         per_param = stored / spec.param_count
-        largest_block = max(sizes.values()) * per_param
+        largest_block = max(sizes) * per_param
         # The root's own weights (embedders, final layer) stay gathered through each pass.
-        root = max(0, spec.param_count - sum(sizes.values())) * per_param
+        root = max(0, spec.param_count - sum(sizes)) * per_param
         resident = int(stored / placement.shards + (2 * largest_block + root) * (1 - 1 / placement.shards))
     parts = {
         "frozen weights": resident,
@@ -277,13 +298,16 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         "activations + grads": int(max(held, last + grads)),
         "batch tensors": int(batch),
     }
+    if slots:
+        parts["offload slots"] = slots
     kind = placement.allocator_kind
     parts["runtime overhead"] = (CUDA_CONTEXT[kind] + ALLOCATOR_POOL[kind]
                                  + int(ALLOCATOR_SLACK[kind] * sum(parts.values()))
                                  + int(ALLOCATOR_POOL_ACTIVATIONS[kind] * parts["activations + grads"]))
     settings = {"resolution": f"{cfg.resolution}" if not buckets else _bucket_text(buckets), "batch": cfg.batch_size,
-                "rank": cfg.rank, "targets": cfg.targets, "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)"
-                                                                             if offloaded else ""),
+                "rank": cfg.rank, "targets": cfg.targets,
+                "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)" if offloaded else "")
+                + (f" ({min(cfg.offload_blocks, recomputed)} blocks offloaded)" if slots else ""),
                 "checkpointing": ("off" if not recomputed else "on" if recomputed == blocks
                                   else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
     streamable = 0
@@ -315,6 +339,17 @@ def offload_slowdown(spec: ModelSpec, cfg: TrainConfig, offloaded: int, buckets=
     """Streamed weights cross the bus in the forward pass, the backward pass, and the recompute."""
     passes = 3 if cfg.gradient_checkpointing else 2
     return passes * offloaded / GIB * OFFLOAD_SECONDS_PER_GIB_PASS / step_seconds(spec, cfg, buckets)
+
+
+def engine_offload_slowdown(spec: ModelSpec, cfg: TrainConfig, buckets=None) -> float:
+    """The engine's offloaded blocks cross the bus twice a step (forward, recompute), partly hidden by compute."""
+    if not cfg.offload_blocks:
+        return 0.0
+    fmt = cfg.quantize_base if cfg.quantize_base != "none" else DTYPE_FORMATS[cfg.dtype]
+    sizes = block_params(spec)
+    recomputed = checkpointed_count(len(sizes), cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    moved = sum(sizes[i] for i in spread(min(cfg.offload_blocks, recomputed), recomputed)) * WEIGHT_FORMATS[fmt]
+    return 2 * moved / GIB * ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS / step_seconds(spec, cfg, buckets)
 
 
 def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
@@ -354,6 +389,19 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
         what = "all the weights" if k == blocks else f"{k} of {blocks} blocks"
         found.append(Advice(f"offload {what} to the CPU (ComfyUI does this when the model does not fit)", off,
                             offload_slowdown(spec, cfg, off, buckets)))
+    if (placement.host == "engine" and placement.shards == 1 and cfg.quantize_base in ("none", "fp8")
+            and est.available and est.upper > 0.9 * est.available):
+        recomputed = checkpointed_count(blocks, True, cfg.checkpoint_blocks if cfg.gradient_checkpointing else 0)
+        for k in range(cfg.offload_blocks + 1, recomputed + 1):
+            moved = dataclasses.replace(cfg, gradient_checkpointing=True, offload_blocks=k)
+            if estimate_memory(spec, moved, placement, advise=False, buckets=buckets).upper <= 0.9 * est.available:
+                break
+        if recomputed > cfg.offload_blocks:
+            ckpt = "" if cfg.gradient_checkpointing else " with --gradient-checkpointing"
+            found.append(Advice(f"--offload-blocks {k}{ckpt} (their weights stay in CPU memory)",
+                                saving(gradient_checkpointing=True, offload_blocks=k),
+                                engine_offload_slowdown(spec, moved, buckets)
+                                + (0.0 if cfg.gradient_checkpointing else CHECKPOINTING_SLOWDOWN)))
     found.sort(key=lambda a: a.slowdown)
     if cfg.resolution > 512:
         lower = max(512, cfg.resolution * 3 // 4 // 64 * 64)
@@ -390,6 +438,7 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
         return AutoPlan(cfg, est, "auto: no GPU memory limit known: the settings as given")
     candidates = []
     blocks = spec.num_double + spec.num_single
+    engine_offload = placement.host == "engine" and cfg.quantize_base in ("none", "fp8") and placement.shards == 1
     for recompute in sorted({0, blocks // 4, blocks // 2, 3 * blocks // 4, blocks}):
         ckpt = recompute > 0
         for split in ((False, True) if cfg.batch_size > 1 and split_batch else (False,)):
@@ -397,6 +446,8 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
             if split:
                 changes.update(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation)
             c = dataclasses.replace(cfg, **changes)
+            if c.offload_blocks > recompute:
+                continue  # only checkpointed blocks can be offloaded
             p = placement
             est = estimate_memory(spec, c, p, available, buckets, advise=False)
             for _ in range(3):  # offloading adds cast buffers: settle in a few rounds
@@ -405,10 +456,18 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                     break
                 p = dataclasses.replace(p, offloaded_bytes=p.offloaded_bytes + over)
                 est = estimate_memory(spec, c, p, available, buckets, advise=False)
+            if est.upper > margin * available and engine_offload:
+                # The fewest checkpointed blocks whose weights, left in CPU memory, make it fit.
+                for k in range(max(1, cfg.offload_blocks), recompute + 1):
+                    c = dataclasses.replace(c, offload_blocks=k)
+                    est = estimate_memory(spec, c, p, available, buckets, advise=False)
+                    if est.upper <= margin * available:
+                        break
             if est.upper > margin * available:
                 continue
             cost = 1.0 + CHECKPOINTING_SLOWDOWN * recompute / blocks + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
             cost += offload_slowdown(spec, c, p.offloaded_bytes - placement.offloaded_bytes, buckets)
+            cost += engine_offload_slowdown(spec, c, buckets)
             candidates.append((cost, c, est, p))
     if not candidates:
         smallest = estimate_memory(spec, dataclasses.replace(cfg, gradient_checkpointing=True, batch_size=1),
@@ -425,6 +484,8 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                                                  else f"on {recompute} of {blocks} blocks"))
     if chosen.batch_size != cfg.batch_size:
         what.append(f"batch {chosen.batch_size} with gradient accumulation {chosen.gradient_accumulation}")
+    if chosen.offload_blocks != cfg.offload_blocks:
+        what.append(f"{chosen.offload_blocks} blocks' weights offloaded to CPU memory")
     if p.offloaded_bytes > placement.offloaded_bytes:
         what.append(f"{(p.offloaded_bytes - placement.offloaded_bytes) / GIB:.1f} GiB of weights offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
@@ -523,6 +584,11 @@ def device_available_memory(device) -> int | None:
 
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info(device)
+    device = torch.device(device)
+    free, total = torch.cuda.mem_get_info(device)
     # Our own allocator pool and context count as ours; the estimate's total includes the context.
-    return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT["native"]
+    available = free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT["native"]
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap this process was given
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = get_fraction(index) if get_fraction else 1.0
+    return min(available, int(fraction * total) + CUDA_CONTEXT["native"])

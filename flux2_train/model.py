@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
+from .offload import BlockOffload
 from .quantize import quantize_base
 from .speed import checkpoint_blocks
 
@@ -208,10 +209,18 @@ class DiffusersFlux2Backbone:
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         checkpoint_blocks(self.blocks, blocks or len(self.blocks))
 
-    def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype) -> None:
-        count = quantize_base(self.transformer, fmt, device, dtype, BLOCK_PREFIXES)
+    def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype, offloaded: tuple[int, ...] = ()) -> None:
+        """Store the blocks' Linear weights as `fmt`, block by block; blocks to offload go back to CPU memory."""
+        count = 0
+        for i, block in enumerate(self.blocks):
+            count += quantize_base(block, fmt, device, dtype, ("",))
+            if i in offloaded:
+                block.to("cpu")
         if count:
             log.info("%d block Linear layers stored as %s", count, fmt)
+
+    def offload(self, indices: list[int], device: torch.device) -> BlockOffload:
+        return BlockOffload(self.blocks, indices, device)
 
     def set_training(self, training: bool) -> None:
         self.transformer.train(training)
@@ -224,8 +233,14 @@ class DiffusersFlux2Backbone:
 
         return Placement("engine")  # stored in the run's dtype, all on the device
 
-    def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
-        self.transformer.to(device)
+    def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0,
+                offloaded: tuple[int, ...] = ()) -> None:
+        """Move the model to `device` in `dtype`; the blocks to offload stay in CPU memory."""
+        for i, block in enumerate(self.blocks):  # one block at a time: the offloaded ones never reach the GPU
+            block.to("cpu" if i in offloaded else device)
+        for module in self.transformer.children():
+            if module not in (self.transformer.transformer_blocks, self.transformer.single_transformer_blocks):
+                module.to(device)
         for module in self.transformer.modules():
             if getattr(module, "quantized_base", False):
                 continue  # stored as quantized; its scales stay float32

@@ -37,9 +37,10 @@ from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
+from .offload import check_offload, spread
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
-from .speed import attention_kernels, check_attention, check_compile, compile_blocks
+from .speed import attention_kernels, check_attention, check_compile, checkpointed_count, compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,12 @@ class Trainer:
             check_compile(cfg.compile, self.backbone)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
-            if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile):
-                # Neither has run under DDP or FSDP yet (fp8 and 4-bit weights in NCCL broadcasts and
-                # FSDP shards, FSDP's hooks in compiled blocks).
-                raise ConfigError("--quantize-base and --compile train in one process; leave them out with "
-                                  "several GPUs")
+            check_offload(cfg.offload_blocks, self.backbone, self._checkpointed(cfg), cfg.quantize_base)
+            if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile or cfg.offload_blocks):
+                # None has run under DDP or FSDP yet (fp8 and 4-bit weights in NCCL broadcasts and
+                # FSDP shards, FSDP's hooks in compiled blocks, FSDP's own offload).
+                raise ConfigError("--quantize-base, --compile and --offload-blocks train in one process; leave "
+                                  "them out with several GPUs")
         except Exception as e:
             self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
             self.events.close()
@@ -420,9 +422,12 @@ class Trainer:
         backbone = self.backbone
         # FSDP shards the model from CPU memory: no GPU ever holds all of it.
         home = torch.device("cpu") if self.strategy == "fsdp" else device
+        # Offloaded blocks are spread over the checkpointed ones, and never sit on the GPU together.
+        offloaded = tuple(spread(cfg.offload_blocks, self._checkpointed(cfg)))
+        placed = dict(offloaded=offloaded) if offloaded else {}
         if cfg.quantize_base != "none":
-            backbone.quantize(cfg.quantize_base, home, weight_dtype)
-        backbone.prepare(home, weight_dtype, training_bytes=self.estimate.training_bytes)
+            backbone.quantize(cfg.quantize_base, home, weight_dtype, **placed)
+        backbone.prepare(home, weight_dtype, training_bytes=self.estimate.training_bytes, **placed)
         module = backbone.module
         targets = resolve_targets(backbone.lora_layers(), cfg.targets, cfg.target_modules)
         params = backbone.add_lora(targets, cfg.rank, cfg.alpha, cfg.lora_dropout, seed=cfg.seed)
@@ -436,6 +441,8 @@ class Trainer:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
         if cfg.compile:
             compile_blocks(backbone.blocks)
+        if offloaded:
+            backbone.offload(list(offloaded), device)
         module.train()
 
         accumulation = world.accumulation(cfg.gradient_accumulation, cfg.keep_effective_batch)
@@ -606,6 +613,10 @@ class Trainer:
         if cfg.memory_check:
             plan.estimate.check()
         return cfg
+
+    def _checkpointed(self, cfg: TrainConfig) -> int:
+        spec = self.backbone.spec
+        return checkpointed_count(spec.num_double + spec.num_single, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
 
     def _batch_as_checkpointed(self, cfg: TrainConfig) -> TrainConfig:
         """A resumed `auto` run keeps the batch layout it was checkpointed with (it sets the data order)."""
@@ -781,6 +792,8 @@ class Trainer:
             tips.append("--gradient-checkpointing")
         elif cfg.checkpoint_blocks:
             tips.append("--checkpoint-blocks 0 (all blocks)")
+        if hasattr(self.backbone, "offload") and cfg.quantize_base in ("none", "fp8"):
+            tips.append("--offload-blocks N (N blocks' weights in CPU memory)")
         if cfg.quantize_base in ("none", "int8") and hasattr(self.backbone, "quantize"):
             tips.append("--quantize-base fp8" if cfg.quantize_base == "none" and cfg.dtype == "bfloat16"
                         else "--quantize-base nf4")

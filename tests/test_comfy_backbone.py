@@ -78,6 +78,7 @@ def test_the_comfyui_model_trains_exactly_like_the_diffusers_model(kind, options
 @pytest.mark.parametrize("options, message", [
     (dict(quantize_base="fp8", dtype="bfloat16"), "choose the weight dtype in the model loader"),
     (dict(compile=True), "cannot be compiled for training"),
+    (dict(gradient_checkpointing=True, offload_blocks=1), "ComfyUI places this model's weights itself"),
 ])
 def test_engine_only_speed_options_are_refused_before_any_work(comfy, pack, tmp_path, tiny_pipeline_dir, options,
                                                                message):

@@ -79,6 +79,9 @@ GPU_MODES = {
     "cudnn attention": (dict(attention="cudnn"), 0.02),
     "efficient attention": (dict(attention="efficient"), 0.02),
     "fp8 + compile + checkpointing": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True), 0.05),
+    "offload every block": (dict(gradient_checkpointing=True, offload_blocks=3), 0.02),
+    "fp8 + compile + offload": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True,
+                                     offload_blocks=2), 0.05),
 }
 
 

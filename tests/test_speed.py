@@ -201,3 +201,53 @@ def test_the_steps_attention_choice_wins_over_a_models_own_sdpa_context():
             assert enabled() == dict(flash=False, cudnn=False, efficient=True, math=False)
     with sdpa_kernel(comfy_order, set_priority=True), pinned_attention():  # outside a step: never cuDNN
         assert not enabled()["cudnn"] and enabled()["flash"]
+
+
+def test_offloaded_blocks_give_the_same_losses_and_take_turns_in_two_slots(demo_dataset, tiny_pipeline_dir,
+                                                                           tmp_path):
+    validated = dict(gradient_checkpointing=True, validate_every=2, validation_split=0.2)
+    checkpointed, plain = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "ckpt", **validated)
+    offloaded, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "offload", offload_blocks=3,
+                                     **validated)
+    # The same arithmetic on the same weights (validation passes included): only where they are kept differs.
+    assert offloaded == checkpointed
+
+    _, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "order", steps=1, offload_blocks=3,
+                             gradient_checkpointing=True)
+    # All three blocks are offloaded and take turns in the two GPU slots. A block out of its slot
+    # holds empty stand-ins, so running it out of turn fails instead of computing on stale weights.
+    # The backward pass runs the blocks last to first, prefetching the one before: it ends with
+    # the first two loaded (the next forward pass starts on them) and the last one released.
+    frozen = {i: [p for p in b.parameters() if not p.requires_grad] for i, b in enumerate(backbone.blocks)}
+    loaded = [i for i, ps in frozen.items() if all(p.numel() > 0 for p in ps)]
+    released = [i for i, ps in frozen.items() if all(p.numel() == 0 for p in ps)]
+    assert loaded == [0, 1] and released == [2]
+    assert len({p.untyped_storage().data_ptr() for i in loaded for p in frozen[i]}) == 2
+    lora = [p for b in backbone.blocks for n, p in b.named_parameters() if "lora_" in n]
+    assert lora and all(p.untyped_storage().nbytes() == p.numel() * 4 for p in lora)  # trained in place
+
+
+def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset, tiny_pipeline_dir, tmp_path):
+    def run(**options):
+        cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / "runs", tmp_path / "cache",
+                          **(EXACT | options))
+        return tiny_trainer(cfg, tiny_pipeline_dir).run()
+
+    with pytest.raises(ConfigError, match="only checkpointed blocks can be offloaded"):
+        run(offload_blocks=1)
+    with pytest.raises(ConfigError, match="only checkpointed blocks can be offloaded, and this run checkpoints 1"):
+        run(offload_blocks=2, gradient_checkpointing=True, checkpoint_blocks=1)
+    with pytest.raises(ConfigError, match="streams plain and fp8 weights"):
+        run(offload_blocks=1, gradient_checkpointing=True, quantize_base="nf4", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="--offload-blocks must be 0"):
+        tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", offload_blocks=-1).validate()
+    assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
+
+
+def test_spread_keeps_the_last_block_and_even_gaps():
+    from flux2_train.offload import spread
+
+    assert spread(0, 56) == [] and spread(3, 3) == [0, 1, 2] and spread(5, 3) == [0, 1, 2]
+    assert spread(2, 4) == [1, 3] and spread(1, 56) == [55]
+    picked = spread(28, 56)
+    assert len(picked) == 28 and picked[-1] == 55 and {b - a for a, b in zip(picked, picked[1:])} == {2}
