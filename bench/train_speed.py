@@ -170,6 +170,8 @@ def run_one(args, family: str) -> dict:
     from flux2_train.errors import OutOfMemory, TrainingDiverged
     from flux2_train.events import EventBus, StepEvent
     from flux2_train.model import DiffusersFlux2Backbone
+    from flux2_train.offload import spread
+    from flux2_train.speed import checkpointed_count
     from flux2_train.train import Trainer
 
     device = torch.device(args.device)
@@ -227,12 +229,6 @@ def run_one(args, family: str) -> dict:
                              torch.randn(1, TEXT_TOKENS, config["joint_attention_dim"], device=device,
                                          dtype=torch.bfloat16))
         counter.remove()
-        if args.memory_cap_gib and device.type == "cuda":
-            torch.cuda.empty_cache()
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total,
-                                                       device.index or torch.cuda.current_device())
-            rec["memory_cap_gib"] = args.memory_cap_gib
 
         cfg = resolve_config(overrides=dict(
             dataset=str(work / "data"), output_dir=str(work / "runs"), cache_dir=str(work / "cache"),
@@ -243,13 +239,31 @@ def run_one(args, family: str) -> dict:
             learning_rate=args.learning_rate, multi_gpu=args.multi_gpu, quantize_base=args.quantize_base,
             attention=args.attention, compile=args.compile, checkpoint_blocks=args.checkpoint_blocks,
             validate_every=0))
+        if str(args.offload_blocks) != "0":
+            cfg.offload_blocks = offload_count(args, cfg, backbone.spec, device)
+            rec["offload_blocks"] = cfg.offload_blocks
+            rec["mode"] = rec["mode"].replace("offload auto blocks", f"offload {cfg.offload_blocks} blocks (auto)")
+            # Placed here, before the cap, as the trainer would place them: this model was built on the GPU.
+            blocks = len(backbone.blocks)
+            backbone.prepare(device, torch.bfloat16, offloaded=tuple(spread(
+                cfg.offload_blocks, checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))))
+        if args.memory_cap_gib and device.type == "cuda":
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total,
+                                                       device.index or torch.cuda.current_device())
+            rec["memory_cap_gib"] = args.memory_cap_gib
 
         steps: list[dict] = []
+
+        profiler = StepProfiler(args.profile, family, args.warmup) if args.profile else None
 
         def on_event(ev):
             if isinstance(ev, StepEvent):
                 steps.append(dict(step=ev.step, loss=ev.loss, seconds=ev.seconds_per_step,
                                   peak_gib=ev.peak_memory_bytes / 2**30))
+                if profiler:
+                    profiler.step(ev.step)
                 if world.is_main and (args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total):
                     print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
                           f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
@@ -261,7 +275,11 @@ def run_one(args, family: str) -> dict:
         try:
             trainer = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
                               events=events)
-            result = trainer.run()
+            try:
+                result = trainer.run()
+            finally:
+                if profiler:
+                    rec["profile"] = profiler.finish()
             rec["strategy"] = trainer.strategy
             rec["lora_tensors"] = len(result.targets) * 2
             rec["lora_layers"] = len(result.targets)
@@ -320,6 +338,54 @@ def run_one(args, family: str) -> dict:
     return rec
 
 
+class StepProfiler:
+    """torch.profiler over `steps` training steps after the warm-up: the top GPU kernels by time."""
+
+    def __init__(self, steps: int, family: str, warmup: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.first, self.last, self.family = warmup + 1, warmup + steps, family
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.running = False
+
+    def step(self, done: int) -> None:
+        if done == self.first - 1 and not self.running:
+            self.prof.start()
+            self.running = True
+        elif done == self.last and self.running:
+            self.prof.stop()
+            self.running = False
+
+    def finish(self, top: int = 20) -> str:
+        if self.running:
+            self.prof.stop()
+        try:
+            table = self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=top,
+                                                   max_name_column_width=70)
+        except (AssertionError, RuntimeError):  # the run ended before the profiled steps
+            return ""
+        print(table, flush=True)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], f"profile-{self.family}.txt").write_text(table)
+        return table
+
+
+def offload_count(args, cfg, spec, device) -> int:
+    """--offload-blocks N, or for "auto" the trainer's own `auto` choice for the memory cap."""
+    if args.offload_blocks != "auto":
+        return int(args.offload_blocks)
+    import dataclasses
+
+    from flux2_train.memory import CUDA_CONTEXT, Placement, plan_auto
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+    cap = args.memory_cap_gib or total
+    plan = plan_auto(spec, dataclasses.replace(cfg, quick_preset="auto"), Placement("engine"),
+                     int(cap * 2**30) + CUDA_CONTEXT["native"], split_batch=False)
+    print(f"  {plan.reason}", flush=True)
+    return plan.cfg.offload_blocks
+
+
 def mode_text(args) -> str:
     """The speed and memory settings of a run, in a few words."""
     parts = [f"{args.quantize_base} base" if args.quantize_base != "none" else "bf16 base"]
@@ -327,6 +393,8 @@ def mode_text(args) -> str:
         parts.append(f"ckpt {args.checkpoint_blocks} blocks" if args.checkpoint_blocks else "ckpt all")
     if args.compile:
         parts.append("compile")
+    if str(args.offload_blocks) != "0":
+        parts.append(f"offload {args.offload_blocks} blocks")
     if args.attention != "auto":
         parts.append(f"{args.attention} attention")
     if args.memory_cap_gib:
@@ -436,9 +504,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize-base", default="none", choices=("none", "fp8", "int8", "nf4"))
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    ap.add_argument("--offload-blocks", default="0",
+                    help="keep N checkpointed blocks' weights in CPU memory; auto: as many as the trainer's auto "
+                         "plan offloads under --memory-cap-gib")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="profile STEPS steps after the warm-up and print the top GPU kernels by time")
     ap.add_argument("--memory-cap-gib", type=float, default=0.0,
                     help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction) after the "
-                         "model is built and quantized: a smaller card")
+                         "model is built, quantized and placed: a smaller card")
     ap.add_argument("--multi-gpu", default="auto", choices=("auto", "ddp", "fsdp"),
                     help="under accelerate launch: DDP, FSDP, or the trainer's choice")
     ap.add_argument("--device", default="cuda")
