@@ -170,8 +170,7 @@ def run_one(args, family: str) -> dict:
     from flux2_train.errors import OutOfMemory, TrainingDiverged
     from flux2_train.events import EventBus, StepEvent
     from flux2_train.model import DiffusersFlux2Backbone
-    from flux2_train.offload import spread
-    from flux2_train.speed import checkpointed_count
+    from flux2_train.offload import offloaded_indices
     from flux2_train.train import Trainer
 
     device = torch.device(args.device)
@@ -244,9 +243,7 @@ def run_one(args, family: str) -> dict:
             rec["offload_blocks"] = cfg.offload_blocks
             rec["mode"] = rec["mode"].replace("offload auto blocks", f"offload {cfg.offload_blocks} blocks (auto)")
             # Placed here, before the cap, as the trainer would place them: this model was built on the GPU.
-            blocks = len(backbone.blocks)
-            backbone.prepare(device, torch.bfloat16, offloaded=tuple(spread(
-                cfg.offload_blocks, checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))))
+            backbone.prepare(device, torch.bfloat16, offloaded=tuple(offloaded_indices(len(backbone.blocks), cfg)))
         if args.memory_cap_gib and device.type == "cuda":
             torch.cuda.empty_cache()
             total = torch.cuda.get_device_properties(device).total_memory
@@ -347,6 +344,9 @@ class StepProfiler:
         self.first, self.last, self.family = warmup + 1, warmup + steps, family
         self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         self.running = False
+        if warmup == 0:  # from the first step
+            self.prof.start()
+            self.running = True
 
     def step(self, done: int) -> None:
         if done == self.first - 1 and not self.running:

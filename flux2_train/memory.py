@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .errors import OutOfMemory
 from .lora import resolve_targets
 from .model import BLOCK_PREFIXES, ModelSpec, spec_linear_shapes
-from .offload import spread
+from .offload import offloaded_indices
 from .speed import checkpointed_count
 
 GIB = 2**30
@@ -103,6 +103,7 @@ class Placement:
     streamed: bool = False  # every weight is copied in per op (ComfyUI's DynamicVRAM), resident or not
     allocator: str = ""  # "native" or "async" ("" = the host's default: native for the engine, async for ComfyUI)
     shards: int = 1  # processes the frozen weights are sharded over (FSDP); each holds 1/shards
+    processes: int = 1  # processes of the run (DDP or FSDP when more than one)
 
     @property
     def allocator_kind(self) -> str:
@@ -112,6 +113,10 @@ class Placement:
     def can_offload(self) -> bool:
         # ComfyUI streams any amount that does not fit; the engine offloads whole blocks (cfg.offload_blocks).
         return self.host == "comfyui"
+
+    def offloads_blocks(self, cfg: TrainConfig) -> bool:
+        """The engine can keep whole blocks in CPU memory: one process, plain or fp8 weights."""
+        return self.host == "engine" and self.processes == 1 and cfg.quantize_base in ("none", "fp8")
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,15 @@ def weight_format(placement: Placement, cfg: TrainConfig) -> str:
     return DTYPE_FORMATS[cfg.dtype]
 
 
+def offloaded_block_bytes(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Placement()) -> list[float]:
+    """Stored bytes of each block the run keeps in CPU memory (`--offload-blocks`; the engine, one process)."""
+    if not cfg.offload_blocks or not placement.offloads_blocks(cfg):
+        return []
+    sizes = block_params(spec)
+    per_weight = WEIGHT_FORMATS[weight_format(placement, cfg)]
+    return [sizes[i] * per_weight for i in offloaded_indices(len(sizes), cfg)]
+
+
 def block_params(spec: ModelSpec) -> list[int]:
     """Linear parameters of each transformer block, in the order the model runs them."""
     sizes: dict[str, int] = {}
@@ -273,13 +287,11 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
 
     resident = stored - offloaded
     slots = 0
-    if placement.host == "engine" and cfg.offload_blocks:
-        # Whole checkpointed blocks in CPU memory, streamed through two GPU slots of the largest.
-        per_weight = WEIGHT_FORMATS[fmt]
-        sizes = block_params(spec)
-        moved = [sizes[i] * per_weight for i in spread(min(cfg.offload_blocks, recomputed), recomputed)]
+    moved = offloaded_block_bytes(spec, cfg, placement)
+    if moved:
+        # Whole checkpointed blocks in CPU memory, streamed through (up to) two GPU slots of the largest.
         resident -= int(sum(moved))
-        slots = int(2 * max(moved, default=0))
+        slots = int(min(2, len(moved)) * max(moved))
     if placement.shards > 1:
         # Each process holds its shard, plus the block being gathered and the next one (prefetch).
         sizes = block_params(spec)
@@ -307,7 +319,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     settings = {"resolution": f"{cfg.resolution}" if not buckets else _bucket_text(buckets), "batch": cfg.batch_size,
                 "rank": cfg.rank, "targets": cfg.targets,
                 "weights": fmt + (f" ({offloaded / GIB:.1f} GiB offloaded)" if offloaded else "")
-                + (f" ({min(cfg.offload_blocks, recomputed)} blocks offloaded)" if slots else ""),
+                + (f" ({len(moved)} blocks offloaded)" if moved else ""),
                 "checkpointing": ("off" if not recomputed else "on" if recomputed == blocks
                                   else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
     streamable = 0
@@ -343,12 +355,7 @@ def offload_slowdown(spec: ModelSpec, cfg: TrainConfig, offloaded: int, buckets=
 
 def engine_offload_slowdown(spec: ModelSpec, cfg: TrainConfig, buckets=None) -> float:
     """The engine's offloaded blocks cross the bus twice a step (forward, recompute), partly hidden by compute."""
-    if not cfg.offload_blocks:
-        return 0.0
-    fmt = cfg.quantize_base if cfg.quantize_base != "none" else DTYPE_FORMATS[cfg.dtype]
-    sizes = block_params(spec)
-    recomputed = checkpointed_count(len(sizes), cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    moved = sum(sizes[i] for i in spread(min(cfg.offload_blocks, recomputed), recomputed)) * WEIGHT_FORMATS[fmt]
+    moved = sum(offloaded_block_bytes(spec, cfg, Placement("engine")))
     return 2 * moved / GIB * ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS / step_seconds(spec, cfg, buckets)
 
 
@@ -389,18 +396,19 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
         what = "all the weights" if k == blocks else f"{k} of {blocks} blocks"
         found.append(Advice(f"offload {what} to the CPU (ComfyUI does this when the model does not fit)", off,
                             offload_slowdown(spec, cfg, off, buckets)))
-    if (placement.host == "engine" and placement.shards == 1 and cfg.quantize_base in ("none", "fp8")
-            and est.available and est.upper > 0.9 * est.available):
-        recomputed = checkpointed_count(blocks, True, cfg.checkpoint_blocks if cfg.gradient_checkpointing else 0)
+    if placement.offloads_blocks(cfg) and est.available and est.upper > 0.9 * est.available:
+        # Checkpointing stays as set, or (where it is off) is turned on for every block.
+        ckpt = dict(gradient_checkpointing=True, checkpoint_blocks=cfg.checkpoint_blocks
+                    if cfg.gradient_checkpointing else 0)
+        recomputed = checkpointed_count(blocks, True, ckpt["checkpoint_blocks"])
         for k in range(cfg.offload_blocks + 1, recomputed + 1):
-            moved = dataclasses.replace(cfg, gradient_checkpointing=True, offload_blocks=k)
-            if estimate_memory(spec, moved, placement, advise=False, buckets=buckets).upper <= 0.9 * est.available:
+            offloading = dataclasses.replace(cfg, offload_blocks=k, **ckpt)
+            if estimate_memory(spec, offloading, placement, advise=False, buckets=buckets).upper <= 0.9 * est.available:
                 break
         if recomputed > cfg.offload_blocks:
-            ckpt = "" if cfg.gradient_checkpointing else " with --gradient-checkpointing"
-            found.append(Advice(f"--offload-blocks {k}{ckpt} (their weights stay in CPU memory)",
-                                saving(gradient_checkpointing=True, offload_blocks=k),
-                                engine_offload_slowdown(spec, moved, buckets)
+            also = "" if cfg.gradient_checkpointing else " with --gradient-checkpointing"
+            found.append(Advice(f"--offload-blocks {k}{also} (their weights stay in CPU memory)",
+                                saving(offload_blocks=k, **ckpt), engine_offload_slowdown(spec, offloading, buckets)
                                 + (0.0 if cfg.gradient_checkpointing else CHECKPOINTING_SLOWDOWN)))
     found.sort(key=lambda a: a.slowdown)
     if cfg.resolution > 512:
@@ -438,16 +446,16 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
         return AutoPlan(cfg, est, "auto: no GPU memory limit known: the settings as given")
     candidates = []
     blocks = spec.num_double + spec.num_single
-    engine_offload = placement.host == "engine" and cfg.quantize_base in ("none", "fp8") and placement.shards == 1
+    engine_offload = placement.offloads_blocks(cfg)
     for recompute in sorted({0, blocks // 4, blocks // 2, 3 * blocks // 4, blocks}):
         ckpt = recompute > 0
         for split in ((False, True) if cfg.batch_size > 1 and split_batch else (False,)):
             changes = dict(gradient_checkpointing=ckpt, checkpoint_blocks=0 if recompute == blocks else recompute)
             if split:
                 changes.update(batch_size=1, gradient_accumulation=cfg.batch_size * cfg.gradient_accumulation)
+            if engine_offload:
+                changes["offload_blocks"] = 0  # decided below, like checkpointing
             c = dataclasses.replace(cfg, **changes)
-            if c.offload_blocks > recompute:
-                continue  # only checkpointed blocks can be offloaded
             p = placement
             est = estimate_memory(spec, c, p, available, buckets, advise=False)
             for _ in range(3):  # offloading adds cast buffers: settle in a few rounds
@@ -458,7 +466,7 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                 est = estimate_memory(spec, c, p, available, buckets, advise=False)
             if est.upper > margin * available and engine_offload:
                 # The fewest checkpointed blocks whose weights, left in CPU memory, make it fit.
-                for k in range(max(1, cfg.offload_blocks), recompute + 1):
+                for k in range(1, recompute + 1):
                     c = dataclasses.replace(c, offload_blocks=k)
                     est = estimate_memory(spec, c, p, available, buckets, advise=False)
                     if est.upper <= margin * available:
@@ -485,7 +493,8 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
     if chosen.batch_size != cfg.batch_size:
         what.append(f"batch {chosen.batch_size} with gradient accumulation {chosen.gradient_accumulation}")
     if chosen.offload_blocks != cfg.offload_blocks:
-        what.append(f"{chosen.offload_blocks} blocks' weights offloaded to CPU memory")
+        what.append(f"{chosen.offload_blocks} blocks' weights offloaded to CPU memory" if chosen.offload_blocks
+                    else "no blocks offloaded")
     if p.offloaded_bytes > placement.offloaded_bytes:
         what.append(f"{(p.offloaded_bytes - placement.offloaded_bytes) / GIB:.1f} GiB of weights offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
@@ -534,7 +543,7 @@ def choose_strategy(spec: ModelSpec, cfg: TrainConfig, available: int | None, pr
     where the model fits. FSDP shards the frozen weights, so each GPU holds about 1/N of
     them and gathers one block at a time, at the cost of that traffic in every pass.
     """
-    whole, sharded = Placement("engine"), Placement("engine", shards=processes)
+    whole, sharded = Placement("engine", processes=processes), Placement("engine", shards=processes, processes=processes)
     if asked == "ddp":
         return "ddp", whole, "multi-GPU: DDP, as asked"
     if asked == "fsdp":

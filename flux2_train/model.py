@@ -241,6 +241,8 @@ class DiffusersFlux2Backbone:
         for module in self.transformer.children():
             if module not in (self.transformer.transformer_blocks, self.transformer.single_transformer_blocks):
                 module.to(device)
+        for t in [*self.transformer.parameters(recurse=False), *self.transformer.buffers(recurse=False)]:
+            t.data = t.data.to(device)  # none in diffusers' class today
         for module in self.transformer.modules():
             if getattr(module, "quantized_base", False):
                 continue  # stored as quantized; its scales stay float32

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .speed import checkpointed_count, is_checkpointed
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,16 @@ def spread(count: int, candidates: int) -> list[int]:
     return sorted({min(candidates - 1, int((k + 1) * step) - 1) for k in range(count)})
 
 
-def check_offload(count: int, backbone, checkpointed: int, quantize_base: str) -> None:
-    """Refuse before any work an offload this model's host or the other settings cannot run."""
+def offloaded_indices(blocks: int, cfg) -> list[int]:
+    """The blocks a run offloads: `cfg.offload_blocks` spread over its checkpointed blocks."""
+    return spread(cfg.offload_blocks, checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))
+
+
+def check_offload(count: int, backbone, blocks: int, quantize_base: str, checkpointed: int | None = None) -> None:
+    """Refuse before any work an offload this model's host or the other settings cannot run.
+
+    `checkpointed` is known once the memory plan has settled checkpointing; before, it is not checked.
+    """
     if count <= 0:
         return
     if not hasattr(backbone, "offload"):
@@ -48,14 +57,20 @@ def check_offload(count: int, backbone, checkpointed: int, quantize_base: str) -
     if quantize_base in ("int8", "nf4"):
         raise ConfigError(f"--offload-blocks streams plain and fp8 weights; with --quantize-base {quantize_base} "
                           "use --quantize-base fp8, or no offload")
-    if count > checkpointed:
+    if count > blocks:
+        raise ConfigError(f"--offload-blocks {count}: this model has {blocks} blocks")
+    if checkpointed is not None and count > checkpointed:
         raise ConfigError(f"--offload-blocks {count}: only checkpointed blocks can be offloaded, and this run "
                           f"checkpoints {checkpointed}; add --gradient-checkpointing (all blocks) or raise "
                           "--checkpoint-blocks")
 
 
 class _Packed:
-    """One block's frozen tensors, packed into a (pinned) CPU buffer, and where each goes back."""
+    """One block's frozen tensors, packed into a (pinned) CPU buffer, and where each goes back.
+
+    It holds the block's tensor objects and swaps their `.data`: a later `module.to()`, which
+    replaces some of them, would cut them loose, so nothing moves an offloaded block after this.
+    """
 
     def __init__(self, block: nn.Module, pin: bool):
         self.entries = []  # (tensor, offset, nbytes): each tensor is swapped in and out through .data
@@ -108,6 +123,9 @@ class BlockOffload:
     def __init__(self, blocks: list[nn.Module], indices: list[int], device: torch.device):
         self.indices = sorted(indices)
         self.device = device
+        for i in self.indices:  # before any block gives up its weights
+            if not is_checkpointed(blocks[i]):
+                raise ConfigError(f"block {i} is offloaded but not checkpointed; checkpoint it first")
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.packed: dict[int, _Packed] = {}
@@ -116,16 +134,17 @@ class BlockOffload:
             self.packed[i].release(device)
             if cuda:
                 torch.cuda.empty_cache()  # the block's GPU copy, if it had one, goes back now
-            forward = blocks[i].__dict__.get("forward")
-            if not (isinstance(forward, functools.partial) and forward.args):
-                raise ConfigError(f"block {i} is offloaded but not checkpointed; checkpoint it first")
-            blocks[i].forward = functools.partial(forward.func, functools.partial(self._run, i, forward.args[0]),
-                                                  *forward.args[1:], **forward.keywords)
+            forward = blocks[i].forward
+            blocks[i].forward = functools.partial(forward.func, functools.partial(self._run, i, forward.args[0]))
         largest = max(p.nbytes for p in self.packed.values())
-        self.slots = [_Slot(largest, device, cuda) for _ in range(2)]
+        # Two slots take turns; one or two offloaded blocks simply stay in theirs (and save nothing).
+        self.slots = [_Slot(largest, device, cuda) for _ in range(min(2, len(self.indices)))]
         self._clock, self._used = 0, {}
-        log.info("offload: %d blocks (%.2f GiB) in pinned CPU memory, 2 GPU slots of %.2f GiB", len(self.indices),
-                 self.offloaded_bytes / 2**30, largest / 2**30)
+        log.info("offload: %d blocks (%.2f GiB) in %sCPU memory, %d slot(s) of %.2f GiB on %s", len(self.indices),
+                 self.offloaded_bytes / 2**30, "pinned " if cuda else "", len(self.slots), largest / 2**30, device)
+        if len(self.indices) <= 2:
+            log.warning("--offload-blocks %d: with two slots, up to two offloaded blocks stay on the GPU and no "
+                        "memory is saved; offload 3 or more", len(self.indices))
 
     @property
     def offloaded_bytes(self) -> int:

@@ -93,6 +93,11 @@ def checkpoint_blocks(blocks: list[nn.Module], count: int) -> None:
         block.forward = functools.partial(_checkpointed_call, block.forward)
 
 
+def is_checkpointed(block: nn.Module) -> bool:
+    own = block.__dict__.get("forward")
+    return isinstance(own, functools.partial) and own.func is _checkpointed_call
+
+
 def _checkpointed_call(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
@@ -116,10 +121,9 @@ def compile_blocks(blocks: list[nn.Module]) -> None:
     elementwise glue. Inductor's FX graph cache keeps the result for the next run.
     """
     for block in blocks:
-        own = block.__dict__.get("forward")
-        if isinstance(own, functools.partial) and own.func is _checkpointed_call:
+        if is_checkpointed(block):
             # The checkpoint stays outside the compiled code: inside it, the compiler's partitioner
             # keeps part of the block's activations, a third of what no checkpointing keeps.
-            block.forward = functools.partial(_checkpointed_call, torch.compile(own.args[0]))
+            block.forward = functools.partial(_checkpointed_call, torch.compile(block.forward.args[0]))
         else:
             block.compile()

@@ -37,7 +37,7 @@ from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
-from .offload import check_offload, spread
+from .offload import check_offload, offloaded_indices
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
 from .speed import attention_kernels, check_attention, check_compile, checkpointed_count, compile_blocks
@@ -305,9 +305,12 @@ class Trainer:
             check_attention(cfg.attention, device, spec.head_dim, weight_dtype)
             check_quantize(cfg.quantize_base, self.backbone)
             check_compile(cfg.compile, self.backbone)
+            blocks = spec.num_double + spec.num_single
+            check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
-            check_offload(cfg.offload_blocks, self.backbone, self._checkpointed(cfg), cfg.quantize_base)
+            check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base,
+                          checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))
             if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile or cfg.offload_blocks):
                 # None has run under DDP or FSDP yet (fp8 and 4-bit weights in NCCL broadcasts and
                 # FSDP shards, FSDP's hooks in compiled blocks, FSDP's own offload).
@@ -423,7 +426,7 @@ class Trainer:
         # FSDP shards the model from CPU memory: no GPU ever holds all of it.
         home = torch.device("cpu") if self.strategy == "fsdp" else device
         # Offloaded blocks are spread over the checkpointed ones, and never sit on the GPU together.
-        offloaded = tuple(spread(cfg.offload_blocks, self._checkpointed(cfg)))
+        offloaded = tuple(offloaded_indices(len(backbone.blocks), cfg))
         placed = dict(offloaded=offloaded) if offloaded else {}
         if cfg.quantize_base != "none":
             backbone.quantize(cfg.quantize_base, home, weight_dtype, **placed)
@@ -614,10 +617,6 @@ class Trainer:
             plan.estimate.check()
         return cfg
 
-    def _checkpointed(self, cfg: TrainConfig) -> int:
-        spec = self.backbone.spec
-        return checkpointed_count(spec.num_double + spec.num_single, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-
     def _batch_as_checkpointed(self, cfg: TrainConfig) -> TrainConfig:
         """A resumed `auto` run keeps the batch layout it was checkpointed with (it sets the data order)."""
         try:
@@ -792,7 +791,7 @@ class Trainer:
             tips.append("--gradient-checkpointing")
         elif cfg.checkpoint_blocks:
             tips.append("--checkpoint-blocks 0 (all blocks)")
-        if hasattr(self.backbone, "offload") and cfg.quantize_base in ("none", "fp8"):
+        if hasattr(self.backbone, "offload") and cfg.quantize_base in ("none", "fp8") and self.world.size == 1:
             tips.append("--offload-blocks N (N blocks' weights in CPU memory)")
         if cfg.quantize_base in ("none", "int8") and hasattr(self.backbone, "quantize"):
             tips.append("--quantize-base fp8" if cfg.quantize_base == "none" and cfg.dtype == "bfloat16"

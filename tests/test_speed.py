@@ -239,6 +239,8 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
         run(offload_blocks=2, gradient_checkpointing=True, checkpoint_blocks=1)
     with pytest.raises(ConfigError, match="streams plain and fp8 weights"):
         run(offload_blocks=1, gradient_checkpointing=True, quantize_base="nf4", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="this model has 3 blocks"):
+        run(offload_blocks=4, gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="--offload-blocks must be 0"):
         tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", offload_blocks=-1).validate()
     assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
