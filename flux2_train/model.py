@@ -213,7 +213,7 @@ class DiffusersFlux2Backbone:
         """Store the blocks' Linear weights as `fmt`, block by block; blocks to offload go back to CPU memory."""
         count = 0
         for i, block in enumerate(self.blocks):
-            count += quantize_base(block, fmt, device, dtype, ("",))
+            count += quantize_base(block, fmt, device, dtype)
             if i in offloaded:
                 block.to("cpu")
         if count:

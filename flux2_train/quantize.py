@@ -146,21 +146,14 @@ def check_quantize(fmt: str, backbone) -> None:
         _bnb()
 
 
-def block_linears(transformer: nn.Module, block_prefixes: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every plain Linear inside the blocks."""
-    found = []
-    for name, module in transformer.named_modules():
-        if not name.startswith(block_prefixes):
-            continue
-        for child_name, child in module.named_children():
-            if type(child) is nn.Linear:
-                found.append((module, child_name))
-    return found
+def plain_linears(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every plain Linear inside `module`."""
+    return [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear]
 
 
-def quantize_base(transformer: nn.Module, fmt: str, device: torch.device, compute_dtype: torch.dtype,
-                  block_prefixes: tuple[str, ...]) -> int:
-    """Convert the blocks' Linear layers to `fmt` one at a time on `device`; return how many.
+def quantize_base(block: nn.Module, fmt: str, device: torch.device, compute_dtype: torch.dtype) -> int:
+    """Convert a block's Linear layers to `fmt` one at a time on `device`; return how many.
 
     A layer at a time, so the device never holds more than one unconverted layer
     beyond the converted ones: [dev] quantizes from CPU memory onto a 24 GB card.
@@ -176,7 +169,7 @@ def quantize_base(transformer: nn.Module, fmt: str, device: torch.device, comput
     fp8_matmul = has_fp8_matmul(device)
     if fmt == "fp8" and not fp8_matmul:
         log.warning("this GPU has no fp8 matmul: fp8 weights are dequantized per layer (memory saved, no speed-up)")
-    layers = block_linears(transformer, block_prefixes)
+    layers = plain_linears(block)
     for parent, attr in layers:
         # Nothing else holds the layer: its unconverted weight is freed as soon as it is replaced.
         # Quantized from the precision it was stored in, not through the compute dtype first.

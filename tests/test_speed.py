@@ -72,7 +72,7 @@ def test_quantize_converts_the_block_linears_one_by_one(tiny_pipeline_dir):
     after = sum(p.numel() * p.element_size() for p in backbone.module.parameters())
     assert after < 0.7 * before
     with pytest.raises(ConfigError, match="unknown --quantize-base"):
-        quantize_base(backbone.module, "fp4", torch.device("cpu"), torch.bfloat16, ("transformer_blocks.",))
+        quantize_base(backbone.blocks[0], "fp4", torch.device("cpu"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("fmt,tolerance", [("fp8", 0.05), ("int8", 0.03), ("nf4", 0.12)])
