@@ -87,7 +87,8 @@ NF4_SLOWDOWN = 0.25
 OFFLOAD_SECONDS_PER_GIB_PASS = 0.006
 # The engine's offloaded blocks (--offload-blocks), per GiB and pass, what compute did not hide:
 # [klein] 4B, fp8, compiled, all blocks checkpointed, H100: 0.228 s, and 0.269 s with 12 of its
-# 25 blocks (1.6 GiB) offloaded (bench/README.md). [dev]'s larger blocks hide more of their copy.
+# 25 blocks (1.6 GiB) offloaded (bench/README.md). [dev] has no run without offload at the same
+# checkpointing to fit it on.
 ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS = 0.013
 _EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about 30%)
 
@@ -359,6 +360,21 @@ def engine_offload_slowdown(spec: ModelSpec, cfg: TrainConfig, buckets=None) -> 
     return 2 * moved / GIB * ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS / step_seconds(spec, cfg, buckets)
 
 
+def fewest_offloaded_blocks(spec: ModelSpec, cfg: TrainConfig, placement: Placement, limit: int, buckets=None,
+                            first: int = 1, available: int | None = None) -> tuple[TrainConfig, "MemoryEstimate"]:
+    """`cfg` with the fewest offloaded blocks (from `first`) whose estimate stays under `limit`,
+    or with every checkpointed block offloaded where none does; and its estimate."""
+    blocks = spec.num_double + spec.num_single
+    recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    c, est = cfg, None
+    for k in range(first, recomputed + 1):
+        c = dataclasses.replace(cfg, offload_blocks=k)
+        est = estimate_memory(spec, c, placement, available, buckets, advise=False)
+        if est.upper <= limit:
+            break
+    return c, est or estimate_memory(spec, c, placement, available, buckets, advise=False)
+
+
 def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     """Changes that lower the estimate, cheapest in speed first; those that change the result last."""
 
@@ -400,15 +416,13 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
         # Checkpointing stays as set, or (where it is off) is turned on for every block.
         ckpt = dict(gradient_checkpointing=True, checkpoint_blocks=cfg.checkpoint_blocks
                     if cfg.gradient_checkpointing else 0)
-        recomputed = checkpointed_count(blocks, True, ckpt["checkpoint_blocks"])
-        for k in range(cfg.offload_blocks + 1, recomputed + 1):
-            offloading = dataclasses.replace(cfg, offload_blocks=k, **ckpt)
-            if estimate_memory(spec, offloading, placement, advise=False, buckets=buckets).upper <= 0.9 * est.available:
-                break
-        if recomputed > cfg.offload_blocks:
+        offloading, _ = fewest_offloaded_blocks(spec, dataclasses.replace(cfg, **ckpt), placement,
+                                                int(0.9 * est.available), buckets, first=cfg.offload_blocks + 1)
+        if offloading.offload_blocks > cfg.offload_blocks:
             also = "" if cfg.gradient_checkpointing else " with --gradient-checkpointing"
-            found.append(Advice(f"--offload-blocks {k}{also} (their weights stay in CPU memory)",
-                                saving(offload_blocks=k, **ckpt), engine_offload_slowdown(spec, offloading, buckets)
+            found.append(Advice(f"--offload-blocks {offloading.offload_blocks}{also} (their weights stay in CPU "
+                                "memory)", saving(offload_blocks=offloading.offload_blocks, **ckpt),
+                                engine_offload_slowdown(spec, offloading, buckets)
                                 + (0.0 if cfg.gradient_checkpointing else CHECKPOINTING_SLOWDOWN)))
     found.sort(key=lambda a: a.slowdown)
     if cfg.resolution > 512:
@@ -465,12 +479,7 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                 p = dataclasses.replace(p, offloaded_bytes=p.offloaded_bytes + over)
                 est = estimate_memory(spec, c, p, available, buckets, advise=False)
             if est.upper > margin * available and engine_offload:
-                # The fewest checkpointed blocks whose weights, left in CPU memory, make it fit.
-                for k in range(1, recompute + 1):
-                    c = dataclasses.replace(c, offload_blocks=k)
-                    est = estimate_memory(spec, c, p, available, buckets, advise=False)
-                    if est.upper <= margin * available:
-                        break
+                c, est = fewest_offloaded_blocks(spec, c, p, int(margin * available), buckets, available=available)
             if est.upper > margin * available:
                 continue
             cost = 1.0 + CHECKPOINTING_SLOWDOWN * recompute / blocks + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
