@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -94,8 +93,7 @@ from train_speed import (  # noqa: E402
     build_transformer,
     env_info,
     family_config,
-    report,
-    run_each_family,
+    run_families,
 )
 
 TOOLS = {"diffusers": "diffusers+peft", "comfyui": "comfyui TrainLoraNode"}
@@ -557,26 +555,13 @@ def main(argv=None) -> int:
                         "it again (one copy of the weights in host RAM instead of two)")
     ap.add_argument("--result-file", help=argparse.SUPPRESS)  # used by the parent for subprocess runs
     args = ap.parse_args(argv)
-    families = args.family or ["klein-4b"]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA GPU visible; use --device cpu (with --family tiny)", file=sys.stderr)
-        return 2
 
-    runs: list[dict] = []
-    if len(families) == 1:
-        rec = run_one(args, families[0])
-        if args.result_file:
-            Path(args.result_file).write_text(json.dumps(rec))
-            return 0
-        runs.append(rec)
-    else:
-        def failed(family: str, code: int) -> dict:
-            return dict(tool=TOOLS[args.peer], peer=args.peer, family=family, resolution=args.resolution,
-                        steps=args.steps, status="error", error=f"subprocess exited with {code} and no result")
+    def failed(family: str, code: int) -> dict:
+        return dict(tool=TOOLS[args.peer], peer=args.peer, family=family, resolution=args.resolution,
+                    steps=args.steps, status="error", error=f"subprocess exited with {code} and no result")
 
-        runs = run_each_family(Path(__file__), argv if argv is not None else sys.argv[1:], families, failed)
-
-    return report(runs, HEADER, row, "peers.json")
+    return run_families(Path(__file__), args, argv, lambda family: run_one(args, family), failed, HEADER, row,
+                        "peers.json")
 
 
 if __name__ == "__main__":

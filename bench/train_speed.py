@@ -447,14 +447,9 @@ def row(r: dict) -> str:
 def run_each_family(script: Path, argv: list[str], families: list[str], failed) -> list[dict]:
     """Run `script` once per family, each in its own process (one that runs out of memory loses
     nothing else), with `argv` less its --family options; the records, or `failed(family, exit code)`."""
-    cleaned, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--family":
-            skip = True
-        elif not a.startswith("--family="):
-            cleaned.append(a)
+    from flux2_train.cli import without_option
+
+    cleaned = without_option(argv, "--family")
     runs = []
     for fam in families:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -521,33 +516,44 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="print every step")
     ap.add_argument("--result-file", help=argparse.SUPPRESS)  # used by the parent for subprocess runs
     args = ap.parse_args(argv)
-    families = args.family or ["klein-4b"]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA GPU visible; use --device cpu (with --family tiny)", file=sys.stderr)
-        return 2
 
-    runs: list[dict] = []
-    if len(families) == 1:
-        rec = run_one(args, families[0])
+    def one(family: str) -> dict | None:
+        rec = run_one(args, family)
         if rec.get("processes", 1) > 1:
             from flux2_train.distributed import leave
 
             leave()
             if os.environ.get("RANK", "0") != "0":  # the main process reports
-                return 0
-        if args.result_file:
-            Path(args.result_file).write_text(json.dumps(rec))
-            return 0
-        runs.append(rec)
-    else:
-        def failed(family: str, code: int) -> dict:
-            return dict(family=family, resolution=args.resolution, steps=args.steps, rank=args.rank,
-                        targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
-                        status="error", error=f"subprocess exited with {code} and no result")
+                return None
+        return rec
 
-        runs = run_each_family(Path(__file__), argv if argv is not None else sys.argv[1:], families, failed)
+    def failed(family: str, code: int) -> dict:
+        return dict(family=family, resolution=args.resolution, steps=args.steps, rank=args.rank,
+                    targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+                    status="error", error=f"subprocess exited with {code} and no result")
 
-    return report(runs, HEADER, row, "bench.json")
+    return run_families(Path(__file__), args, argv, one, failed, HEADER, row, "bench.json")
+
+
+def run_families(script: Path, args, argv, run_one, failed, header: str, row, file_name: str) -> int:
+    """Run `args.family` (one in this process, several each in its own) and `report` the records.
+
+    `run_one(family)` returns the record, or None in a process that leaves the reporting to another.
+    """
+    families = args.family or ["klein-4b"]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA GPU visible; use --device cpu (with --family tiny)", file=sys.stderr)
+        return 2
+    if len(families) > 1:
+        runs = run_each_family(script, argv if argv is not None else sys.argv[1:], families, failed)
+        return report(runs, header, row, file_name)
+    rec = run_one(families[0])
+    if rec is None:
+        return 0
+    if args.result_file:
+        Path(args.result_file).write_text(json.dumps(rec))
+        return 0
+    return report([rec], header, row, file_name)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,19 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less every `option VALUE` and `option=VALUE`."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            rest.append(a)
+    return rest
+
+
 def launch_processes(argv: list[str], count: int, device: str) -> int:
     """Run this train command again under `accelerate launch` with `count` processes (--num-gpus)."""
     import subprocess
@@ -227,14 +240,7 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
             fewer = f"use --num-gpus {visible}, or " if visible > 1 else "leave out --num-gpus, or use "
             raise ConfigError(f"--num-gpus {count}, but {visible} GPU(s) are visible to PyTorch; {fewer}"
                               "--device cpu for CPU processes")
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--num-gpus":
-            skip = True
-        elif not a.startswith("--num-gpus="):
-            rest.append(a)
+    rest = without_option(argv, "--num-gpus")
     # The launcher waits this long for its processes to finish their step and checkpoint after
     # Ctrl-C, before it kills them (PyTorch's default, 30 s, can be shorter than a [dev] step and save).
     env = dict(os.environ)
