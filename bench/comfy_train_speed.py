@@ -9,6 +9,7 @@ ComfyUI's model management moves them). The run is the node's path: the pack's
 
     python bench/comfy_train_speed.py --comfyui /path/to/ComfyUI --family klein-4b --resolution 1024 --steps 25
     python bench/comfy_train_speed.py ... --weight-dtype fp8_e4m3fn --gradient-checkpointing
+    python bench/comfy_train_speed.py ... --no-dynamic-vram --compile --attention cudnn
 
 With OUT set, the result is appended to $OUT/comfy_bench.json. Compare with
 `bench/train_speed.py` (the diffusers path) on the same card.
@@ -105,7 +106,7 @@ def run(args) -> dict:
     rec = dict(path="comfyui", dynamic_vram=not args.no_dynamic_vram, reserve_vram=args.reserve_vram,
                family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
                targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
-               checkpoint_blocks=args.checkpoint_blocks, attention=args.attention,
+               checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, compile=args.compile,
                weight_dtype=args.weight_dtype, status="ok", error="")
     rec.update(env_info(device))
     work = Path(tempfile.mkdtemp(prefix="comfy_speed_"))
@@ -130,7 +131,8 @@ def run(args) -> dict:
             targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, dtype=dtype,
             device=str(device), batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
-            checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, validate_every=0))
+            checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, compile=args.compile,
+            validate_every=0))
         steps = []
         device_used = [0]
 
@@ -161,6 +163,7 @@ def run(args) -> dict:
             rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             rec["device_used_at_step_end_gib"] = device_used[0] / 2**30
         rec["streams_weights"] = backbone.streams_weights
+        rec["compiled"] = backbone.compiled
     except Exception as e:
         rec.update(status="error", error=f"{type(e).__name__}: {e}")
         traceback.print_exc()
@@ -181,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
     p.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
+    p.add_argument("--compile", action="store_true",
+                   help="compile the blocks (where ComfyUI holds the weights on the GPU as they are)")
     p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

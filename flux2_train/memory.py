@@ -272,7 +272,9 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     # The peak is at one end of the backward pass: all saved activations and no LoRA
     # gradients yet, or all gradients while the first block's activations are still held.
     recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    per_block = ACT_VECTORS_PER_BLOCK * (COMPILED_ACTIVATIONS if cfg.compile else 1.0)
+    # ComfyUI's blocks run eager where it casts weights per op (ComfyFlux2Backbone.compile_blocks).
+    compiled = cfg.compile and (placement.host == "engine" or not casts)
+    per_block = ACT_VECTORS_PER_BLOCK * (COMPILED_ACTIVATIONS if compiled else 1.0)
     if recomputed:
         # The first `recomputed` blocks keep their inputs; the rest keep everything until the
         # backward pass reaches them, and have let it go by the time a recomputation starts.

@@ -24,7 +24,7 @@ from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .speed import checkpoint_blocks
+from .speed import checkpoint_blocks, compile_blocks
 
 if TYPE_CHECKING:
     from .memory import Placement
@@ -100,6 +100,10 @@ class Flux2Backbone(Protocol):
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         """Recompute the first `blocks` transformer blocks in the backward pass (0: all of them)."""
+        ...
+
+    def compile_blocks(self) -> None:
+        """`torch.compile` each transformer block on its own (regional); called after checkpointing is set."""
         ...
 
     # Optional: `quantize(fmt, device, dtype)` stores the frozen block weights as `fmt`
@@ -208,6 +212,9 @@ class DiffusersFlux2Backbone:
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         checkpoint_blocks(self.blocks, blocks or len(self.blocks))
+
+    def compile_blocks(self) -> None:
+        compile_blocks(self.blocks)
 
     def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype, offloaded: tuple[int, ...] = ()) -> None:
         """Store the blocks' Linear weights as `fmt`, block by block; blocks to offload go back to CPU memory."""

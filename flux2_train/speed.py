@@ -81,12 +81,6 @@ def check_attention(name: str, device: torch.device, head_dim: int, dtype: torch
                           f"{', '.join(usable)}")
 
 
-def check_compile(compile: bool, backbone) -> None:
-    if compile and not getattr(backbone, "compiles", True):
-        raise ConfigError("--compile: this model's blocks cannot be compiled for training (ComfyUI's FLUX.2 blocks "
-                          "write their residuals into their inputs); turn compile off, or train with the CLI")
-
-
 def checkpoint_blocks(blocks: list[nn.Module], count: int) -> None:
     """Recompute the first `count` blocks in the backward pass instead of keeping their activations."""
     for block in blocks[:count]:

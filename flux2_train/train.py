@@ -40,7 +40,7 @@ from .model import Flux2Backbone, ModelSpec
 from .offload import check_offload, offloaded_indices
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
-from .speed import attention_kernels, check_attention, check_compile, checkpointed_count, compile_blocks
+from .speed import attention_kernels, check_attention, checkpointed_count
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,6 @@ class Trainer:
                 check_precision(mixed_precision)
             check_attention(cfg.attention, device, spec.head_dim, weight_dtype)
             check_quantize(cfg.quantize_base, self.backbone)
-            check_compile(cfg.compile, self.backbone)
             blocks = spec.num_double + spec.num_single
             check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
@@ -443,7 +442,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
         if cfg.compile:
-            compile_blocks(backbone.blocks)
+            backbone.compile_blocks()
         if offloaded:
             backbone.offload(list(offloaded), device)
         module.train()

@@ -21,7 +21,6 @@ import logging
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import comfy.model_base
 import comfy.model_management
@@ -169,10 +168,6 @@ def _autocast_state(device_type: str) -> dict:
 class ComfyFlux2Backbone:
     """`Flux2Backbone` over a ComfyUI FLUX.2 ModelPatcher, trained in place without a copy."""
 
-    # Its blocks add residuals into their inputs in place, which a compiled block cannot do
-    # under autograd; they run eager.
-    compiles = False
-
     def __init__(self, model_patcher):
         check_flux2(model_patcher)
         self.patcher = model_patcher.clone()
@@ -180,9 +175,11 @@ class ComfyFlux2Backbone:
         self.diffusion_model = self.patcher.model.diffusion_model
         self._named = dict(self.diffusion_model.named_modules())
         self._pairs: dict[str, LoraPair] = {}
-        self._hooks: list = []  # RemovableHandles of the adapters' forward hooks
+        self._hooks: list = []  # RemovableHandles of the adapters' and LayerNorms' hooks
         self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own `forward` before, or None)
         self._checkpointing = 0  # blocks recomputed in the backward pass, the first ones
+        self.compiled = False  # set by `compile_blocks` where the blocks can compile
+        self._runners = (_run_double, _run_single)
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
         self._was_training = self.diffusion_model.training
         self._was_in_training = comfy.model_management.in_training
@@ -200,6 +197,22 @@ class ComfyFlux2Backbone:
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         self._checkpointing = blocks or len(self.blocks)
+
+    def compile_blocks(self) -> None:
+        """Regional compile: every block runs through a replace patch that calls a compiled runner.
+
+        The runner copies the block's inputs inside the compiled code, so the blocks' in-place
+        residual adds touch nothing autograd saved outside it. Weights that ComfyUI casts per
+        op go through its cast and streaming code, which does not compile: those blocks run eager.
+        """
+        if self.streams_weights:
+            log.warning("compile is off for this run: ComfyUI casts this MODEL's weights per op (stored as fp8, "
+                        "offloaded, or streamed by DynamicVRAM), which does not compile. Blocks compile when the "
+                        "weights sit on the GPU in the compute dtype: a bf16 model that fits, with ComfyUI "
+                        "started with --disable-dynamic-vram")
+            return
+        self.compiled = True
+        self._runners = (torch.compile(_run_double), torch.compile(_run_single))
 
     def set_training(self, training: bool) -> None:
         self.diffusion_model.train(training)
@@ -247,6 +260,7 @@ class ComfyFlux2Backbone:
             log.info("MODEL weights are offloaded, streamed or cast per op: the backward pass casts them again")
             self._recompute_weighted_ops()
         self._make_weights_trainable()
+        self._copy_layer_norm_inputs()
         # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
         # flag makes its model code take the differentiable path.
         comfy.model_management.in_training = True
@@ -291,9 +305,8 @@ class ComfyFlux2Backbone:
             g = 1.0 if guidance is None else float(guidance)
             kwargs["guidance"] = torch.full((b,), g, device=latents.device, dtype=torch.float32)
         timesteps = self.patcher.model.model_sampling.timestep(sigmas).float()
-        with TrainingForward():
-            return self.diffusion_model(latents, timesteps, context=text_embeds,
-                                        transformer_options=self._transformer_options(), **kwargs)
+        return self.diffusion_model(latents, timesteps, context=text_embeds,
+                                    transformer_options=self._transformer_options(), **kwargs)
 
     def release(self) -> None:
         """Remove the adapters and give the shared modules and weights back exactly as they were."""
@@ -331,6 +344,18 @@ class ComfyFlux2Backbone:
                 module.forward = functools.partial(_recompute_call, current, affine)
             self._wrapped.append((module, own))
 
+    def _copy_layer_norm_inputs(self) -> None:
+        """Give each LayerNorm its own copy of an input that needs gradients.
+
+        The blocks add residuals in place (`img += ...`) into the tensor a LayerNorm just
+        read and kept for its backward pass, which autograd refuses (compiled code too).
+        """
+        # A hook (one function for all) rather than a wrapped forward: the compiler would
+        # compile each block again for its own wrapper.
+        for module in self.diffusion_model.modules():
+            if isinstance(module, nn.LayerNorm):
+                self._hooks.append(module.register_forward_pre_hook(_copy_input_needing_grad))
+
     def _make_weights_trainable(self) -> None:
         """Let autograd read weights that were created under inference mode, without copying them.
 
@@ -352,13 +377,14 @@ class ComfyFlux2Backbone:
 
     def _transformer_options(self) -> dict:
         options = dict(self.patcher.model_options.get("transformer_options", {}))
-        if not self._checkpointing:
-            return options
+        # Attention patches made for sampling (SageAttention & co.) may have no backward pass.
+        options["optimized_attention_override"] = _training_attention
         replace = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
         dit = replace.setdefault("dit", {})
         double = len(self.diffusion_model.double_blocks)
-        for i, block in enumerate(self.blocks[:self._checkpointing]):
-            patch = functools.partial(_checkpointed_block, _run_double if i < double else _run_single, block)
+        for i, block in enumerate(self.blocks[:len(self.blocks) if self.compiled else self._checkpointing]):
+            patch = functools.partial(_checkpointed_block if i < self._checkpointing else _plain_block,
+                                      self._runners[i >= double], block)
             dit.setdefault(("double_block", i) if i < double else ("single_block", i - double), patch)
         options["patches_replace"] = replace
         return options
@@ -386,40 +412,50 @@ def _recompute_call(forward, affine, x, *args, **kwargs):
     return RecomputeInBackward.apply(x, forward, affine)
 
 
-class TrainingForward(TorchFunctionMode):
-    """Two adjustments that make ComfyUI's FLUX.2 forward differentiable, without touching its code.
+def _copy_input_needing_grad(module: nn.Module, args: tuple):
+    if args[0].requires_grad:
+        return (args[0].clone(), *args[1:])
+    return None
 
-    - Each LayerNorm gets its own copy of an input that needs gradients: the blocks
-      add residuals in place (`img += ...`) into the tensor a LayerNorm just read and
-      kept for its backward pass, which autograd refuses.
-    - Attention runs on the SDPA kernels the run allows (`--attention`), in one fixed
-      order: ComfyUI's kernel priority is not applied the same way in the forward pass
-      and in the checkpoint recomputation (autograd's thread), and cuDNN and
-      FlashAttention save different tensors, which the checkpoint rejects.
+
+def _training_attention(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+    """ComfyUI's `optimized_attention_override` while training: SDPA on the kernels the run allows.
+
+    In one fixed order (`pinned_attention`): ComfyUI's own attention sets its kernel priority
+    per call, which is not applied the same way in the forward pass and in the checkpoint's
+    recomputation (autograd's thread), and cuDNN and FlashAttention save different tensors,
+    which the checkpoint rejects. Plain SDPA also compiles, where ComfyUI's CPU attention
+    (which asks psutil for free memory) does not.
     """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm and args[0].requires_grad:
-            args = (args[0].clone(), *args[1:])
-        elif func is torch.nn.functional.scaled_dot_product_attention and args[0].is_cuda:
-            with pinned_attention():
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
+    if not skip_reshape:  # FLUX.2 passes (batch, heads, tokens, dim); anything else keeps ComfyUI's path
+        return func(q, k, v, heads, mask=mask, skip_output_reshape=skip_output_reshape, **kwargs)
+    if mask is not None and mask.ndim == 2:  # as ComfyUI's attention_pytorch: add batch and head dimensions
+        mask = mask.unsqueeze(0)
+    if mask is not None and mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    with pinned_attention():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    b, _, tokens, dim = out.shape
+    return out.transpose(1, 2).reshape(b, tokens, heads * dim)
 
 
 def _run_double(block: nn.Module, img, txt, vec, pe, attn_mask, transformer_options) -> dict:
-    with TrainingForward():  # the recomputation runs outside `predict`'s mode
-        # Copies, because the block adds into its inputs and the checkpoint recomputes from them.
-        img, txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
-                         transformer_options=transformer_options)
+    # Copies, because the block adds into its inputs and the checkpoint recomputes from them.
+    img, txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
+                     transformer_options=transformer_options)
     return {"img": img, "txt": txt}
 
 
 def _run_single(block: nn.Module, img, vec, pe, attn_mask, transformer_options) -> dict:
-    with TrainingForward():
-        return {"img": block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask,
-                             transformer_options=transformer_options)}
+    return {"img": block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)}
+
+
+def _plain_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
+    """A ComfyUI block-replace patch that runs the block through `run` (its compiled runner)."""
+    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask", "transformer_options")}
+    return run(block, **{k: args[k] for k in ("img", "txt") if k in args}, **kwargs)
 
 
 def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:

@@ -63,8 +63,8 @@ class Flux2LoraConfig(io.ComfyNode):
                              tooltip=helps["seed"]),
                 io.String.Input("advanced", default="", multiline=True, optional=True, advanced=True,
                                 tooltip="Any other training option as YAML, one per line, e.g. "
-                                        "'lora_dropout: 0.1', 'checkpoint_blocks: 24' or 'attention: cudnn'. Names as in "
-                                        "`python -m flux2_train train --help` with _ for -."),
+                                        "'lora_dropout: 0.1', 'checkpoint_blocks: 24', 'attention: cudnn' or "
+                                        "'compile: true'. Names as in `python -m flux2_train train --help` with _ for -."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="Sample preview images every N steps, at the start and at the end; they appear "
                                      "on the training node as they come and are its previews output. 0 = from the "

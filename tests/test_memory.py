@@ -121,6 +121,15 @@ def test_weights_as_stored_and_offloaded():
     assert estimate_memory(spec, c).parts["weight casts"] == 0  # bf16 on the device: nothing cast
 
 
+def test_comfyui_blocks_count_as_compiled_only_where_they_compile():
+    """ComfyUI's blocks run eager where it casts weights per op (ComfyFlux2Backbone.compile_blocks)."""
+    spec, activations = family_spec("klein-4b"), lambda e: e.parts["activations + grads"]
+    for placement, compiles in ((Placement("comfyui"), True), (Placement("comfyui", "fp8"), False),
+                                (Placement("comfyui", streamed=True), False), (Placement(), True)):
+        eager, compiled = (estimate_memory(spec, cfg(compile=c), placement) for c in (False, True))
+        assert (activations(compiled) < activations(eager)) is compiles
+
+
 def test_advice_names_what_each_change_saves_cheapest_first():
     est = estimate_memory(family_spec("dev"), cfg(batch_size=2), available=24 * GIB)
     text = [str(a) for a in est.advice]
