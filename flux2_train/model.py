@@ -102,8 +102,11 @@ class Flux2Backbone(Protocol):
         """Recompute the first `blocks` transformer blocks in the backward pass (0: all of them)."""
         ...
 
-    def compile_blocks(self) -> None:
-        """`torch.compile` each transformer block on its own (regional); called after checkpointing is set."""
+    def compile_blocks(self) -> str | None:
+        """`torch.compile` each transformer block on its own (regional); called after checkpointing is set.
+
+        Returns why the blocks stay eager where this model cannot compile them, else None.
+        """
         ...
 
     # Optional: `quantize(fmt, device, dtype)` stores the frozen block weights as `fmt`
@@ -213,8 +216,9 @@ class DiffusersFlux2Backbone:
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         checkpoint_blocks(self.blocks, blocks or len(self.blocks))
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self) -> str | None:
         compile_blocks(self.blocks)
+        return None
 
     def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype, offloaded: tuple[int, ...] = ()) -> None:
         """Store the blocks' Linear weights as `fmt`, block by block; blocks to offload go back to CPU memory."""

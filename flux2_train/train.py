@@ -441,8 +441,9 @@ class Trainer:
             backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
-        if cfg.compile:
-            backbone.compile_blocks()
+        eager_reason = backbone.compile_blocks() if cfg.compile else None
+        if eager_reason:
+            log.warning("compile is off for this run: %s", eager_reason)
         if offloaded:
             backbone.offload(list(offloaded), device)
         module.train()
@@ -489,7 +490,8 @@ class Trainer:
                      if world.size > 1 else "")
         self.events.emit(StatusEvent("training", f"training {len(params)} LoRA tensors on {len(targets)} layers, "
                                      f"{len(data.samples)} images, {plan.batches_per_epoch} batches per epoch"
-                                     + processes, step=step, total=cfg.steps))
+                                     + processes + ("; compile is off (see the log)" if eager_reason else ""),
+                                     step=step, total=cfg.steps))
         if processes:
             log.info("%s", processes[2:])
         if device.type == "cuda":

@@ -198,7 +198,7 @@ class ComfyFlux2Backbone:
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         self._checkpointing = blocks or len(self.blocks)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self) -> str | None:
         """Regional compile: every block runs through a replace patch that calls a compiled runner.
 
         The runner copies the block's inputs inside the compiled code, so the blocks' in-place
@@ -206,13 +206,12 @@ class ComfyFlux2Backbone:
         op go through its cast and streaming code, which does not compile: those blocks run eager.
         """
         if self.streams_weights:
-            log.warning("compile is off for this run: ComfyUI casts this MODEL's weights per op (stored as fp8, "
-                        "offloaded, or streamed by DynamicVRAM), which does not compile. Blocks compile when the "
-                        "weights sit on the GPU in the compute dtype: a bf16 model that fits, with ComfyUI "
-                        "started with --disable-dynamic-vram")
-            return
+            return ("ComfyUI casts this MODEL's weights per op (stored as fp8, offloaded, or streamed by "
+                    "DynamicVRAM), which does not compile; blocks compile where the weights sit on the GPU in "
+                    "the compute dtype (a bf16 model that fits, ComfyUI started with --disable-dynamic-vram)")
         self.compiled = True
         self._runners = (torch.compile(_run_double), torch.compile(_run_single))
+        return None
 
     def set_training(self, training: bool) -> None:
         self.diffusion_model.train(training)
