@@ -46,12 +46,14 @@ ENGINE_MODES = {
     "klein-9b": ["--compile --quantize-base fp8 --attention cudnn"],
     "dev": ["--compile --quantize-base fp8 --gradient-checkpointing --checkpoint-blocks 30 --attention cudnn"],
 }
-# The node's path: ComfyUI's model as the stock loader gives it.
+# The node's path: ComfyUI's model as the stock loader gives it (DynamicVRAM on NVIDIA), and held
+# on the GPU by a regular ModelPatcher (ComfyUI's --disable-dynamic-vram), where its blocks compile.
+COMPILED_NODE = "--attention cudnn --no-dynamic-vram --compile"
 COMFY_MODES = {
     "tiny": [""],
-    "klein-4b": ["--attention cudnn"],
-    "klein-9b": ["--gradient-checkpointing"],
-    "dev": ["--gradient-checkpointing"],
+    "klein-4b": ["--attention cudnn", COMPILED_NODE],
+    "klein-9b": ["--gradient-checkpointing", COMPILED_NODE],
+    "dev": ["--gradient-checkpointing", "--gradient-checkpointing " + COMPILED_NODE],
 }
 PEER_MODES = {  # (label, options); [dev] needs checkpointing in every peer
     "diffusers default targets + compile": "--peer diffusers --targets default --compile",
@@ -141,7 +143,9 @@ def main(argv=None) -> int:
                 argv_.append("--cpu")
             rec = run_job("comfy_train_speed.py", argv_, "comfy_bench.json", args.timeout)
             label = ("fp8 e4m3 MODEL" if "fp8" in options else "bf16 MODEL") + (
-                ", ckpt all" if "--gradient-checkpointing" in options else "")
+                ", regular ModelPatcher" if "--no-dynamic-vram" in options else "") + (
+                ", ckpt all" if "--gradient-checkpointing" in options else "") + (
+                ", compiled" if rec.get("compiled") else "")
             rows.append(dict(rec, tool="ours, ComfyUI node", label=label))
     flops = next((r["model_tflop_per_step"] * 1e12 for r in rows
                   if r.get("model_tflop_per_step") and r.get("forward_linear_tflop")), None)
