@@ -188,6 +188,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+@dataclass
+class MicroBatch:
+    """One micro-step's inputs on the training device."""
+
+    index: int  # the micro-step they are for
+    dropout_seed: int
+    noisy: torch.Tensor  # noised latents, in the weights' dtype
+    sigmas: torch.Tensor
+    text: torch.Tensor
+    target: torch.Tensor  # the velocity to predict
+
+
 def _micro_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) % (2**63 - 1))
 
@@ -470,6 +482,7 @@ class Trainer:
             autocast=accelerator.autocast, world=world, events=self.events, run_dir=run_dir, decoder=decoder,
             preview_texts=preview_texts, negative_text=all_data.cache.load("text", all_data.empty_text_key))
         step, micro_step, losses = 0, 0, []
+        prefetched = None  # the next micro-batch's inputs (or the error preparing them raised)
         if resume_info:
             info, adapter, state = resume_info
             optimizer.load_state_dict(shard_like(state["optimizer"], params))
@@ -522,9 +535,16 @@ class Trainer:
                     # process r of n takes every n-th, so n processes train what one would.
                     index = micro_step + k * world.size + world.rank
                     epoch, batch = plan.batch(index)
+                    if isinstance(prefetched, Exception):
+                        raise prefetched
+                    inputs = prefetched if prefetched is not None and prefetched.index == index else \
+                        self._micro_batch(batch, index, data, device, weight_dtype)
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
-                        loss = self._micro_step(batch, index, data, device, weight_dtype, accelerator, spec)
+                        loss = self._micro_step(inputs, accelerator)
                         accelerator.backward(loss)
+                        last_micro_step = step + 1 == cfg.steps and k + 1 == accumulation
+                        prefetched = None if last_micro_step else \
+                            self._prefetch(index + world.size, plan, data, device, weight_dtype)
                         # Checked after backward is queued, and before any weight changes.
                         loss_value = loss.item()
                         finite = math.isfinite(loss_value)
@@ -655,10 +675,19 @@ class Trainer:
                 if per_process and not rest else "")
         log.warning("%s: the effective batch changes from %d to %d%s", text, old, new, keep)
 
-    def _micro_step(self, batch, micro_step, data, device, weight_dtype, accelerator, spec) -> torch.Tensor:
+    def _micro_step(self, inputs: "MicroBatch", accelerator) -> torch.Tensor:
+        """The loss of one micro-batch; its backward pass is the caller's."""
+        torch.manual_seed(inputs.dropout_seed)  # dropout masks of this micro-step
+        with accelerator.autocast():
+            pred = self.backbone.predict(inputs.noisy, inputs.sigmas.to(inputs.noisy.dtype), inputs.text,
+                                         guidance=self.cfg.guidance_scale)
+        return flow_loss(pred, inputs.target, inputs.sigmas, self.cfg.loss_weighting)
+
+    def _micro_batch(self, batch, micro_step, data, device, weight_dtype) -> "MicroBatch":
+        """A micro-batch's inputs on `device`: cached latents and text, noise and timesteps from its own seed."""
         cfg = self.cfg
         g = _micro_generator(cfg.seed, micro_step)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))  # dropout masks of this micro-step
+        dropout_seed = int(torch.randint(2**62, (1,), generator=g))
         latents, texts = [], []
         for i in batch:
             s = data.samples[i]
@@ -674,13 +703,22 @@ class Trainer:
         sigmas = sample_sigmas(len(batch), sampling=cfg.timestep_sampling, shift=cfg.timestep_shift,
                                image_tokens=image_tokens, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                                mode_scale=cfg.mode_scale, generator=g)
-        x0, noise, sigmas = x0.to(device), noise.to(device), sigmas.to(device)
-        xt = noisy_latents(x0, noise, sigmas)
-        target = velocity_target(x0, noise)
-        with accelerator.autocast():
-            pred = self.backbone.predict(xt.to(weight_dtype), sigmas.to(weight_dtype),
-                                         text.to(device, weight_dtype), guidance=cfg.guidance_scale)
-        return flow_loss(pred, target, sigmas, cfg.loss_weighting)
+        if device.type == "cuda":  # pinned: the copies queue behind the GPU's work instead of waiting for it
+            x0, noise, sigmas, text = (t.pin_memory() for t in (x0, noise, sigmas, text))
+        x0, noise, sigmas = (t.to(device, non_blocking=True) for t in (x0, noise, sigmas))
+        return MicroBatch(micro_step, dropout_seed, noisy_latents(x0, noise, sigmas).to(weight_dtype), sigmas,
+                          text.to(device, weight_dtype, non_blocking=True), velocity_target(x0, noise))
+
+    def _prefetch(self, micro_step, plan, data, device, weight_dtype) -> "MicroBatch | Exception":
+        """The next micro-batch's inputs, prepared while the GPU runs this one's backward pass.
+
+        An error is kept for the micro-step that needs these inputs, so the step in flight
+        finishes (and checkpoints) as it would have without the prefetch.
+        """
+        try:
+            return self._micro_batch(plan.batch(micro_step)[1], micro_step, data, device, weight_dtype)
+        except Exception as e:  # noqa: BLE001 - raised again where the inputs are used
+            return e
 
     def _watch(self, step: int, last: bool, device, st=None, micro_step: int = 0, losses=()) -> None:
         """The validation loss and previews due at `step`; a host's stop inside them (ComfyUI's
