@@ -7,6 +7,7 @@ Load Diffusion Model, the text encoder and VAE through test-only loaders.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def dataset_name(comfy_dataset) -> str:
 
 
 def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora", resume: str = "",
-                    folder: str | None = None, kind: str = "klein", seed: int = 1, save_every: int = 2) -> dict:
+                    folder: str | None = None, kind: str = "klein", seed: int = 1, save_every: int = 2,
+                    advanced: str = "") -> dict:
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_FILES[kind], "weight_dtype": "default"}},
         "2": {"class_type": "Flux2TestTinyCLIP", "inputs": {"type": kind}},
@@ -35,7 +37,7 @@ def training_prompt(dataset: str, steps: int = 4, file_name: str = "robot_lora",
             "subject": "character", "quick_preset": "fast", "rank": 4, "alpha": 4.0, "steps": steps,
             "learning_rate": 3e-3, "optimizer": "adamw", "batch_size": 1, "gradient_accumulation": 1,
             "dtype": "auto", "gradient_checkpointing": "preset", "save_every": save_every, "seed": seed,
-            "advanced": "caption_dropout: 0.0\nlr_warmup_steps: 1"}},
+            "advanced": "caption_dropout: 0.0\nlr_warmup_steps: 1\n" + advanced}},
         "6": {"class_type": "Flux2TrainLora", "inputs": {
             "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": ["4", 0], "config": ["5", 0],
             "resume": resume}},
@@ -125,6 +127,21 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
     with_lora, _ = server.run(sampling_prompt("robot_lora.safetensors"), timeout=120)
     assert "lora key not loaded" not in server.log_text()[log_start:]
     assert image_bytes(server, with_lora) != image_bytes(server, before)
+
+
+def test_compile_from_the_advanced_field_compiles_comfyuis_blocks(comfy_server, dataset_name):
+    """The loader's MODEL held as it is (no per-op casts): the node trains it with compiled blocks."""
+    entry, events = comfy_server.run(training_prompt(dataset_name, steps=2, file_name="compiled_lora",
+                                                     advanced="compile: true"), timeout=300)
+    status = [d["message"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "training"]
+    assert status and "compile is off" not in status[0]
+    steps = [d for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"]
+    assert [d["step"] for d in steps] == [1, 2] and all(math.isfinite(d["loss"]) for d in steps)
+    assert "compile is off" not in comfy_server.log_text()
+    import yaml
+
+    run_dir = max((comfy_server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["compile"] is True
 
 
 def test_previews_and_the_validation_loss_reach_the_page_and_the_previews_output(comfy_server, dataset_name):
