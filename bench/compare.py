@@ -8,7 +8,8 @@ Each run is its own subprocess (an out-of-memory run loses nothing else):
 * the engine (`bench/train_speed.py`): the CLI's loop on diffusers' model, in the modes
   given by `--engine` (default: the fastest that fits the card);
 * the training node's path (`bench/comfy_train_speed.py`): the same loop on ComfyUI's
-  model as the stock loader gives it.
+  model as the stock loader gives it (DynamicVRAM on NVIDIA, eager) and held on the GPU by a
+  regular ModelPatcher with its blocks compiled.
 
 Random weights at the family's real size, 1024², batch 1, LoRA rank 16 on every block
 Linear (the peers' default-target row excepted), median s/step after the warm-up, peak

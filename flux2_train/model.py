@@ -24,7 +24,7 @@ from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .speed import checkpoint_blocks, compile_blocks
+from . import speed
 
 if TYPE_CHECKING:
     from .memory import Placement
@@ -103,7 +103,8 @@ class Flux2Backbone(Protocol):
         ...
 
     def compile_blocks(self) -> str | None:
-        """`torch.compile` each transformer block on its own (regional); called after checkpointing is set.
+        """`torch.compile` each transformer block on its own (regional); called after `prepare` and
+        `enable_gradient_checkpointing`.
 
         Returns why the blocks stay eager where this model cannot compile them, else None.
         """
@@ -214,10 +215,10 @@ class DiffusersFlux2Backbone:
         return list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks)
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
-        checkpoint_blocks(self.blocks, blocks or len(self.blocks))
+        speed.checkpoint_blocks(self.blocks, blocks or len(self.blocks))
 
     def compile_blocks(self) -> str | None:
-        compile_blocks(self.blocks)
+        speed.compile_blocks(self.blocks)
         return None
 
     def quantize(self, fmt: str, device: torch.device, dtype: torch.dtype, offloaded: tuple[int, ...] = ()) -> None:

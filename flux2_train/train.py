@@ -456,6 +456,7 @@ class Trainer:
         eager_reason = backbone.compile_blocks() if cfg.compile else None
         if eager_reason:
             log.warning("compile is off for this run: %s", eager_reason)
+            self.events.emit(StatusEvent("info", f"compile is off for this run: {eager_reason}", total=cfg.steps))
         if offloaded:
             backbone.offload(list(offloaded), device)
         module.train()
@@ -503,7 +504,7 @@ class Trainer:
                      if world.size > 1 else "")
         self.events.emit(StatusEvent("training", f"training {len(params)} LoRA tensors on {len(targets)} layers, "
                                      f"{len(data.samples)} images, {plan.batches_per_epoch} batches per epoch"
-                                     + processes + ("; compile is off (see the log)" if eager_reason else ""),
+                                     + processes + ("; compile is off" if eager_reason else ""),
                                      step=step, total=cfg.steps))
         if processes:
             log.info("%s", processes[2:])
@@ -537,14 +538,15 @@ class Trainer:
                     epoch, batch = plan.batch(index)
                     if isinstance(prefetched, Exception):
                         raise prefetched
-                    inputs = prefetched if prefetched is not None and prefetched.index == index else \
-                        self._micro_batch(batch, index, data, device, weight_dtype)
+                    if prefetched is None:  # the run's (or the resumed run's) first micro-step
+                        prefetched = self._micro_batch(batch, index, data, device, weight_dtype)
+                    inputs, prefetched = prefetched, None
+                    assert inputs.index == index, f"prepared micro-step {inputs.index} for {index}"
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
                         accelerator.backward(loss)
-                        last_micro_step = step + 1 == cfg.steps and k + 1 == accumulation
-                        prefetched = None if last_micro_step else \
-                            self._prefetch(index + world.size, plan, data, device, weight_dtype)
+                        if not (step + 1 == cfg.steps and k + 1 == accumulation):  # not the run's last
+                            prefetched = self._prefetch(index + world.size, plan, data, device, weight_dtype)
                         # Checked after backward is queued, and before any weight changes.
                         loss_value = loss.item()
                         finite = math.isfinite(loss_value)
@@ -675,7 +677,7 @@ class Trainer:
                 if per_process and not rest else "")
         log.warning("%s: the effective batch changes from %d to %d%s", text, old, new, keep)
 
-    def _micro_step(self, inputs: "MicroBatch", accelerator) -> torch.Tensor:
+    def _micro_step(self, inputs: MicroBatch, accelerator) -> torch.Tensor:
         """The loss of one micro-batch; its backward pass is the caller's."""
         torch.manual_seed(inputs.dropout_seed)  # dropout masks of this micro-step
         with accelerator.autocast():
@@ -683,7 +685,7 @@ class Trainer:
                                          guidance=self.cfg.guidance_scale)
         return flow_loss(pred, inputs.target, inputs.sigmas, self.cfg.loss_weighting)
 
-    def _micro_batch(self, batch, micro_step, data, device, weight_dtype) -> "MicroBatch":
+    def _micro_batch(self, batch, micro_step, data, device, weight_dtype) -> MicroBatch:
         """A micro-batch's inputs on `device`: cached latents and text, noise and timesteps from its own seed."""
         cfg = self.cfg
         g = _micro_generator(cfg.seed, micro_step)
@@ -709,11 +711,11 @@ class Trainer:
         return MicroBatch(micro_step, dropout_seed, noisy_latents(x0, noise, sigmas).to(weight_dtype), sigmas,
                           text.to(device, weight_dtype, non_blocking=True), velocity_target(x0, noise))
 
-    def _prefetch(self, micro_step, plan, data, device, weight_dtype) -> "MicroBatch | Exception":
+    def _prefetch(self, micro_step, plan, data, device, weight_dtype) -> MicroBatch | Exception:
         """The next micro-batch's inputs, prepared while the GPU runs this one's backward pass.
 
-        An error is kept for the micro-step that needs these inputs, so the step in flight
-        finishes (and checkpoints) as it would have without the prefetch.
+        An error is kept for the micro-step that needs these inputs: it surfaces where it would
+        have without the prefetch, after the steps before it finished (and checkpointed).
         """
         try:
             return self._micro_batch(plan.batch(micro_step)[1], micro_step, data, device, weight_dtype)

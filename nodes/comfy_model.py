@@ -260,6 +260,8 @@ class ComfyFlux2Backbone:
             self._recompute_weighted_ops()
         self._make_weights_trainable()
         self._copy_layer_norm_inputs()
+        if "optimized_attention_override" in self.patcher.model_options.get("transformer_options", {}):
+            log.info("the MODEL's attention override is for sampling; training runs PyTorch's SDPA instead")
         # ComfyUI's fused kernels (e.g. comfy_kitchen's RoPE) have no backward; this
         # flag makes its model code take the differentiable path.
         comfy.model_management.in_training = True
@@ -381,10 +383,15 @@ class ComfyFlux2Backbone:
         replace = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
         dit = replace.setdefault("dit", {})
         double = len(self.diffusion_model.double_blocks)
-        for i, block in enumerate(self.blocks[:len(self.blocks) if self.compiled else self._checkpointing]):
-            patch = functools.partial(_checkpointed_block if i < self._checkpointing else _plain_block,
-                                      self._runners[i >= double], block)
-            dit.setdefault(("double_block", i) if i < double else ("single_block", i - double), patch)
+        patched = self.blocks if self.compiled else self.blocks[:self._checkpointing]
+        for i, block in enumerate(patched):
+            if i < double:
+                key, run = ("double_block", i), self._runners[0]
+            else:
+                key, run = ("single_block", i - double), self._runners[1]
+            patch = _checkpointed_block if i < self._checkpointing else _plain_block
+            # A block that a custom node already replaces keeps its patch.
+            dit.setdefault(key, functools.partial(patch, run, block))
         options["patches_replace"] = replace
         return options
 
@@ -418,7 +425,8 @@ def _copy_input_needing_grad(module: nn.Module, args: tuple):
 
 
 def _training_attention(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
-    """ComfyUI's `optimized_attention_override` while training: SDPA on the kernels the run allows.
+    """ComfyUI's `optimized_attention_override` while training: SDPA on the kernels the run allows,
+    in place of `func` (ComfyUI's attention, as in its `attention_pytorch`).
 
     In one fixed order (`pinned_attention`): ComfyUI's own attention sets its kernel priority
     per call, which is not applied the same way in the forward pass and in the checkpoint's
@@ -426,14 +434,16 @@ def _training_attention(func, q, k, v, heads, mask=None, skip_reshape=False, ski
     which the checkpoint rejects. Plain SDPA also compiles, where ComfyUI's CPU attention
     (which asks psutil for free memory) does not.
     """
-    if not skip_reshape:  # FLUX.2 passes (batch, heads, tokens, dim); anything else keeps ComfyUI's path
-        return func(q, k, v, heads, mask=mask, skip_output_reshape=skip_output_reshape, **kwargs)
+    if not skip_reshape:  # (batch, tokens, heads * dim) -> (batch, heads, tokens, dim); FLUX.2 passes the latter
+        dim = q.shape[-1] // heads
+        q, k, v = (t.unflatten(-1, (-1, dim)).transpose(1, 2) for t in (q, k, v))
     if mask is not None and mask.ndim == 2:  # as ComfyUI's attention_pytorch: add batch and head dimensions
         mask = mask.unsqueeze(0)
     if mask is not None and mask.ndim == 3:
         mask = mask.unsqueeze(1)
+    sdpa = {key: kwargs[key] for key in ("scale", "enable_gqa") if key in kwargs}
     with pinned_attention():
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
     if skip_output_reshape:
         return out
     b, _, tokens, dim = out.shape
@@ -451,10 +461,18 @@ def _run_single(block: nn.Module, img, vec, pe, attn_mask, transformer_options) 
     return {"img": block(img.clone(), vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)}
 
 
+def _runner_inputs(args: dict) -> dict:
+    """A runner's keyword arguments from a block-replace patch's `args`."""
+    inputs = {k: args[k] for k in ("img", "txt") if k in args}
+    inputs.update({k: args.get(k) for k in ("vec", "pe", "attn_mask")})
+    # A copy: ComfyUI updates block_index & co. in place while the forward pass moves on.
+    inputs["transformer_options"] = dict(args.get("transformer_options") or {})
+    return inputs
+
+
 def _plain_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
     """A ComfyUI block-replace patch that runs the block through `run` (its compiled runner)."""
-    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask", "transformer_options")}
-    return run(block, **{k: args[k] for k in ("img", "txt") if k in args}, **kwargs)
+    return run(block, **_runner_inputs(args))
 
 
 def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
@@ -464,8 +482,4 @@ def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
     that closure reads ComfyUI's loop variable, which has moved on by the time the
     backward pass recomputes.
     """
-    kwargs = {k: args.get(k) for k in ("vec", "pe", "attn_mask")}
-    # A copy: ComfyUI updates block_index & co. in place while the forward pass moves on.
-    kwargs["transformer_options"] = dict(args.get("transformer_options") or {})
-    tensors = {k: args[k] for k in ("img", "txt") if k in args}
-    return torch.utils.checkpoint.checkpoint(run, block, **tensors, **kwargs, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(run, block, **_runner_inputs(args), use_reentrant=False)

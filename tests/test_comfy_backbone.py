@@ -108,7 +108,9 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
         finally:
             backbone.release()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+    # One graph per block kind, and per shape kind (static, then dynamic) and grad mode (validation) at most:
+    # a graph per block would hit the compiler's recompile limit on a real model and fall back to eager.
+    assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("mask_shape", [None, (6, 6), (2, 6, 6), (2, 1, 6, 6)])
@@ -119,9 +121,12 @@ def test_the_training_attention_computes_what_comfyuis_attention_does(comfy, pac
     q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
     mask = None if mask_shape is None else torch.randn(mask_shape, generator=g)
     for skip_output_reshape in (False, True):
-        options = dict(mask=mask, skip_reshape=True, skip_output_reshape=skip_output_reshape)
+        options = dict(mask=mask, skip_reshape=True, skip_output_reshape=skip_output_reshape, scale=0.3)
         torch.testing.assert_close(pack._training_attention(attention_pytorch, q, k, v, 3, **options),
                                    attention_pytorch(q, k, v, 3, **options))
+    flat = [t.transpose(1, 2).flatten(2) for t in (q, k, v)]  # (batch, tokens, heads * dim), as other models pass
+    torch.testing.assert_close(pack._training_attention(attention_pytorch, *flat, 3, mask=mask),
+                               attention_pytorch(*flat, 3, mask=mask))
 
 
 def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_pipeline_dir):
@@ -132,16 +137,17 @@ def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_
     modules = [(n, type(m)) for n, m in model.named_modules()]
     backbone = pack.ComfyFlux2Backbone(patcher)
     try:
-        run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0,
+        run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0, compile=True,
                      learning_rate=1e-2, cache_dir=str(tmp_path / "cache")), backbone, tiny_pipeline_dir)
     finally:
         backbone.release()
+    assert backbone.compiled
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {k: (v.data_ptr(), v.is_inference()) for k, v in after.items()} == tensors  # no copy, originals back
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert backbone.patcher.patches == {} and backbone.patcher.injections == {}
     assert comfy.model_management.in_training is False
 

@@ -209,27 +209,30 @@ def test_an_image_changed_after_caching_stops_training_with_its_name(demo_datase
         train(cfg, tiny_pipeline_dir, hooks=[change])
 
 
-@pytest.mark.failure_case("resume with another model or LoRA shape")
-def test_each_micro_batch_is_prepared_once_ahead_and_its_error_waits_for_its_step(demo_dataset, tiny_pipeline_dir,
-                                                                                  tmp_path, monkeypatch):
+@pytest.mark.parametrize("accumulation, prepared_after_steps", [(1, [0, 0, 1, 2, 3, 4]), (2, [0, 0, 0, 1, 1, 2])])
+def test_each_micro_batch_is_prepared_once_ahead_and_its_error_waits_for_its_step(
+        demo_dataset, tiny_pipeline_dir, tmp_path, monkeypatch, accumulation, prepared_after_steps):
     """The next micro-batch is read, noised and copied while the backward pass runs; preparing it
-    may fail (an image changed on disk), and then the step in flight still finishes."""
+    may fail (an image changed on disk), and the error surfaces where it would without the prefetch."""
     prepared, prepare, steps = [], Trainer._micro_batch, []
 
     def micro_batch(self, batch, micro_step, *args):
         prepared.append((micro_step, len(steps)))  # and how many steps had finished then
-        if micro_step == 3:
+        if micro_step == 5:
             raise DatasetError("robot_02.png changed since it was cached")
         return prepare(self, batch, micro_step, *args)
 
     monkeypatch.setattr(Trainer, "_micro_batch", micro_batch)
     bus = EventBus([lambda e: steps.append(e.step) if isinstance(e, StepEvent) else None])
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "run", save_every=0, gradient_accumulation=accumulation)
     with pytest.raises(DatasetError, match="changed since it was cached"):
-        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "run", save_every=0), tiny_pipeline_dir, events=bus)
-    assert prepared == [(0, 0), (1, 0), (2, 1), (3, 2)]  # each once, the next while the step before it ran
-    assert steps == [1, 2, 3]  # the step that prepared micro-step 3 finished first
+        train(cfg, tiny_pipeline_dir, events=bus)
+    # Each micro-step once, in order, the next one while the one before it ran.
+    assert prepared == list(zip(range(6), prepared_after_steps))
+    assert steps == list(range(1, 5 // accumulation + 1))  # the steps before the one that needs micro-step 5
 
 
+@pytest.mark.failure_case("resume with another model or LoRA shape")
 def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeline_dir, tiny_dev_pipeline_dir,
                                                        tmp_path):
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=2, save_every=1)
