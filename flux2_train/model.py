@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from . import speed
 from .errors import ModelError
 from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
 from .offload import BlockOffload
 from .quantize import quantize_base
-from . import speed
 
 if TYPE_CHECKING:
     from .memory import Placement

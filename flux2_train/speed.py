@@ -30,8 +30,8 @@ _AUTO_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 
 # The kernels the running step allows (set by `attention_kernels`), for `pinned_attention`.
 _allowed: list | None = None
-# Outside a training step (validation, previews) on model code that sets its own priority:
-# no cuDNN, whose saved tensors a checkpoint's recomputation by FlashAttention would not match.
+# Outside a training step (validation, previews): no cuDNN, whose saved tensors a checkpoint's
+# recomputation by FlashAttention would not match.
 _WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -56,9 +56,10 @@ def attention_kernels(name: str, device: torch.device):
 def pinned_attention():
     """SDPA on the kernels the running step allows, in its order.
 
-    For model code that opens its own SDPA context per call (ComfyUI's attention
-    does), which would otherwise override the step's choice, and could pick another
-    kernel in a checkpoint's recomputation than in its forward pass.
+    For attention that runs inside model code with its own SDPA habits (the ComfyUI
+    path's training attention, in place of ComfyUI's, which sets a priority per call):
+    the step's choice holds, and a checkpoint's recomputation picks the kernel its
+    forward pass picked.
     """
     return sdpa_kernel(_allowed or _WITHOUT_CUDNN, set_priority=True)
 

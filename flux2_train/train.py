@@ -193,6 +193,7 @@ class MicroBatch:
     """One micro-step's inputs on the training device."""
 
     index: int  # the micro-step they are for
+    epoch: int
     dropout_seed: int
     noisy: torch.Tensor  # noised latents, in the weights' dtype
     sigmas: torch.Tensor
@@ -535,13 +536,12 @@ class Trainer:
                     # The step's micro-batches are numbered as one process would number them;
                     # process r of n takes every n-th, so n processes train what one would.
                     index = micro_step + k * world.size + world.rank
-                    epoch, batch = plan.batch(index)
-                    if isinstance(prefetched, Exception):
-                        raise prefetched
-                    if prefetched is None:  # the run's (or the resumed run's) first micro-step
-                        prefetched = self._micro_batch(batch, index, data, device, weight_dtype)
-                    inputs, prefetched = prefetched, None
+                    # Prepared during the micro-step before, except for a run's (or resumed run's) first.
+                    inputs, prefetched = prefetched or self._prefetch(index, plan, data, device, weight_dtype), None
+                    if isinstance(inputs, Exception):
+                        raise inputs
                     assert inputs.index == index, f"prepared micro-step {inputs.index} for {index}"
+                    epoch = inputs.epoch
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
                         accelerator.backward(loss)
@@ -685,9 +685,10 @@ class Trainer:
                                          guidance=self.cfg.guidance_scale)
         return flow_loss(pred, inputs.target, inputs.sigmas, self.cfg.loss_weighting)
 
-    def _micro_batch(self, batch, micro_step, data, device, weight_dtype) -> MicroBatch:
+    def _micro_batch(self, micro_step, plan, data, device, weight_dtype) -> MicroBatch:
         """A micro-batch's inputs on `device`: cached latents and text, noise and timesteps from its own seed."""
         cfg = self.cfg
+        epoch, batch = plan.batch(micro_step)
         g = _micro_generator(cfg.seed, micro_step)
         dropout_seed = int(torch.randint(2**62, (1,), generator=g))
         latents, texts = [], []
@@ -708,17 +709,17 @@ class Trainer:
         if device.type == "cuda":  # pinned: the copies queue behind the GPU's work instead of waiting for it
             x0, noise, sigmas, text = (t.pin_memory() for t in (x0, noise, sigmas, text))
         x0, noise, sigmas = (t.to(device, non_blocking=True) for t in (x0, noise, sigmas))
-        return MicroBatch(micro_step, dropout_seed, noisy_latents(x0, noise, sigmas).to(weight_dtype), sigmas,
+        return MicroBatch(micro_step, epoch, dropout_seed, noisy_latents(x0, noise, sigmas).to(weight_dtype), sigmas,
                           text.to(device, weight_dtype, non_blocking=True), velocity_target(x0, noise))
 
     def _prefetch(self, micro_step, plan, data, device, weight_dtype) -> MicroBatch | Exception:
-        """The next micro-batch's inputs, prepared while the GPU runs this one's backward pass.
+        """A micro-batch's inputs, prepared while the GPU runs the backward pass of the one before.
 
         An error is kept for the micro-step that needs these inputs: it surfaces where it would
         have without the prefetch, after the steps before it finished (and checkpointed).
         """
         try:
-            return self._micro_batch(plan.batch(micro_step)[1], micro_step, data, device, weight_dtype)
+            return self._micro_batch(micro_step, plan, data, device, weight_dtype)
         except Exception as e:  # noqa: BLE001 - raised again where the inputs are used
             return e
 
@@ -832,7 +833,8 @@ class Trainer:
             tips.append("--gradient-checkpointing")
         elif cfg.checkpoint_blocks:
             tips.append("--checkpoint-blocks 0 (all blocks)")
-        if hasattr(self.backbone, "offload") and cfg.quantize_base in ("none", "fp8") and self.world.size == 1:
+        placement = dataclasses.replace(self.backbone.memory_placement(), processes=self.world.size)
+        if placement.offloads_blocks(cfg):
             tips.append("--offload-blocks N (N blocks' weights in CPU memory)")
         if cfg.quantize_base in ("none", "int8") and hasattr(self.backbone, "quantize"):
             tips.append("--quantize-base fp8" if cfg.quantize_base == "none" and cfg.dtype == "bfloat16"

@@ -216,11 +216,11 @@ def test_each_micro_batch_is_prepared_once_ahead_and_its_error_waits_for_its_ste
     may fail (an image changed on disk), and the error surfaces where it would without the prefetch."""
     prepared, prepare, steps = [], Trainer._micro_batch, []
 
-    def micro_batch(self, batch, micro_step, *args):
+    def micro_batch(self, micro_step, *args):
         prepared.append((micro_step, len(steps)))  # and how many steps had finished then
         if micro_step == 5:
             raise DatasetError("robot_02.png changed since it was cached")
-        return prepare(self, batch, micro_step, *args)
+        return prepare(self, micro_step, *args)
 
     monkeypatch.setattr(Trainer, "_micro_batch", micro_batch)
     bus = EventBus([lambda e: steps.append(e.step) if isinstance(e, StepEvent) else None])
@@ -330,6 +330,7 @@ def test_out_of_memory_becomes_a_clear_error_and_keeps_the_checkpoint(demo_datas
         Trainer(cfg, backbone, encoder=encoder).run()
     msg = str(err.value)
     assert "out of GPU memory" in msg and "--gradient-checkpointing" in msg and "checkpoint is intact" in msg
+    assert "--offload-blocks N" in msg  # one process on the engine's model: whole blocks can stay in CPU memory
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
 
     resumed = train(cfg, tiny_pipeline_dir, resume=tmp_path / "run")
