@@ -9,8 +9,9 @@ output feature), as ComfyUI's "fp8 scaled" checkpoints store [dev]. The forward
 pass quantizes each input row the same way and multiplies in fp8
 (`torch._scaled_mm`, rowwise scales, bf16 out); the backward pass folds the weight
 scale into the output gradient and multiplies in fp8 again. Where the GPU has no
-fp8 matmul (before Ada / Hopper) the weight is dequantized per layer instead, so
-the memory saving stays and the speed-up goes.
+fp8 matmul (before Ada / Hopper) the weight is dequantized per layer instead, in
+both passes, so the memory saving stays and the speed-up goes. `fp8_linear` is
+the one entry point; ComfyUI's fp8 weights go through it too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> e4m3 values and the float32 scale of each row, (M, 1)."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on `x` computes in: autocast's where it is on, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def has_fp8_matmul(device: torch.device) -> bool:
@@ -71,6 +77,46 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None, None
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x W^T + b with W dequantized for the op, again in the backward pass: the
+    compute-dtype copy of a frozen weight lives one op, not until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias, out_dtype):
+        ctx.save_for_backward(weight, weight_scale)
+        ctx.x_dtype, ctx.out_dtype = x.dtype, out_dtype
+        bias = None if bias is None else bias.to(out_dtype)
+        return nn.functional.linear(x.to(out_dtype), _dequantize(weight, weight_scale, out_dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, weight_scale = ctx.saved_tensors
+        grad_x = grad.to(ctx.out_dtype) @ _dequantize(weight, weight_scale, ctx.out_dtype)
+        return grad_x.to(ctx.x_dtype), None, None, None, None
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype) if scale is None else (weight.float() * scale).to(dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
+               out_dtype: torch.dtype, fp8_matmul: bool) -> torch.Tensor:
+    """x W^T + b for a frozen weight stored in fewer bytes, in `out_dtype`; gradients for x only.
+
+    `weight` e4m3 with `weight_scale` (one float32 per output feature, (N, 1)) multiplies in
+    fp8 where `fp8_matmul` (see `has_fp8_matmul`) and `out_dtype` is bfloat16. Otherwise the
+    weight (any dtype; `weight_scale` None for none) is cast for each op and dropped after it.
+    """
+    if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None:
+        return _Fp8Linear.apply(x, weight, weight_scale, bias, out_dtype)
+    return _DequantizedLinear.apply(x, weight, weight_scale, bias, out_dtype)
+
+
+def fp8_matmul_fits(in_features: int, out_features: int) -> bool:
+    """`_scaled_mm` needs both sides of each product in multiples of 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
 class Float8Linear(nn.Linear):
     """A frozen Linear stored as e4m3 with one float32 scale per output feature."""
 
@@ -81,8 +127,7 @@ class Float8Linear(nn.Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        # _scaled_mm needs both sides of each product in multiples of 16.
-        self.fp8_matmul = fp8_matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
+        self.fp8_matmul = fp8_matmul and fp8_matmul_fits(self.in_features, self.out_features)
 
     def _apply(self, fn, recurse=True):
         # A model-wide .to(dtype) moves these but keeps them e4m3 and float32: cast, they would be
@@ -94,14 +139,10 @@ class Float8Linear(nn.Linear):
         return self
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale).to(dtype)
+        return _dequantize(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if self.fp8_matmul and dtype == torch.bfloat16:
-            return _Fp8Linear.apply(x, self.weight, self.weight_scale, self.bias, dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return nn.functional.linear(x.to(dtype), self.dequantized(dtype), bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, compute_dtype_of(x), self.fp8_matmul)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 (row scales)"

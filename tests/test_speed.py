@@ -53,11 +53,17 @@ def test_fp8_linear_matches_its_dequantized_weight_forward_and_backward():
     # A model-wide cast leaves the stored format alone.
     fp8.to(torch.bfloat16)
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.dtype == torch.float32
-    # The fallback (no fp8 matmul on the device) computes with the same weight.
+    # The fallback (no fp8 matmul on the device) computes with the same weight, and keeps the
+    # stored weight for its backward pass, not a compute-dtype copy of it.
     fp8.fp8_matmul = False
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
         y_dq = fp8(x)
     assert (y_dq - y_ref).float().norm() / y_ref.float().norm() < 0.01
+    assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}
+    (gx_dq,) = torch.autograd.grad(y_dq, x, grad)
+    assert (gx_dq - gx_ref).float().norm() / gx_ref.float().norm() < 0.01
 
 
 def test_quantize_converts_the_block_linears_one_by_one(tiny_pipeline_dir):
