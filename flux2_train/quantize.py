@@ -29,10 +29,29 @@ log = logging.getLogger(__name__)
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
-def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> e4m3 values and the float32 scale of each row, (M, 1)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+# Eager, quantizing a whole activation at once holds float32 copies of it: GBs for FLUX.2's largest
+# layers. Rows go in slices of this many instead (compiled code fuses the steps, whole).
+_ROWS_AT_ONCE = 1024
+
+
+def _rowwise_fp8(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> e4m3 values (row-major) and the float32 scale of each row, (M, 1), of x, or of
+    x * column_scale ((1, K)) where given."""
+    if torch.compiler.is_compiling() or x.shape[0] <= _ROWS_AT_ONCE:
+        values, scales = _rowwise_fp8_rows(x, column_scale)
+        return values.contiguous(), scales  # an input may be a transposed view
+    values = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _ROWS_AT_ONCE):
+        rows = slice(start, start + _ROWS_AT_ONCE)
+        values[rows], scales[rows] = _rowwise_fp8_rows(x[rows], column_scale)
+    return values, scales
+
+
+def _rowwise_fp8_rows(x: torch.Tensor, column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.float() if column_scale is None else x.float() * column_scale
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (x / scale).to(torch.float8_e4m3fn), scale
 
 
 def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
@@ -47,7 +66,7 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T + b with W in e4m3 (row scales); the input gradient only (W is frozen).
+    """y = x W^T + b for a 2-D x, with W in e4m3 (row scales); the input gradient only (W is frozen).
 
     The backward pass makes a transposed copy of the layer's fp8 weight (`_scaled_mm` takes its
     second operand column-major): one layer at a time, a byte per weight.
@@ -55,26 +74,24 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias, out_dtype):
-        shape = x.shape
-        xq, xs = _rowwise_fp8(x.reshape(-1, shape[-1]))
+        xq, xs = _rowwise_fp8(x)
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
         ctx.save_for_backward(weight, weight_scale)
-        ctx.x_shape, ctx.x_dtype = shape, x.dtype
-        return out.reshape(*shape[:-1], weight.shape[0])
+        ctx.x_dtype = x.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         weight, weight_scale = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
         # g @ (s * W8) == (g * s^T) @ W8: the weight's row scale moves onto the gradient's columns.
-        gq, gs = _rowwise_fp8(g.float() * weight_scale.t())
+        gq, gs = _rowwise_fp8(grad, column_scale=weight_scale.t())
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
         grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
                                   out_dtype=torch.bfloat16)
-        return grad_x.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None, None
+        return grad_x.to(ctx.x_dtype), None, None, None, None
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -108,7 +125,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     weight (any dtype; `weight_scale` None for none) is cast for each op and dropped after it.
     """
     if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None:
-        return _Fp8Linear.apply(x, weight, weight_scale, bias, out_dtype)
+        # Shaped outside the Function: callers add into the output in place (ComfyUI's blocks do),
+        # which autograd refuses on a view made inside one.
+        shape = x.shape
+        out = _Fp8Linear.apply(x.reshape(-1, shape[-1]), weight, weight_scale, bias, out_dtype)
+        return out.reshape(*shape[:-1], out.shape[-1])
     return _DequantizedLinear.apply(x, weight, weight_scale, bias, out_dtype)
 
 

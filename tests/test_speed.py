@@ -66,6 +66,28 @@ def test_fp8_linear_matches_its_dequantized_weight_forward_and_backward():
     assert (gx_dq - gx_ref).float().norm() / gx_ref.float().norm() < 0.01
 
 
+@pytest.mark.parametrize("fp8_matmul", [True, False])
+def test_fp8_linear_output_takes_in_place_adds_and_long_inputs_quantize_in_slices(fp8_matmul, monkeypatch):
+    """ComfyUI's blocks add residuals into a Linear's output in place; an eager input of many rows
+    quantizes a slice of rows at a time, to the same values."""
+    from flux2_train import quantize
+
+    torch.manual_seed(0)
+    weight, scale = quantize._rowwise_fp8(torch.randn(48, 32))
+    x = torch.randn(2, 40, 32, dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for rows_at_once in (1024, 16):  # 80 rows: whole, then in slices
+        monkeypatch.setattr(quantize, "_ROWS_AT_ONCE", rows_at_once)
+        y = quantize.fp8_linear(x, weight, scale, None, torch.bfloat16, fp8_matmul)
+        y += 1.0
+        (y.float() ** 2).sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    values, scales = quantize._rowwise_fp8(x.detach().reshape(-1, 32).t())  # a transposed view, in slices
+    assert values.is_contiguous() and scales.shape == (32, 1)
+
+
 def test_quantize_converts_the_block_linears_one_by_one(tiny_pipeline_dir):
     backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
     before = sum(p.numel() * p.element_size() for p in backbone.module.parameters())
