@@ -10,6 +10,11 @@ ComfyUI's model management moves them). The run is the node's path: the pack's
     python bench/comfy_train_speed.py --comfyui /path/to/ComfyUI --family klein-4b --resolution 1024 --steps 25
     python bench/comfy_train_speed.py ... --weight-dtype fp8_e4m3fn --gradient-checkpointing
     python bench/comfy_train_speed.py ... --no-dynamic-vram --compile --attention cudnn
+    python bench/comfy_train_speed.py ... --weight-dtype fp8_mixed --no-dynamic-vram --compile
+
+`--weight-dtype fp8_e4m3fn` is the loader's fp8 weight dtype; `fp8_mixed` stores the block
+Linears as ComfyUI's fp8 "mixed" files do (e4m3 with a per-tensor scale; it needs the
+`comfy-kitchen` package, which ComfyUI's requirements install).
 
 With OUT set, the result is appended to $OUT/comfy_bench.json. Compare with
 `bench/train_speed.py` (the diffusers path) on the same card.
@@ -37,7 +42,7 @@ import torch  # noqa: E402
 
 from train_speed import TEXT_TOKENS, SyntheticEncoder, env_info, family_config, write_dataset  # noqa: E402
 
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_mixed": None}
 
 
 def import_comfy(comfy_dir: Path, cpu: bool = False, dynamic_vram: bool = True, reserve_vram: float | None = None):
@@ -93,6 +98,23 @@ def random_bfl_state_dict(config: dict, seed: int) -> dict:
             for k, v in shapes.items()}
 
 
+def fp8_mixed(sd: dict) -> dict:
+    """`sd` as ComfyUI's fp8 "mixed" files store a model: block Linears in e4m3 with a per-tensor scale."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    marker = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    out = {}
+    for key in list(sd):
+        value = sd.pop(key)  # one tensor at a time: [dev] is 64 GB in bf16
+        if key.endswith(".weight") and value.ndim == 2 and "blocks." in key:
+            layer, w = key[: -len(".weight")], value.to(device).float()
+            scale = w.abs().amax().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            out[key] = (w / scale).to(torch.float8_e4m3fn).cpu()
+            out[f"{layer}.weight_scale"], out[f"{layer}.comfy_quant"] = scale.reshape(()).cpu(), marker.clone()
+        else:
+            out[key] = value
+    return out
+
+
 def run(args) -> dict:
     comfy = import_comfy(Path(args.comfyui), cpu=args.cpu, dynamic_vram=not args.no_dynamic_vram,
                          reserve_vram=args.reserve_vram)
@@ -114,6 +136,8 @@ def run(args) -> dict:
         write_dataset(work / "data", args.resolution, args.images)
         t0 = time.perf_counter()
         sd = random_bfl_state_dict(config, args.seed)
+        if args.weight_dtype == "fp8_mixed":
+            sd = fp8_mixed(sd)
         options = {"dtype": WEIGHT_DTYPES[args.weight_dtype]} if WEIGHT_DTYPES[args.weight_dtype] else {}
         with torch.inference_mode():  # as ComfyUI's executor runs the loader node
             patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
@@ -163,6 +187,7 @@ def run(args) -> dict:
             rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             rec["device_used_at_step_end_gib"] = device_used[0] / 2**30
         rec["streams_weights"] = backbone.streams_weights
+        rec["fp8_layers"] = backbone.fp8_layers
         rec["compiled"] = backbone.compiled
     except Exception as e:
         rec.update(status="error", error=f"{type(e).__name__}: {e}")

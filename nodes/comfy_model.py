@@ -6,8 +6,12 @@ The trainer works on the MODEL the graph already loaded; nothing is copied:
 - adapters are forward hooks on ComfyUI's own Linear modules (`base(x) + lora(x)`),
   removed after the run. Module names never change (PEFT's `base_layer` renaming
   would break ComfyUI's weight patching), hooks compose with whatever else wraps
-  a module's forward (an upstream bypass LoRA), and weight casting, fp8 storage
-  and offloading stay ComfyUI's; the base weights are only read;
+  a module's forward (an upstream bypass LoRA), and offloading stays ComfyUI's;
+  the base weights are only read;
+- weights stored in another dtype (fp8 files, the loader's fp8 weight dtype) are
+  read where ComfyUI holds them when they all sit on the GPU: fp8 multiplies in
+  fp8 (the engine's `fp8_linear`), and the blocks compile. Streamed or offloaded
+  weights go through ComfyUI's own casts, eager;
 - one ComfyUI Linear can hold several diffusers layers (`img_attn.qkv` is
   `to_q`, `to_k`, `to_v`): its adapter is the diffusers layers' LoRAs side by
   side, so the math, the state dict and the files equal the engine's.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 
 import torch
 import torch.utils.checkpoint
@@ -30,6 +35,7 @@ from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
 from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use, stored_format
 from flux2_train.model import ModelSpec, spec_from_config
+from flux2_train.quantize import compute_dtype_of, fp8_linear, fp8_matmul_fits, has_fp8_matmul
 from flux2_train.speed import pinned_attention
 
 log = logging.getLogger(__name__)
@@ -184,7 +190,10 @@ class ComfyFlux2Backbone:
         self._was_training = self.diffusion_model.training
         self._was_in_training = comfy.model_management.in_training
         self._prepared = False
-        self.streams_weights = False
+        self.streams_weights = False  # weights go through ComfyUI's per-op casts (eager)
+        self.fp8_layers = 0  # Linears multiplying ComfyUI's fp8 weights in fp8
+        self._eager_reason: str | None = None
+        self._cast_flags: list[tuple[nn.Module, object]] = []  # (module, its own `comfy_cast_weights`, or _UNSET)
 
     # -- the protocol ----------------------------------------------------------
     @property
@@ -202,13 +211,11 @@ class ComfyFlux2Backbone:
         """Regional compile: every block runs through a replace patch that calls a compiled runner.
 
         The runner copies the block's inputs inside the compiled code, so the blocks' in-place
-        residual adds touch nothing autograd saved outside it. Weights that ComfyUI casts per
-        op go through its cast and streaming code, which does not compile: those blocks run eager.
+        residual adds touch nothing autograd saved outside it. Weights that go through ComfyUI's
+        cast and streaming code (`streams_weights`) do not compile: those blocks run eager.
         """
         if self.streams_weights:
-            return ("ComfyUI casts this MODEL's weights per op (stored as fp8, offloaded, or streamed by "
-                    "DynamicVRAM), which does not compile; blocks compile where the weights sit on the GPU in "
-                    "the compute dtype (a bf16 model that fits, ComfyUI started with --disable-dynamic-vram)")
+            return self._eager_reason
         self.compiled = True
         self._runners = (torch.compile(_run_double), torch.compile(_run_single))
         return None
@@ -251,14 +258,20 @@ class ComfyFlux2Backbone:
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=training_bytes)
-        # Weights cast per op (offloaded, streamed, or stored in another dtype such as fp8) would
-        # otherwise be kept in their cast form by autograd: a second copy of the model.
-        self.streams_weights = (self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size()
-                                or any(getattr(m, "comfy_cast_weights", False) for m in self.diffusion_model.modules()))
-        if self.streams_weights:
-            log.info("MODEL weights are offloaded, streamed or cast per op: the backward pass casts them again")
-            self._recompute_weighted_ops()
         self._make_weights_trainable()
+        if self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size():
+            self._eager_reason = ("ComfyUI streams this MODEL's weights (DynamicVRAM, its default on NVIDIA) or "
+                                  "keeps part of them in CPU memory, and its streaming code does not compile; "
+                                  "blocks compile where the whole model sits on the GPU (ComfyUI started with "
+                                  "--disable-dynamic-vram, and the model fits)")
+        elif _casts_weights(self.diffusion_model):
+            self._eager_reason = self._read_weights_in_place(self.patcher.load_device, compute)
+        if self._eager_reason:
+            # Weights cast per op would otherwise be kept in their cast form by autograd: a second
+            # copy of the model.
+            log.info("MODEL weights are streamed, offloaded or cast per op: the backward pass casts them again")
+            self.streams_weights = True
+            self._recompute_weighted_ops()
         self._copy_layer_norm_inputs()
         if "optimized_attention_override" in self.patcher.model_options.get("transformer_options", {}):
             log.info("the MODEL's attention override is for sampling; training runs PyTorch's SDPA instead")
@@ -323,6 +336,14 @@ class ComfyFlux2Backbone:
         for module, name, is_param, original in reversed(self._converted):
             (module._parameters if is_param else module._buffers)[name] = original
         self._converted.clear()
+        for module, own in reversed(self._cast_flags):
+            if own is _UNSET:
+                del module.comfy_cast_weights  # back to the class's
+            else:
+                module.comfy_cast_weights = own
+        self._cast_flags.clear()
+        for module in self.diffusion_model.modules():
+            module.__dict__.pop("_weight_in_place", None)
         self.diffusion_model.train(self._was_training)
         if self._prepared:
             comfy.model_management.in_training = self._was_in_training
@@ -344,6 +365,48 @@ class ComfyFlux2Backbone:
             else:
                 module.forward = functools.partial(_recompute_call, current, affine)
             self._wrapped.append((module, own))
+
+    def _read_weights_in_place(self, device: torch.device, compute: torch.dtype) -> str | None:
+        """Let every op read its weight where ComfyUI holds it, with no per-op cast code.
+
+        ComfyUI's Linears get a training forward (`_linear_in_place`): fp8 e4m3 weights (the
+        loader's fp8 dtype, or the scaled fp8 of "mixed" files) multiply in fp8 with their
+        scale; weights in other dtypes are cast for the op. Other ops with a weight in another
+        dtype (FLUX.2's norm scales: a few KB) get a compute-dtype copy. Returns why not,
+        having changed nothing, where a weight is in a form this cannot read.
+        """
+        linears, others = [], []
+        for name, module in self.diffusion_model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not hasattr(module, "comfy_cast_weights"):
+                continue
+            why = _cannot_read_in_place(module, device)
+            if why:
+                return (f"ComfyUI casts this MODEL's weights per op ({name}: {why}), which does not compile; "
+                        "blocks compile where the weights are bf16, or fp8 e4m3 (the loader's fp8_e4m3fn or an "
+                        "fp8 \"scaled\"/\"mixed\" file), all on the GPU")
+            (linears if _is_linear(module) else others).append(module)
+        fp8_matmul = has_fp8_matmul(device) and compute == torch.bfloat16
+        for module in linears:
+            data, scale = _stored_weight(module)
+            fits = (fp8_matmul and scale is not None and data.is_contiguous()
+                    and fp8_matmul_fits(module.in_features, module.out_features))
+            module._weight_in_place = (data, scale, fits)
+            self.fp8_layers += fits
+            self._wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = types.MethodType(_linear_in_place, module)
+        for module in others:
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None and t.is_floating_point() and t.dtype != compute:
+                        # `_converted` already holds the original; `release` puts it back.
+                        cast = t.detach().to(compute)
+                        store[key] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+            self._cast_flags.append((module, module.__dict__.get("comfy_cast_weights", _UNSET)))
+            module.comfy_cast_weights = False
+        if self.fp8_layers:
+            log.info("%d of %d Linear layers multiply ComfyUI's fp8 weights in fp8", self.fp8_layers, len(linears))
+        return None
 
     def _copy_layer_norm_inputs(self) -> None:
         """Give each LayerNorm its own copy of an input that needs gradients.
@@ -394,6 +457,74 @@ class ComfyFlux2Backbone:
             dit.setdefault(key, functools.partial(patch, run, block))
         options["patches_replace"] = replace
         return options
+
+
+_UNSET = object()
+
+
+def _casts_weights(model: nn.Module) -> bool:
+    """Whether any op of `model` goes through ComfyUI's per-op weight casts."""
+    return any(getattr(m, "comfy_cast_weights", False) or _is_quantized(getattr(m, "weight", None))
+               or (_is_linear(m) and not isinstance(m, nn.Linear)) for m in model.modules())
+
+
+def _is_quantized(t) -> bool:
+    """A ComfyUI QuantizedTensor (comfy_kitchen), whatever its layout."""
+    return isinstance(t, torch.Tensor) and hasattr(t, "_layout_cls")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """ComfyUI's Linear ops: nn.Linear subclasses, and the mixed-precision ops' own Linear."""
+    return hasattr(module, "forward_comfy_cast_weights") and hasattr(module, "in_features")
+
+
+def _fp8_layout(weight: torch.Tensor) -> bool:
+    """A QuantizedTensor in the fp8 e4m3 per-tensor layout of ComfyUI's "scaled"/"mixed" files, as stored."""
+    params = weight._params
+    return (weight._layout_cls.startswith("TensorCoreFP8E4M3") and weight._qdata.dtype == torch.float8_e4m3fn
+            and not getattr(params, "transposed", False) and tuple(params.orig_shape) == tuple(weight._qdata.shape)
+            and params.scale.numel() == 1)
+
+
+def _cannot_read_in_place(module: nn.Module, device: torch.device) -> str | None:
+    """Why `_read_weights_in_place` cannot take over this op's weight, or None."""
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return "patched on the fly"
+    if "forward" in module.__dict__:
+        return "its forward is replaced, e.g. by a bypass LoRA"
+    if getattr(module, "pre_quant_scale", None) is not None or getattr(module, "scale_weight", None) is not None:
+        return "scaled input"
+    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    if any(t.device != device for t in tensors):
+        return "not on the GPU"
+    weight = module.weight
+    if _is_quantized(weight):
+        if not (_is_linear(module) and _fp8_layout(weight)):
+            return f"stored as {weight._layout_cls}"
+    elif _is_linear(module) and weight.ndim != 2:
+        return "not a matrix"
+    return None
+
+
+def _stored_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ComfyUI Linear's weight as stored, and its fp8 row scales ((out, 1) float32) where it is e4m3."""
+    weight = module.weight
+    if _is_quantized(weight):
+        data, scale = weight._qdata, weight._params.scale
+    elif weight.dtype == torch.float8_e4m3fn:
+        data, scale = weight, torch.ones((), device=weight.device)
+    else:
+        return weight, None
+    return data, scale.detach().float().reshape(1, 1).expand(data.shape[0], 1).contiguous()
+
+
+def _linear_in_place(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI Linear's forward while training where its weight is read in place (`_read_weights_in_place`)."""
+    data, scale, fp8_matmul = self._weight_in_place
+    dtype = compute_dtype_of(x)
+    if data.dtype == dtype:
+        return nn.functional.linear(x, data, self.bias)
+    return fp8_linear(x, data, scale, self.bias, dtype, fp8_matmul)
 
 
 def _storage_view(t: torch.Tensor) -> torch.Tensor:

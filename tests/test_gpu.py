@@ -137,3 +137,43 @@ def test_a_block_waits_for_its_weights_when_the_copies_are_slow(monkeypatch, dem
     monkeypatch.setattr(BlockOffload, "_load", late_load)
     offloaded = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "b", offload_blocks=3, **validated)
     assert offloaded == pytest.approx(checkpointed, rel=2e-3)
+
+
+@pytest.mark.gpu
+def test_comfyuis_model_compiles_and_multiplies_its_fp8_weights_in_fp8_on_the_gpu(tmp_path):
+    """The training node's path on ComfyUI's own FLUX.2 class, fully on the GPU (a regular ModelPatcher):
+    bf16 weights and fp8 ones (the loader's fp8_e4m3fn, an fp8 "mixed" file) train with compiled blocks,
+    fp8 multiplying in fp8, and the losses track the eager bf16 run's. Each run is a process of its own
+    (`bench/comfy_train_speed.py`), as ComfyUI picks its device when it is imported."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from comfyui_harness import SKIP_REASON, locate_comfyui
+
+    comfyui = locate_comfyui()
+    if comfyui is None:
+        pytest.skip(SKIP_REASON)
+    repo = Path(__file__).resolve().parents[1]
+    runs = {"eager": [], "compiled": ["--compile"], "fp8_e4m3fn": ["--compile", "--weight-dtype", "fp8_e4m3fn"]}
+    if importlib.util.find_spec("comfy_kitchen"):  # ComfyUI's fp8 "mixed" files need it
+        runs["fp8_mixed"] = ["--compile", "--weight-dtype", "fp8_mixed"]
+    records = {}
+    for name, options in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        done = subprocess.run([sys.executable, str(repo / "bench" / "comfy_train_speed.py"), "--comfyui", str(comfyui),
+                               "--family", "tiny", "--resolution", "64", "--steps", "6", "--warmup", "1",
+                               "--no-dynamic-vram", *options], env=os.environ | {"OUT": str(out)},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (records[name],) = json.loads((out / "comfy_bench.json").read_text())
+    plain = records["eager"]["losses"]
+    for name, rec in records.items():
+        assert rec["compiled"] == (name != "eager") and not rec["streams_weights"], name
+        assert (rec["fp8_layers"] > 0) == name.startswith("fp8"), name
+        gaps = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], plain)]
+        assert all(math.isfinite(x) for x in rec["losses"]) and max(gaps) < 0.05, (name, rec["losses"], plain)
