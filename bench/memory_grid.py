@@ -305,9 +305,15 @@ def table(records: list[dict]) -> tuple[str, float]:
     return "\n".join(rows), worst
 
 
-def load_records(path: str) -> list[dict]:
-    data = json.loads(Path(path).read_text())
-    return data["points"] if isinstance(data, dict) else data
+def load_records(*paths: str) -> list[dict]:
+    """The points recorded in `paths`; a point measured again in a later file replaces the earlier one."""
+    points: list[dict] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        later = data["points"] if isinstance(data, dict) else data
+        names = {r["name"] for r in later}
+        points = [r for r in points if r["name"] not in names] + later
+    return points
 
 
 def main(argv=None) -> int:
@@ -315,7 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR", ""), help="ComfyUI tree, for comfyui points")
     ap.add_argument("--only", choices=("engine", "comfyui"), help="run only these points")
     ap.add_argument("--points", help="comma-separated point names")
-    ap.add_argument("--report", help="print the table of a recorded JSON with today's estimate")
+    ap.add_argument("--report", action="append", help="print the table of a recorded JSON with today's estimate "
+                    "(repeat it: a point measured again in a later file replaces the earlier one)")
     ap.add_argument("--repeat", type=int, default=1, help="measure each point this many times")
     ap.add_argument("--trim-pool", choices=("start", "step"), default="",
                     help="release the allocator's cached memory (torch.cuda.empty_cache) before training, or also after every step")
@@ -324,7 +331,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.report:
-        text, worst = table(load_records(args.report))
+        text, worst = table(load_records(*args.report))
         print(text)
         print(f"\nworst error over the points that ran: {worst:.1%}")
         return 0

@@ -59,11 +59,12 @@ CAST_LAYERS_STREAMED = 5.5
 # "native" is PyTorch's caching allocator (the CLI sets expandable segments; ComfyUI uses it
 # with --disable-cuda-malloc); "async" is cudaMallocAsync, ComfyUI's default on CUDA 13, whose
 # pool keeps freed blocks: a fixed part and a share of the activations.
-# With weights cast per op, the async pool's peak is not repeatable: 17 runs of [klein] 4B fp8
-# at 1024² held either ~1.0 or ~3.2 GiB over the same 20.25 GiB of tensors, about half the runs
-# each (bench/README.md). The estimate counts the low mode and states the high one as a spread,
-# taken as a share of the activations (casts interleave with them; the checkpointed fp8 points
-# never showed it); the verdict "fits" and `auto` leave room for it.
+# With fp8 weights or weights cast per op, the async pool's peak is not repeatable: 17 runs of
+# [klein] 4B fp8 at 1024² (weights cast per op) held either ~1.0 or ~3.2 GiB over the same
+# 20.25 GiB of tensors, about half the runs each, and the fp8 weights read in place held 3.4 GiB
+# over theirs (bench/README.md). The estimate counts the low mode and states the high one as a
+# spread, taken as a share of the activations (the checkpointed fp8 points never showed it);
+# the verdict "fits" and `auto` leave room for it.
 ALLOCATORS = ("native", "async")
 CUDA_CONTEXT = {"native": int(0.75 * GIB), "async": int(0.80 * GIB)}
 ALLOCATOR_SLACK = {"native": 0.015, "async": 0.0}  # share of all tensors
@@ -76,8 +77,10 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  
 # of the H100 grid (bench/README.md).
 CHECKPOINTING_SLOWDOWN = 0.45  # [klein] 4B at 1024²: 0.292 -> 0.426 s
 BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
-FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights cast per op: 0.346 -> 0.379 s
-FP8_ENGINE_SLOWDOWN = 0.0  # the engine's fp8 matmuls: no slower than bf16 (bench/README.md)
+FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights streamed and cast per op: 0.346 -> 0.379 s
+# fp8 weights multiplied in fp8 (the engine's layers, ComfyUI's held on the GPU): no slower than
+# bf16 (bench/README.md; [klein] 4B on the ComfyUI path, compiled: 0.179 -> 0.164 s).
+FP8_MATMUL_SLOWDOWN = 0.0
 # NF4 against fp8, both compiled ([klein] 4B, H200, bench/README.md): 0.282 s with checkpointing
 # against 0.155 s without, which the checkpointing cost above puts at about 1.25 times fp8.
 NF4_SLOWDOWN = 0.25
@@ -261,8 +264,9 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     offloaded = min(placement.offloaded_bytes, stored)
     fmt = weight_format(placement, cfg)
     streamed = offloaded > 0 or placement.streamed
-    # The engine's fp8 layers multiply in fp8: no weight is cast to the compute dtype.
-    casts = streamed or (fmt != DTYPE_FORMATS[cfg.dtype] and not (placement.host == "engine" and fmt == "fp8"))
+    # fp8 weights held on the device multiply in fp8 on both hosts (the engine's fp8 layers, ComfyUI's
+    # weights read in place): none is cast to the compute dtype.
+    casts = streamed or fmt not in (DTYPE_FORMATS[cfg.dtype], "fp8")
     largest_layer = max(i * o for i, o in spec_linear_shapes(spec).values())
 
     lora = lora_parameter_count(spec, cfg)
@@ -331,7 +335,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         streamable = sum(parts.values()) - estimate_memory(spec, cfg, everything, buckets=buckets, advise=False).total
     est = MemoryEstimate(parts=parts, available=available, settings=settings, streamable=max(0, streamable),
                          allocator=kind, spread=int(ASYNC_POOL_SPREAD_ACTIVATIONS * parts["activations + grads"])
-                         if casts and kind == "async" else 0)
+                         if (casts or fmt == "fp8") and kind == "async" else 0)
     if advise:
         est.advice = advice(spec, cfg, placement, est, buckets)
     return est
@@ -391,11 +395,12 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
         found.append(Advice("optimizer adamw8bit", saving(optimizer="adamw8bit"), 0.0))
     if WEIGHT_FORMATS[weight_format(placement, cfg)] >= 2:
         if placement.host == "comfyui":
-            fp8 = Placement("comfyui", "fp8", offloaded_bytes=placement.offloaded_bytes)
+            fp8 = dataclasses.replace(placement, weight_format="fp8", stored_bytes=None)
+            cast = placement.streamed or placement.offloaded_bytes > 0
             found.append(Advice("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)", saving(placement=fp8),
-                                FP8_SLOWDOWN))
+                                FP8_SLOWDOWN if cast else FP8_MATMUL_SLOWDOWN))
         elif cfg.dtype == "bfloat16":
-            found.append(Advice("--quantize-base fp8", saving(quantize_base="fp8"), FP8_ENGINE_SLOWDOWN))
+            found.append(Advice("--quantize-base fp8", saving(quantize_base="fp8"), FP8_MATMUL_SLOWDOWN))
     if placement.host == "engine" and WEIGHT_FORMATS[weight_format(placement, cfg)] > WEIGHT_FORMATS["nf4"]:
         found.append(Advice("--quantize-base nf4 (QLoRA, needs bitsandbytes)", saving(quantize_base="nf4"),
                             NF4_SLOWDOWN))
