@@ -78,9 +78,11 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}  
 CHECKPOINTING_SLOWDOWN = 0.45  # [klein] 4B at 1024²: 0.292 -> 0.426 s
 BATCH_SPLIT_SLOWDOWN = 0.10  # batch 2 as 2 micro-batches of 1
 FP8_SLOWDOWN = 0.10  # ComfyUI's fp8 weights streamed and cast per op: 0.346 -> 0.379 s
-# fp8 weights multiplied in fp8 (the engine's layers, ComfyUI's held on the GPU): no slower than
-# bf16 (bench/README.md; [klein] 4B on the ComfyUI path, compiled: 0.179 -> 0.164 s).
-FP8_MATMUL_SLOWDOWN = 0.0
+FP8_MATMUL_SLOWDOWN = 0.0  # the engine's fp8 matmuls: no slower than bf16 (bench/README.md)
+# ComfyUI's fp8 weights held on the GPU, multiplied in fp8, compiled ([klein] 4B, H100s): an fp8
+# "mixed" file 0.164 s and the loader's fp8_e4m3fn 0.191 s against bf16's 0.179 s (another machine
+# for fp8_e4m3fn): the slower of the two.
+FP8_IN_PLACE_SLOWDOWN = 0.07
 # NF4 against fp8, both compiled ([klein] 4B, H200, bench/README.md): 0.282 s with checkpointing
 # against 0.155 s without, which the checkpointing cost above puts at about 1.25 times fp8.
 NF4_SLOWDOWN = 0.25
@@ -105,6 +107,7 @@ class Placement:
     stored_bytes: int | None = None  # exact stored size when known (a loaded model, a file header)
     offloaded_bytes: int = 0  # frozen weights kept in CPU memory and streamed in per layer
     streamed: bool = False  # every weight is copied in per op (ComfyUI's DynamicVRAM), resident or not
+    casts_per_op: bool = False  # weights in a form the host casts for each op, wherever they are held
     allocator: str = ""  # "native" or "async" ("" = the host's default: native for the engine, async for ComfyUI)
     shards: int = 1  # processes the frozen weights are sharded over (FSDP); each holds 1/shards
     processes: int = 1  # processes of the run (DDP or FSDP when more than one)
@@ -266,7 +269,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     streamed = offloaded > 0 or placement.streamed
     # fp8 weights held on the device multiply in fp8 on both hosts (the engine's fp8 layers, ComfyUI's
     # weights read in place): none is cast to the compute dtype.
-    casts = streamed or fmt not in (DTYPE_FORMATS[cfg.dtype], "fp8")
+    casts = streamed or placement.casts_per_op or fmt not in (DTYPE_FORMATS[cfg.dtype], "fp8")
     largest_layer = max(i * o for i, o in spec_linear_shapes(spec).values())
 
     lora = lora_parameter_count(spec, cfg)
@@ -398,7 +401,7 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
             fp8 = dataclasses.replace(placement, weight_format="fp8", stored_bytes=None)
             cast = placement.streamed or placement.offloaded_bytes > 0
             found.append(Advice("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)", saving(placement=fp8),
-                                FP8_SLOWDOWN if cast else FP8_MATMUL_SLOWDOWN))
+                                FP8_SLOWDOWN if cast else FP8_IN_PLACE_SLOWDOWN))
         elif cfg.dtype == "bfloat16":
             found.append(Advice("--quantize-base fp8", saving(quantize_base="fp8"), FP8_MATMUL_SLOWDOWN))
     if placement.host == "engine" and WEIGHT_FORMATS[weight_format(placement, cfg)] > WEIGHT_FORMATS["nf4"]:

@@ -113,7 +113,10 @@ class _DequantizedLinear(torch.autograd.Function):
 
 
 def _dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return weight.to(dtype) if scale is None else (weight.float() * scale).to(dtype)
+    if scale is None:
+        return weight.to(dtype)
+    # One compute-dtype copy, scaled in place (in float32 internally): no float32 copy of the layer.
+    return weight.to(dtype, copy=True).mul_(scale)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -249,7 +249,7 @@ class ComfyFlux2Backbone:
         # dtypes other than these three as fp8 variants.
         fmt = stored_format(size, comfy_spec(model_patcher).param_count) or DTYPE_FORMATS.get(stored, "fp8")
         return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic(),
-                         allocator=allocator_in_use())
+                         casts_per_op=_cast_per_op(model_patcher.model.diffusion_model), allocator=allocator_in_use())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()
@@ -389,8 +389,13 @@ class ComfyFlux2Backbone:
         fp8_matmul = has_fp8_matmul(device) and compute == torch.bfloat16
         for module in linears:
             data, scale = _stored_weight(module)
-            fits = (fp8_matmul and scale is not None and data.is_contiguous()
+            # A file's layers kept in full precision multiply in the compute dtype, as ComfyUI does them.
+            full_precision = getattr(module, "_full_precision_mm", False) or getattr(module, "comfy_force_cast_weights",
+                                                                                   False)
+            fits = (fp8_matmul and scale is not None and data.is_contiguous() and not full_precision
                     and fp8_matmul_fits(module.in_features, module.out_features))
+            if not fits and data.dtype == torch.float8_e4m3fn and not _is_quantized(module.weight):
+                scale = None  # a plain fp8 weight's scale is 1: cast it, no scaling pass
             module._weight_in_place = (data, scale, fits)
             self.fp8_layers += fits
             self._wrapped.append((module, module.__dict__.get("forward")))
@@ -468,6 +473,20 @@ def _casts_weights(model: nn.Module) -> bool:
                or (_is_linear(m) and not isinstance(m, nn.Linear)) for m in model.modules())
 
 
+def _cast_per_op(model: nn.Module) -> bool:
+    """Whether training casts `model`'s weights per op wherever they are held: some weight is in a form
+    `_read_weights_in_place` does not read (for the memory estimate, before the model is loaded)."""
+    return _casts_weights(model) and any(
+        _cannot_read_in_place(m) for m in model.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "comfy_cast_weights"))
+
+
+def _forward_replaced(module: nn.Module) -> bool:
+    """Someone else's forward on the instance (a bypass LoRA's); its own class's, bound, is none."""
+    own = module.__dict__.get("forward")
+    return own is not None and getattr(own, "__func__", None) is not type(module).forward
+
+
 def _is_quantized(t) -> bool:
     """A ComfyUI QuantizedTensor (comfy_kitchen), whatever its layout."""
     return isinstance(t, torch.Tensor) and hasattr(t, "_layout_cls")
@@ -481,21 +500,23 @@ def _is_linear(module: nn.Module) -> bool:
 def _fp8_layout(weight: torch.Tensor) -> bool:
     """A QuantizedTensor in the fp8 e4m3 per-tensor layout of ComfyUI's "scaled"/"mixed" files, as stored."""
     params = weight._params
-    return (weight._layout_cls.startswith("TensorCoreFP8E4M3") and weight._qdata.dtype == torch.float8_e4m3fn
+    return (weight._layout_cls.startswith("TensorCoreFP8") and weight._qdata.dtype == torch.float8_e4m3fn
             and not getattr(params, "transposed", False) and tuple(params.orig_shape) == tuple(weight._qdata.shape)
             and params.scale.numel() == 1)
 
 
-def _cannot_read_in_place(module: nn.Module, device: torch.device) -> str | None:
-    """Why `_read_weights_in_place` cannot take over this op's weight, or None."""
+def _cannot_read_in_place(module: nn.Module, device: torch.device | None = None) -> str | None:
+    """Why `_read_weights_in_place` cannot take over this op's weight, or None (where the weights
+    are on `device`; not checked for None)."""
     if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
         return "patched on the fly"
-    if "forward" in module.__dict__:
+    if _forward_replaced(module):
         return "its forward is replaced, e.g. by a bypass LoRA"
+    # A file's static input scale is for inference: training quantizes each input row for itself.
     if getattr(module, "pre_quant_scale", None) is not None or getattr(module, "scale_weight", None) is not None:
         return "scaled input"
     tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-    if any(t.device != device for t in tensors):
+    if device is not None and any(t.device != device for t in tensors):
         return "not on the GPU"
     weight = module.weight
     if _is_quantized(weight):

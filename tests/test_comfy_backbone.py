@@ -277,23 +277,23 @@ def test_comfyui_loads_the_saved_lora_as_exactly_the_trained_update(comfy, pack,
     assert all(torch.equal(patched[k], original[k]) for k in untouched)
 
 
-def fp8_mixed_state_dict(diffusers_backbone, dequantized: bool = False) -> dict:
+def fp8_mixed_state_dict(diffusers_backbone, dequantized: bool = False, fmt: str = "float8_e4m3fn") -> dict:
     """The tiny model as ComfyUI's fp8 "mixed" checkpoints store it: fp8 block weights with scales
     (or, `dequantized`, the float32 weights those hold)."""
     import json
 
+    dtype = getattr(torch, fmt)
     out = {}
     for key, value in diffusers_to_bfl_state_dict(diffusers_backbone.module.state_dict()).items():
         if key.endswith(".weight") and value.ndim == 2 and "blocks" in key:
             layer = key[: -len(".weight")]
-            scale = value.abs().max() / 448.0
-            out[key] = (value / scale).to(torch.float8_e4m3fn)
+            scale = value.abs().max() / torch.finfo(dtype).max
+            out[key] = (value / scale).to(dtype)
             if dequantized:
                 out[key] = out[key].float() * scale
                 continue
             out[f"{layer}.weight_scale"] = scale.reshape(()).float()
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
-                                                       dtype=torch.uint8)
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
         else:
             out[key] = value.clone()
     return out
@@ -335,7 +335,8 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
     qkv = model.double_blocks[0].img_attn.qkv
     assert type(qkv.weight).__name__ == "QuantizedTensor" if kind == "mixed" else qkv.weight.dtype == torch.float8_e4m3fn
     before = {n: _values(p) for n, p in model.named_parameters()}
-    cast_flags = {n: m.comfy_cast_weights for n, m in model.named_modules() if hasattr(m, "comfy_cast_weights")}
+    cast_flags = {n: m.__dict__.get("comfy_cast_weights", "class's") for n, m in model.named_modules()}
+    assert not pack.ComfyFlux2Backbone.placement_of(patcher).casts_per_op  # the estimate: nothing cast
     common = dict(steps=3, save_every=0, caption_dropout=0.0, lora_dropout=0.0, cache_dir=str(tmp_path / "cache"),
                   compile=True)
     backbone = pack.ComfyFlux2Backbone(patcher)
@@ -360,7 +361,22 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
     # The shared model as it was: the same weights, its own forwards and cast flags.
     assert all(torch.equal(_values(p), before[n]) for n, p in model.named_parameters())
     assert not any("forward" in m.__dict__ or "_weight_in_place" in m.__dict__ for m in model.modules())
-    assert cast_flags == {n: m.comfy_cast_weights for n, m in model.named_modules() if hasattr(m, "comfy_cast_weights")}
+    assert cast_flags == {n: m.__dict__.get("comfy_cast_weights", "class's") for n, m in model.named_modules()}
+
+
+def test_a_quantized_format_not_read_in_place_goes_through_comfyuis_casts_and_the_estimate_counts_them(
+        comfy, pack, tiny_pipeline_dir):
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model_state_dict(
+            fp8_mixed_state_dict(load_transformer(tiny_pipeline_dir, dtype=torch.float32), fmt="float8_e5m2"),
+            model_options={"dtype": torch.float32})
+    assert pack.ComfyFlux2Backbone.placement_of(patcher).casts_per_op
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    try:
+        backbone.prepare(torch.device("cpu"), torch.float32)
+        assert backbone.streams_weights and "stored as TensorCoreFP8E5M2Layout" in backbone.compile_blocks()
+    finally:
+        backbone.release()
 
 
 def test_fp8_weights_behind_a_bypass_lora_go_through_comfyuis_casts_and_say_why(comfy, pack, tiny_pipeline_dir):
@@ -464,3 +480,12 @@ def test_cancel_caught_by_the_progress_bar_still_stops_the_run(comfy, pack):
         comfy.utils.PROGRESS_BAR_HOOK = saved_hook
     assert progress.should_stop()
     assert sent[0][0] == "flux2_lora.progress" and sent[0][1]["node"] == "7" and sent[0][1]["step"] == 1
+
+
+def test_a_forward_put_back_by_an_ejected_bypass_lora_does_not_count_as_replaced(comfy, pack, tiny_pipeline_dir):
+    """ComfyUI's bypass LoRA restores a module by setting its own bound forward on the instance."""
+    qkv = fp8_patcher(comfy, tiny_pipeline_dir, "fp8_e4m3fn").model.diffusion_model.double_blocks[0].img_attn.qkv
+    qkv.forward = qkv.forward
+    assert "forward" in qkv.__dict__ and pack._cannot_read_in_place(qkv) is None
+    qkv.forward = lambda x: x
+    assert pack._cannot_read_in_place(qkv) == "its forward is replaced, e.g. by a bypass LoRA"

@@ -134,6 +134,8 @@ def test_weights_as_stored_and_offloaded():
     off = estimate_memory(spec, c, Placement("comfyui", "fp8", offloaded_bytes=GIB))
     assert off.parts["frozen weights"] == spec.param_count - GIB and off.parts["weight casts"] > 0
     assert estimate_memory(spec, c, Placement("comfyui", "fp16")).parts["weight casts"] > 0
+    # A form ComfyUI's path cannot read where it lies (another quantized layout, a bypass LoRA on fp8).
+    assert estimate_memory(spec, c, Placement("comfyui", "fp8", casts_per_op=True)).parts["weight casts"] > 0
     assert estimate_memory(spec, c).parts["weight casts"] == 0  # bf16 on the device: nothing cast
 
 
@@ -142,6 +144,7 @@ def test_comfyui_blocks_count_as_compiled_only_where_they_compile():
     spec, activations = family_spec("klein-4b"), lambda e: e.parts["activations + grads"]
     for placement, compiles in ((Placement("comfyui"), True), (Placement("comfyui", "fp8"), True),
                                 (Placement("comfyui", "fp8", offloaded_bytes=GIB), False),
+                                (Placement("comfyui", "fp8", casts_per_op=True), False),
                                 (Placement("comfyui", streamed=True), False), (Placement(), True)):
         eager, compiled = (estimate_memory(spec, cfg(compile=c), placement) for c in (False, True))
         assert (activations(compiled) < activations(eager)) is compiles
