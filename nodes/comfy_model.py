@@ -390,8 +390,8 @@ class ComfyFlux2Backbone:
         for module in linears:
             data, scale = _stored_weight(module)
             # A file's layers kept in full precision multiply in the compute dtype, as ComfyUI does them.
-            full_precision = getattr(module, "_full_precision_mm", False) or getattr(module, "comfy_force_cast_weights",
-                                                                                   False)
+            full_precision = (getattr(module, "_full_precision_mm", False)
+                              or getattr(module, "comfy_force_cast_weights", False))
             fits = (fp8_matmul and scale is not None and data.is_contiguous() and not full_precision
                     and fp8_matmul_fits(module.in_features, module.out_features))
             if not fits and data.dtype == torch.float8_e4m3fn and not _is_quantized(module.weight):
