@@ -106,6 +106,23 @@ def checkpointed_count(blocks: int, gradient_checkpointing: bool, checkpoint_blo
     return blocks if checkpoint_blocks <= 0 else min(checkpoint_blocks, blocks)
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot build kernels for `device` on this machine, or None.
+
+    On CUDA, Inductor writes its kernels in Triton: without it the first step would fail.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.utils._triton import has_triton_package
+
+    if not has_triton_package():
+        return ("torch.compile builds its GPU kernels with Triton, which is not installed "
+                "(pip install triton; on Windows, triton-windows)")
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return "torch.compile's GPU kernels need a GPU of compute capability 7.0 or newer"
+    return None
+
+
 def compile_blocks(blocks: list[nn.Module]) -> None:
     """Regional compile: each transformer block on its own, so every block of a kind shares one graph.
 

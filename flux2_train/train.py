@@ -40,7 +40,7 @@ from .model import Flux2Backbone, ModelSpec
 from .offload import check_offload, offloaded_indices
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
-from .speed import attention_kernels, check_attention, checkpointed_count
+from .speed import attention_kernels, check_attention, checkpointed_count, compile_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class Trainer:
             backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
-        eager_reason = backbone.compile_blocks() if cfg.compile else None
+        eager_reason = (compile_unavailable(device) or backbone.compile_blocks()) if cfg.compile else None
         if eager_reason:
             log.warning("compile is off for this run: %s", eager_reason)
             self.events.emit(StatusEvent("info", f"compile is off for this run: {eager_reason}", total=cfg.steps))

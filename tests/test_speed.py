@@ -290,3 +290,26 @@ def test_spread_keeps_the_last_block_and_even_gaps():
     assert spread(2, 4) == [1, 3] and spread(1, 56) == [55]
     picked = spread(28, 56)
     assert len(picked) == 28 and picked[-1] == 55 and {b - a for a, b in zip(picked, picked[1:])} == {2}
+
+
+def test_compile_without_triton_on_a_gpu_trains_eager_and_says_why(demo_dataset, tiny_pipeline_dir, tmp_path,
+                                                                     monkeypatch, caplog):
+    """Without Triton, Inductor cannot build CUDA kernels and the first step would fail."""
+    import torch.utils._triton
+
+    from flux2_train import speed, train
+    from flux2_train.events import EventBus, StatusEvent
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton_package", lambda: False)
+    why = speed.compile_unavailable(torch.device("cuda"))
+    assert why.startswith("torch.compile builds its GPU kernels with Triton, which is not installed")
+    assert speed.compile_unavailable(torch.device("cpu")) is None  # the CPU's kernels are C++
+    # The run on a machine where that is so (this CPU stands in for the GPU): eager, with the reason.
+    monkeypatch.setattr(train, "compile_unavailable", lambda device: why)
+    cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / "run", tmp_path / "cache", **(EXACT | dict(compile=True)))
+    events = []
+    trainer = tiny_trainer(cfg, tiny_pipeline_dir, events=EventBus([events.append]))
+    result = trainer.run()
+    assert len(result.losses) == cfg.steps and all(b._compiled_call_impl is None for b in trainer.backbone.blocks)
+    assert f"compile is off for this run: {why}" in caplog.text
+    assert any(isinstance(e, StatusEvent) and e.message == f"compile is off for this run: {why}" for e in events)
