@@ -182,7 +182,8 @@ class ComfyFlux2Backbone:
         self._named = dict(self.diffusion_model.named_modules())
         self._pairs: dict[str, LoraPair] = {}
         self._hooks: list = []  # RemovableHandles of the adapters' and LayerNorms' hooks
-        self._wrapped: list[tuple[nn.Module, object]] = []  # (module, its own `forward` before, or None)
+        # (module, attribute, the instance's own value before the run, or _UNSET): forwards, cast flags
+        self._instance_attrs: list[tuple[nn.Module, str, object]] = []
         self._checkpointing = 0  # blocks recomputed in the backward pass, the first ones
         self.compiled = False  # set by `compile_blocks` where the blocks can compile
         self._runners = (_run_double, _run_single)
@@ -193,7 +194,6 @@ class ComfyFlux2Backbone:
         self.streams_weights = False  # weights go through ComfyUI's per-op casts (eager)
         self.fp8_layers = 0  # Linears multiplying ComfyUI's fp8 weights in fp8
         self._eager_reason: str | None = None
-        self._cast_flags: list[tuple[nn.Module, object]] = []  # (module, its own `comfy_cast_weights`, or _UNSET)
 
     # -- the protocol ----------------------------------------------------------
     @property
@@ -327,44 +327,37 @@ class ComfyFlux2Backbone:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        for module, own_forward in reversed(self._wrapped):
-            if own_forward is None:
-                del module.forward  # back to the class's forward
+        for module, name, own in reversed(self._instance_attrs):
+            if own is _UNSET:
+                delattr(module, name)  # back to the class's
             else:
-                module.forward = own_forward
-        self._wrapped.clear()
+                setattr(module, name, own)
+        self._instance_attrs.clear()
         for module, name, is_param, original in reversed(self._converted):
             (module._parameters if is_param else module._buffers)[name] = original
         self._converted.clear()
-        for module, own in reversed(self._cast_flags):
-            if own is _UNSET:
-                del module.comfy_cast_weights  # back to the class's
-            else:
-                module.comfy_cast_weights = own
-        self._cast_flags.clear()
-        for module in self.diffusion_model.modules():
-            module.__dict__.pop("_weight_in_place", None)
         self.diffusion_model.train(self._was_training)
         if self._prepared:
             comfy.model_management.in_training = self._was_in_training
             self._prepared = False
 
     # -- internals -------------------------------------------------------------
+    def _set_for_the_run(self, module: nn.Module, name: str, value) -> None:
+        """Set an attribute on a shared module's instance; `release` puts back what was there."""
+        self._instance_attrs.append((module, name, module.__dict__.get(name, _UNSET)))
+        setattr(module, name, value)
+
     def _recompute_weighted_ops(self) -> None:
         """Route every ComfyUI op that casts a weight through `CastLinearInBackward` or `RecomputeInBackward`."""
-        for module in self.diffusion_model.modules():
-            if not hasattr(module, "comfy_cast_weights") or getattr(module, "weight", None) is None:
-                continue
-            own = module.__dict__.get("forward")
+        for _, module in _weighted_ops(self.diffusion_model):
             current = module.forward
             # Quantized weights (fp8 "mixed" files) may quantize the input too: not affine.
             affine = isinstance(module, nn.Linear) and not hasattr(type(module.weight), "__tensor_unflatten__")
-            if affine and own is None and hasattr(module, "forward_comfy_cast_weights"):
+            if affine and not _forward_replaced(module) and hasattr(module, "forward_comfy_cast_weights"):
                 # ComfyUI's own Linear, forward not replaced by anyone: cast the weight again in backward.
-                module.forward = functools.partial(_cast_linear_call, module, current)
+                self._set_for_the_run(module, "forward", functools.partial(_cast_linear_call, module, current))
             else:
-                module.forward = functools.partial(_recompute_call, current, affine)
-            self._wrapped.append((module, own))
+                self._set_for_the_run(module, "forward", functools.partial(_recompute_call, current, affine))
 
     def _read_weights_in_place(self, device: torch.device, compute: torch.dtype) -> str | None:
         """Let every op read its weight where ComfyUI holds it, with no per-op cast code.
@@ -376,10 +369,7 @@ class ComfyFlux2Backbone:
         having changed nothing, where a weight is in a form this cannot read.
         """
         linears, others = [], []
-        for name, module in self.diffusion_model.named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not hasattr(module, "comfy_cast_weights"):
-                continue
+        for name, module in _weighted_ops(self.diffusion_model):
             why = _cannot_read_in_place(module, device)
             if why:
                 return (f"ComfyUI casts this MODEL's weights per op ({name}: {why}), which does not compile; "
@@ -396,10 +386,9 @@ class ComfyFlux2Backbone:
                     and fp8_matmul_fits(module.in_features, module.out_features))
             if not fits and data.dtype == torch.float8_e4m3fn and not _is_quantized(module.weight):
                 scale = None  # a plain fp8 weight's scale is 1: cast it, no scaling pass
-            module._weight_in_place = (data, scale, fits)
+            self._set_for_the_run(module, "_weight_in_place", (data, scale, fits))
+            self._set_for_the_run(module, "forward", types.MethodType(_linear_in_place, module))
             self.fp8_layers += fits
-            self._wrapped.append((module, module.__dict__.get("forward")))
-            module.forward = types.MethodType(_linear_in_place, module)
         for module in others:
             for store in (module._parameters, module._buffers):
                 for key, t in store.items():
@@ -407,8 +396,7 @@ class ComfyFlux2Backbone:
                         # `_converted` already holds the original; `release` puts it back.
                         cast = t.detach().to(compute)
                         store[key] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
-            self._cast_flags.append((module, module.__dict__.get("comfy_cast_weights", _UNSET)))
-            module.comfy_cast_weights = False
+            self._set_for_the_run(module, "comfy_cast_weights", False)
         if self.fp8_layers:
             log.info("%d of %d Linear layers multiply ComfyUI's fp8 weights in fp8", self.fp8_layers, len(linears))
         return None
@@ -476,9 +464,13 @@ def _casts_weights(model: nn.Module) -> bool:
 def _cast_per_op(model: nn.Module) -> bool:
     """Whether training casts `model`'s weights per op wherever they are held: some weight is in a form
     `_read_weights_in_place` does not read (for the memory estimate, before the model is loaded)."""
-    return _casts_weights(model) and any(
-        _cannot_read_in_place(m) for m in model.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "comfy_cast_weights"))
+    return _casts_weights(model) and any(_cannot_read_in_place(m) for _, m in _weighted_ops(model))
+
+
+def _weighted_ops(model: nn.Module):
+    """(name, module) of ComfyUI's ops that hold a weight."""
+    return ((name, m) for name, m in model.named_modules()
+            if hasattr(m, "comfy_cast_weights") and isinstance(getattr(m, "weight", None), torch.Tensor))
 
 
 def _forward_replaced(module: nn.Module) -> bool:
