@@ -117,6 +117,11 @@ class Placement:
         return self.allocator or ("async" if self.host == "comfyui" else "native")
 
     @property
+    def streams_weights(self) -> bool:
+        """Weights copied in for each op: streamed by the host (DynamicVRAM), or partly offloaded."""
+        return self.streamed or self.offloaded_bytes > 0
+
+    @property
     def can_offload(self) -> bool:
         # ComfyUI streams any amount that does not fit; the engine offloads whole blocks (cfg.offload_blocks).
         return self.host == "comfyui"
@@ -266,7 +271,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     stored = stored_weight_bytes(spec, cfg, placement)
     offloaded = min(placement.offloaded_bytes, stored)
     fmt = weight_format(placement, cfg)
-    streamed = offloaded > 0 or placement.streamed
+    streamed = placement.streams_weights
     # fp8 weights held on the device multiply in fp8 on both hosts (the engine's fp8 layers, ComfyUI's
     # weights read in place): none is cast to the compute dtype.
     casts = streamed or placement.casts_per_op or fmt not in (DTYPE_FORMATS[cfg.dtype], "fp8")
@@ -399,9 +404,8 @@ def advice(spec, cfg, placement, est, buckets=None) -> list[Advice]:
     if WEIGHT_FORMATS[weight_format(placement, cfg)] >= 2:
         if placement.host == "comfyui":
             fp8 = dataclasses.replace(placement, weight_format="fp8", stored_bytes=None)
-            cast = placement.streamed or placement.offloaded_bytes > 0
             found.append(Advice("load the model with weight_dtype fp8_e4m3fn (or an fp8 file)", saving(placement=fp8),
-                                FP8_SLOWDOWN if cast else FP8_IN_PLACE_SLOWDOWN))
+                                FP8_SLOWDOWN if placement.streams_weights else FP8_IN_PLACE_SLOWDOWN))
         elif cfg.dtype == "bfloat16":
             found.append(Advice("--quantize-base fp8", saving(quantize_base="fp8"), FP8_MATMUL_SLOWDOWN))
     if placement.host == "engine" and WEIGHT_FORMATS[weight_format(placement, cfg)] > WEIGHT_FORMATS["nf4"]:
