@@ -98,17 +98,19 @@ def random_bfl_state_dict(config: dict, seed: int) -> dict:
             for k, v in shapes.items()}
 
 
-def fp8_mixed(sd: dict) -> dict:
-    """`sd` as ComfyUI's fp8 "mixed" files store a model: block Linears in e4m3 with a per-tensor scale."""
+def fp8_mixed(sd: dict, fmt: str = "float8_e4m3fn") -> dict:
+    """`sd` as ComfyUI's fp8 "mixed" files store a model: block Linears in `fmt` (e4m3) with a
+    per-tensor scale. Takes the tensors out of `sd` one at a time ([dev] is 64 GB in bf16)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    marker = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    dtype = getattr(torch, fmt)
+    marker = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
     out = {}
     for key in list(sd):
-        value = sd.pop(key)  # one tensor at a time: [dev] is 64 GB in bf16
+        value = sd.pop(key)
         if key.endswith(".weight") and value.ndim == 2 and "blocks." in key:
             layer, w = key[: -len(".weight")], value.to(device).float()
-            scale = w.abs().amax().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-            out[key] = (w / scale).to(torch.float8_e4m3fn).cpu()
+            scale = w.abs().amax().clamp(min=1e-12) / torch.finfo(dtype).max
+            out[key] = (w / scale).to(dtype).cpu()
             out[f"{layer}.weight_scale"], out[f"{layer}.comfy_quant"] = scale.reshape(()).cpu(), marker.clone()
         else:
             out[key] = value

@@ -278,25 +278,20 @@ def test_comfyui_loads_the_saved_lora_as_exactly_the_trained_update(comfy, pack,
 
 
 def fp8_mixed_state_dict(diffusers_backbone, dequantized: bool = False, fmt: str = "float8_e4m3fn") -> dict:
-    """The tiny model as ComfyUI's fp8 "mixed" checkpoints store it: fp8 block weights with scales
-    (or, `dequantized`, the float32 weights those hold)."""
-    import json
+    """The tiny model as ComfyUI's fp8 "mixed" checkpoints store it: fp8 block weights with scales, as
+    the benchmark builds them (or, `dequantized`, the float32 weights those hold)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from comfy_train_speed import fp8_mixed
 
-    dtype = getattr(torch, fmt)
-    out = {}
-    for key, value in diffusers_to_bfl_state_dict(diffusers_backbone.module.state_dict()).items():
-        if key.endswith(".weight") and value.ndim == 2 and "blocks" in key:
-            layer = key[: -len(".weight")]
-            scale = value.abs().max() / torch.finfo(dtype).max
-            out[key] = (value / scale).to(dtype)
-            if dequantized:
-                out[key] = out[key].float() * scale
-                continue
-            out[f"{layer}.weight_scale"] = scale.reshape(()).float()
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
-        else:
-            out[key] = value.clone()
-    return out
+    sd = fp8_mixed(diffusers_to_bfl_state_dict(diffusers_backbone.module.state_dict()), fmt)
+    if not dequantized:
+        return sd
+    weights = {}
+    for key, value in sd.items():
+        if not key.endswith((".weight_scale", ".comfy_quant")):
+            scale = sd.get(f"{key.removesuffix('.weight')}.weight_scale")
+            weights[key] = value if scale is None else value.float() * scale
+    return weights
 
 
 def fp8_patcher(comfy, model_dir, kind: str):
