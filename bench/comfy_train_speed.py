@@ -131,7 +131,7 @@ def run(args) -> dict:
                family=args.family, resolution=args.resolution, steps=args.steps, rank=args.rank,
                targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
                checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, compile=args.compile,
-               weight_dtype=args.weight_dtype, status="ok", error="")
+               offload_activations=args.offload_activations, weight_dtype=args.weight_dtype, status="ok", error="")
     rec.update(env_info(device))
     work = Path(tempfile.mkdtemp(prefix="comfy_speed_"))
     try:
@@ -158,7 +158,7 @@ def run(args) -> dict:
             device=str(device), batch_size=1, gradient_accumulation=1, caption_dropout=0.0, save_every=0,
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
             checkpoint_blocks=args.checkpoint_blocks, attention=args.attention, compile=args.compile,
-            validate_every=0))
+            offload_activations=args.offload_activations, validate_every=0))
         steps = []
         device_used = [0]
 
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="attention_mlp")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
+    p.add_argument("--offload-activations", type=int, default=0, metavar="N",
+                   help="keep the activations of N blocks that are not checkpointed in pinned CPU memory")
     p.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
     p.add_argument("--compile", action="store_true",
                    help="compile the blocks (where ComfyUI holds the weights on the GPU as they are)")

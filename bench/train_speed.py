@@ -181,6 +181,7 @@ def run_one(args, family: str) -> dict:
     image_tokens = (res // 16) ** 2
     rec = dict(family=family, resolution=res, steps=args.steps, rank=args.rank, targets=args.targets,
                gradient_checkpointing=args.gradient_checkpointing, checkpoint_blocks=args.checkpoint_blocks,
+               offload_activations=args.offload_activations,
                quantize_base=args.quantize_base, attention=args.attention, compile=args.compile,
                mode=mode_text(args), batch_size=1, dtype="bfloat16",
                device=str(device), text_tokens=TEXT_TOKENS, image_tokens=image_tokens, warmup=args.warmup,
@@ -237,7 +238,7 @@ def run_one(args, family: str) -> dict:
             keep_checkpoints=1, tensorboard=False, seed=args.seed, max_sequence_length=TEXT_TOKENS,
             learning_rate=args.learning_rate, multi_gpu=args.multi_gpu, quantize_base=args.quantize_base,
             attention=args.attention, compile=args.compile, checkpoint_blocks=args.checkpoint_blocks,
-            validate_every=0))
+            offload_activations=args.offload_activations, validate_every=0))
         if str(args.offload_blocks) != "0":
             cfg.offload_blocks = offload_count(args, cfg, backbone.spec, device)
             rec["offload_blocks"] = cfg.offload_blocks
@@ -278,6 +279,10 @@ def run_one(args, family: str) -> dict:
                 if profiler:
                     rec["profile"] = profiler.finish()
             rec["strategy"] = trainer.strategy
+            if trainer.activation_offload:  # what one forward pass moved to CPU memory
+                rec["offloaded_activations_gib"] = trainer.activation_offload.offloaded_bytes / 2**30
+                print(f"  [{family}] activations offloaded per step: {rec['offloaded_activations_gib']:.2f} GiB",
+                      flush=True)
             rec["lora_tensors"] = len(result.targets) * 2
             rec["lora_layers"] = len(result.targets)
             rec["run_seconds"] = result.seconds
@@ -395,6 +400,8 @@ def mode_text(args) -> str:
         parts.append("compile")
     if str(args.offload_blocks) != "0":
         parts.append(f"offload {args.offload_blocks} blocks")
+    if args.offload_activations:
+        parts.append(f"{args.offload_activations} blocks' activations offloaded")
     if args.attention != "auto":
         parts.append(f"{args.attention} attention")
     if args.memory_cap_gib:
@@ -502,6 +509,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-blocks", default="0",
                     help="keep N checkpointed blocks' weights in CPU memory; auto: as many as the trainer's auto "
                          "plan offloads under --memory-cap-gib")
+    ap.add_argument("--offload-activations", type=int, default=0, metavar="N",
+                    help="keep the activations of N blocks that are not checkpointed in pinned CPU memory")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="profile STEPS steps after the warm-up and print the top GPU kernels by time")
     ap.add_argument("--memory-cap-gib", type=float, default=0.0,

@@ -104,6 +104,7 @@ class TrainConfig:
     checkpoint_blocks: int = _opt(0, "With --gradient-checkpointing: recompute only the first N blocks and keep the others' activations (0: all blocks; the auto preset picks the fewest that fit).")
     quantize_base: str = _opt("none", "Store the frozen block weights as fp8 (scaled, with fp8 matmuls on Ada/Hopper), int8 or nf4 (QLoRA; both need bitsandbytes). Engine path only: in ComfyUI pick the weight dtype in the model loader.", BASE_FORMATS)
     offload_blocks: int = _opt(0, "Keep the frozen weights of N checkpointed blocks in CPU memory and copy each in on a side stream while the block before it computes (needs --gradient-checkpointing; engine path only; the auto preset picks the fewest that fit).")
+    offload_activations: int = _opt(0, "Keep the activations of N blocks that are not checkpointed in pinned CPU memory, copied out and back on a side stream while other blocks compute: memory of checkpointing without its recomputation, where the copies keep up (spread over those blocks; the last one stays).")
     attention: str = _opt("auto", "Attention kernel (PyTorch SDPA): auto, or one of flash, cudnn, efficient, math.", ATTENTION_BACKENDS)
     compile: bool = _opt(False, "torch.compile each transformer block (regional): the first step compiles for tens of seconds, later steps run faster.")
     device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
@@ -184,6 +185,8 @@ class TrainConfig:
         need(self.preview_steps >= 0, f"--preview-steps must be 0 (automatic) or more (got {self.preview_steps})")
         need(self.checkpoint_blocks >= 0, f"--checkpoint-blocks must be 0 (all) or more (got {self.checkpoint_blocks})")
         need(self.offload_blocks >= 0, f"--offload-blocks must be 0 (none) or more (got {self.offload_blocks})")
+        need(self.offload_activations >= 0,
+             f"--offload-activations must be 0 (none) or more (got {self.offload_activations})")
         need(self.quantize_base != "fp8" or self.dtype == "bfloat16",
              f"--quantize-base fp8 computes in bfloat16; set --dtype bfloat16 (got {self.dtype})")
         for fmt in self.extra_formats:

@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .errors import OutOfMemory
 from .lora import resolve_targets
 from .model import BLOCK_PREFIXES, ModelSpec, spec_linear_shapes
-from .offload import offloaded_indices
+from .offload import ACTIVATIONS_IN_FLIGHT, activation_offload_indices, offloaded_indices
 from .speed import checkpointed_count
 
 GIB = 2**30
@@ -287,14 +287,17 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
     # ComfyUI's blocks run eager where it casts weights per op (ComfyFlux2Backbone.compile_blocks).
     compiled = cfg.compile and (placement.host == "engine" or not casts)
     per_block = ACT_VECTORS_PER_BLOCK * (COMPILED_ACTIVATIONS if compiled else 1.0)
+    # Blocks whose activations wait in CPU memory hold none on the GPU, but for the few in flight.
+    kept_out = len(activation_offload_indices(blocks, cfg))
+    keeping = blocks - recomputed - kept_out + min(kept_out, ACTIVATIONS_IN_FLIGHT)
     if recomputed:
         # The first `recomputed` blocks keep their inputs; the rest keep everything until the
         # backward pass reaches them, and have let it go by the time a recomputation starts.
         inputs = recomputed * ACT_VECTORS_CHECKPOINTED
-        held = vector * (inputs + max((blocks - recomputed) * per_block, RECOMPUTE_VECTORS))
+        held = vector * (inputs + max(keeping * per_block, RECOMPUTE_VECTORS))
         last = vector * RECOMPUTE_VECTORS
     else:
-        held = vector * blocks * per_block
+        held = vector * keeping * per_block
         last = vector * per_block
     grads = 4 * lora
     latent_elems = cfg.batch_size * spec.in_channels * image_tokens_of(cfg, buckets)
@@ -337,6 +340,9 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
                 + (f" ({len(moved)} blocks offloaded)" if moved else ""),
                 "checkpointing": ("off" if not recomputed else "on" if recomputed == blocks
                                   else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
+    if kept_out:
+        settings["activations offloaded"] = (f"{kept_out} blocks' ({kept_out * per_block * vector / GIB:.1f} GiB "
+                                             "in pinned CPU memory)")
     streamable = 0
     if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
         everything = dataclasses.replace(placement, offloaded_bytes=stored)

@@ -102,9 +102,14 @@ class Flux2Backbone(Protocol):
         """Recompute the first `blocks` transformer blocks in the backward pass (0: all of them)."""
         ...
 
+    def offload_activations(self, indices: list[int], offload) -> None:
+        """Blocks `indices` (not checkpointed) run their forward pass in `offload.saving(i)`, an
+        `offload.ActivationOffload`; called after `enable_gradient_checkpointing`."""
+        ...
+
     def compile_blocks(self) -> str | None:
-        """`torch.compile` each transformer block on its own (regional); called after `prepare` and
-        `enable_gradient_checkpointing`.
+        """`torch.compile` each transformer block on its own (regional); called after `prepare`,
+        `enable_gradient_checkpointing` and `offload_activations`.
 
         Returns why the blocks stay eager where this model cannot compile them, else None.
         """
@@ -216,6 +221,9 @@ class DiffusersFlux2Backbone:
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         speed.checkpoint_blocks(self.blocks, blocks or len(self.blocks))
+
+    def offload_activations(self, indices: list[int], offload) -> None:
+        speed.offload_activations(self.blocks, indices, offload)
 
     def compile_blocks(self) -> str | None:
         speed.compile_blocks(self.blocks)

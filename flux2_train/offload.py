@@ -1,22 +1,31 @@
-"""Block offload: the frozen weights of some transformer blocks live in pinned CPU memory.
+"""Offload to pinned CPU memory: the frozen weights of some blocks, or the activations of others.
 
-Each offloaded block's frozen tensors (base weights, biases, norms, fp8 scales) are
-packed into one pinned buffer. Two GPU slots, each the size of the largest such
-block, take turns: while one block computes, the next offloaded block in the pass's
-direction is copied into the other slot on a side stream, so the copy overlaps the
-compute of the blocks in between. The offloaded blocks are spread evenly over the
-model, which gives each copy the most compute to hide behind.
+Block offload (`BlockOffload`): each offloaded block's frozen tensors (base weights,
+biases, norms, fp8 scales) are packed into one pinned buffer. Two GPU slots, each the
+size of the largest such block, take turns: while one block computes, the next
+offloaded block in the pass's direction is copied into the other slot on a side
+stream, so the copy overlaps the compute of the blocks in between. The offloaded
+blocks are spread evenly over the model, which gives each copy the most compute to
+hide behind.
 
 Offloaded blocks must be checkpointed: their forward pass keeps no tensor, so their
 weights can leave the GPU as soon as the block has run, and come back for the
 recomputation in the backward pass. LoRA weights stay on the GPU (they train).
 A [dev] step moves each offloaded block twice: forward, and recompute.
+
+Activation offload (`ActivationOffload`): the tensors that a block which is not
+checkpointed keeps for its backward pass go to pinned CPU memory as they are saved,
+and come back ahead of the block's backward pass, on a side stream both ways. It
+recomputes nothing, where a checkpoint recomputes the block's forward pass; the price
+is PCIe bandwidth, which is free while the copies hide behind other blocks' compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -42,6 +51,27 @@ def spread(count: int, candidates: int) -> list[int]:
 def offloaded_indices(blocks: int, cfg) -> list[int]:
     """The blocks a run offloads: `cfg.offload_blocks` spread over its checkpointed blocks."""
     return spread(cfg.offload_blocks, checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))
+
+
+def activation_offload_indices(blocks: int, cfg) -> list[int]:
+    """The blocks whose activations a run keeps in CPU memory: `cfg.offload_activations` spread
+    over the blocks it does not checkpoint, the first of them included and the last left out
+    (the backward pass starts there: nothing would hide its copy back)."""
+    first = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    candidates = blocks - first - 1
+    return [first + candidates - 1 - i for i in reversed(spread(cfg.offload_activations, candidates))]
+
+
+def check_activation_offload(count: int, blocks: int, checkpointed: int | None = None) -> None:
+    """Refuse before any work more offloaded activations than the blocks that keep any."""
+    if count <= 0:
+        return
+    free = blocks - (checkpointed or 0) - 1
+    if count > free:
+        raise ConfigError(f"--offload-activations {count}: this run keeps the activations of {free + 1} blocks "
+                          f"and can offload those of {max(free, 0)} (not the last one"
+                          + (", nor the checkpointed ones); lower it, or lower --checkpoint-blocks" if checkpointed
+                             else "); lower it"))
 
 
 def check_offload(count: int, backbone, blocks: int, quantize_base: str, checkpointed: int | None = None) -> None:
@@ -189,3 +219,143 @@ class BlockOffload:
         packed.point_to(slot.buffer)
         slot.block = index
         return slot
+
+
+# Smaller saved tensors stay on the GPU: copying them costs more in calls than they hold.
+_MIN_OFFLOAD_BYTES = 1 << 20
+# Offloaded blocks whose activations may be on the GPU at once: copies still running in the
+# forward pass, the block being run and the one brought back ahead of it in the backward pass.
+ACTIVATIONS_IN_FLIGHT = 2
+
+
+class _Stored:
+    """The memory of tensors a block saved for its backward pass (one storage), held in CPU memory."""
+
+    __slots__ = ("index", "home", "gpu", "ready", "uses")
+
+    def __init__(self, index: int, home: torch.Tensor):
+        self.index, self.home = index, home  # bytes
+        self.gpu: torch.Tensor | None = None  # on its way back, or back, for the backward pass (bytes)
+        self.ready = None  # CUDA event: the copy back is done
+        self.uses = 0  # saved tensors in it whose backward pass has not read them yet
+
+
+class ActivationOffload:
+    """Keeps what chosen blocks save for their backward pass in (pinned) CPU memory.
+
+    `saving(i)` wraps block i's forward pass. The memory of each tensor the block saves
+    (its whole storage: compiled code saves views into larger buffers) goes to CPU memory
+    on a side stream when the block's forward pass is done with it, and its GPU memory is
+    freed once that copy is done. At most `in_flight` blocks' copies are left running: a
+    block starts only when the copies of the one `in_flight` before it are done, so a slow
+    bus slows the step instead of filling the GPU. In the backward pass, the first tensor
+    read of a block brings the memory of the offloaded block before it back on the side
+    stream, so it arrives while the blocks in between compute; `prefetch_last` brings back
+    the last block's before the backward pass starts. Each tensor comes back as the same
+    view (offset, shape, strides) of its storage, as compiled code expects.
+
+    Weights (`resident`: anything sharing their storage), parameters and small storages
+    stay where they are.
+    """
+
+    def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (),
+                 in_flight: int = ACTIVATIONS_IN_FLIGHT):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.in_flight = in_flight
+        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+        self._order: list[int] = []  # offloaded blocks in the order this forward pass ran them
+        self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its copy
+        self._copied_out: dict[int, torch.cuda.Event] = {}
+        self._running: list[torch.Tensor] = []  # storages saved by the running block (no reuse until it ends)
+        self.offloaded_bytes = 0  # by the last forward pass
+
+    @contextlib.contextmanager
+    def saving(self, index: int):
+        """Context of block `index`'s forward pass."""
+        if not torch.is_grad_enabled():
+            yield
+            return
+        if index in self._stored:  # the block runs again: a new forward pass (next micro-batch or step)
+            self._order, self._stored, self._copied_out, self.offloaded_bytes = [], {}, {}, 0
+        if self.stream is not None and len(self._order) >= self.in_flight:
+            torch.cuda.current_stream(self.device).wait_event(self._copied_out[self._order[-self.in_flight]])
+        self._order.append(index)
+        self._stored[index] = {}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, index), self._unpack):
+                yield
+        finally:
+            # Until here a storage's address named it: no tensor saved by the block was freed.
+            self._running.clear()
+        if self.stream is not None:
+            self._copied_out[index] = self.stream.record_event()
+
+    def prefetch_last(self) -> None:
+        """Bring the last offloaded block's memory back: its backward pass comes first."""
+        if self._order and not self._is_back(self._order[-1]):
+            self._bring_back(self._order[-1])
+
+    def _pack(self, index: int, t: torch.Tensor):
+        storage = t.untyped_storage()
+        if (storage.nbytes() < _MIN_OFFLOAD_BYTES or isinstance(t, nn.Parameter) or t.device.type != self.device.type
+                or storage.data_ptr() in self._resident):
+            return t
+        stored = self._stored[index].get(storage.data_ptr())
+        if stored is None:  # the first tensor saved in this memory: copy all of it out
+            memory = _bytes_of(storage, t.device)
+            home = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.stream is not None)
+            if self.stream is None:
+                home.copy_(memory)
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    home.copy_(memory, non_blocking=True)
+                memory.record_stream(self.stream)  # reused only once the copy is done
+            self._running.append(memory)
+            stored = self._stored[index][storage.data_ptr()] = _Stored(index, home)
+            self.offloaded_bytes += storage.nbytes()
+        stored.uses += 1
+        return stored, t.dtype, t.storage_offset(), t.shape, t.stride()
+
+    def _unpack(self, saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        stored, dtype, offset, shape, stride = saved
+        if stored.gpu is None:
+            self._bring_back(stored.index)
+        position = self._order.index(stored.index) if stored.index in self._order else 0
+        if position > 0 and not self._is_back(self._order[position - 1]):
+            self._bring_back(self._order[position - 1])
+        memory = stored.gpu
+        if stored.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(stored.ready)
+        stored.uses -= 1
+        if stored.uses <= 0:
+            stored.gpu = None  # the backward pass holds it now, and frees it when done
+        return torch.empty(0, dtype=dtype, device=memory.device).set_(memory.untyped_storage(), offset, shape, stride)
+
+    def _is_back(self, index: int) -> bool:
+        return any(s.gpu is not None for s in self._stored.get(index, {}).values())
+
+    def _bring_back(self, index: int) -> None:
+        group = list(self._stored.get(index, {}).values())
+        if self.stream is None:
+            for stored in group:
+                stored.gpu = stored.home
+            return
+        for stored in group:
+            stored.gpu = torch.empty(stored.home.numel(), dtype=torch.uint8, device=self.device)
+        # The compute stream's earlier work may still use the memory just taken from its pool.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for stored in group:
+                stored.gpu.copy_(stored.home, non_blocking=True)
+            ready = self.stream.record_event()
+        for stored in group:
+            stored.ready = ready
+
+
+def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    """All of a storage's memory, as a uint8 tensor."""
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)

@@ -1,4 +1,5 @@
-"""Step-time settings that leave the result alone: attention kernel, regional compile, selective checkpointing.
+"""Step-time settings that leave the result alone: attention kernel, regional compile, selective
+checkpointing, and where a block keeps its activations.
 
 Each works on any `Flux2Backbone` through its `blocks`, so the diffusers model and
 ComfyUI's model get the same treatment.
@@ -88,15 +89,36 @@ def checkpoint_blocks(blocks: list[nn.Module], count: int) -> None:
         block.forward = functools.partial(_checkpointed_call, block.forward)
 
 
+def offload_activations(blocks: list[nn.Module], indices: list[int], offload) -> None:
+    """Blocks `indices` keep their activations where `offload` (an `offload.ActivationOffload`) puts them."""
+    for i in indices:
+        if is_checkpointed(blocks[i]):
+            raise ConfigError(f"block {i} is checkpointed: it keeps no activations to offload")
+        blocks[i].forward = functools.partial(_offloaded_call, offload, i, blocks[i].forward)
+
+
 def is_checkpointed(block: nn.Module) -> bool:
     own = block.__dict__.get("forward")
     return isinstance(own, functools.partial) and own.func is _checkpointed_call
+
+
+def _wrapper(block: nn.Module) -> functools.partial | None:
+    """What a block's forward runs inside (a checkpoint, an activation offload), or None; the
+    block's own forward is its last argument."""
+    own = block.__dict__.get("forward")
+    wraps = isinstance(own, functools.partial) and own.func in (_checkpointed_call, _offloaded_call)
+    return own if wraps else None
 
 
 def _checkpointed_call(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _offloaded_call(offload, index, forward, *args, **kwargs):
+    with offload.saving(index):
+        return forward(*args, **kwargs)
 
 
 def checkpointed_count(blocks: int, gradient_checkpointing: bool, checkpoint_blocks: int) -> int:
@@ -126,16 +148,20 @@ def compile_unavailable(device: torch.device) -> str | None:
 def compile_blocks(blocks: list[nn.Module]) -> None:
     """Regional compile: each transformer block on its own, so every block of a kind shares one graph.
 
-    Call it after `checkpoint_blocks`, so the checkpoints stay outside the compiled code.
+    Call it after `checkpoint_blocks` and `offload_activations`, so checkpoints and offload hooks
+    stay outside the compiled code.
 
     Compiling the blocks rather than the model keeps the first step's compile to tens of seconds
     and removes what dominates the eager step besides the matmuls: casts, copies, norms and
     elementwise glue. Inductor's FX graph cache keeps the result for the next run.
     """
     for block in blocks:
-        if is_checkpointed(block):
+        wrapper = _wrapper(block)
+        if wrapper is not None:
             # The checkpoint stays outside the compiled code: inside it, the compiler's partitioner
-            # keeps part of the block's activations, a third of what no checkpointing keeps.
-            block.forward = functools.partial(_checkpointed_call, torch.compile(block.forward.args[0]))
+            # keeps part of the block's activations, a third of what no checkpointing keeps. The
+            # offload's hooks, too, see the compiled block's saved tensors from outside.
+            *outer, forward = wrapper.args
+            block.forward = functools.partial(wrapper.func, *outer, torch.compile(forward))
         else:
             block.compile()

@@ -37,7 +37,8 @@ from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
-from .offload import check_offload, offloaded_indices
+from .offload import (ActivationOffload, activation_offload_indices, check_activation_offload, check_offload,
+                      offloaded_indices)
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
 from .speed import attention_kernels, check_attention, checkpointed_count, compile_unavailable
@@ -299,6 +300,7 @@ class Trainer:
         self.world = World()
         self.strategy = ""  # "ddp" or "fsdp" with several processes
         self.resume_path: Path | None = None  # the checkpoint folder a resume continues from
+        self.activation_offload: ActivationOffload | None = None  # --offload-activations
         self.step = 0  # the last step done, for the events of a failure
 
     # ------------------------------------------------------------------
@@ -321,13 +323,15 @@ class Trainer:
             check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)
             cfg = self._preflight(cfg, spec, device, report)
-            check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base,
-                          checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))
-            if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile or cfg.offload_blocks):
+            checkpointed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+            check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base, checkpointed)
+            check_activation_offload(cfg.offload_activations, blocks, checkpointed)
+            if world.size > 1 and (cfg.quantize_base != "none" or cfg.compile or cfg.offload_blocks
+                                   or cfg.offload_activations):
                 # None has run under DDP or FSDP yet (fp8 and 4-bit weights in NCCL broadcasts and
                 # FSDP shards, FSDP's hooks in compiled blocks, FSDP's own offload).
-                raise ConfigError("--quantize-base, --compile and --offload-blocks train in one process; leave "
-                                  "them out with several GPUs")
+                raise ConfigError("--quantize-base, --compile, --offload-blocks and --offload-activations train in "
+                                  "one process; leave them out with several GPUs")
         except Exception as e:
             self.events.emit(StatusEvent("failed", str(e), total=cfg.steps))
             self.events.close()
@@ -454,6 +458,12 @@ class Trainer:
             backbone.load_lora_state_dict({k: v.to(home) for k, v in resume_info[1].items()})
         if cfg.gradient_checkpointing:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
+        kept_out = activation_offload_indices(len(backbone.blocks), cfg)
+        if kept_out:
+            self.activation_offload = ActivationOffload(device, resident=[*module.parameters(), *module.buffers()])
+            backbone.offload_activations(kept_out, self.activation_offload)
+            log.info("activations of %d blocks (%s) kept in %sCPU memory", len(kept_out),
+                     ", ".join(map(str, kept_out)), "pinned " if device.type == "cuda" else "")
         eager_reason = (compile_unavailable(device) or backbone.compile_blocks()) if cfg.compile else None
         if eager_reason:
             log.warning("compile is off for this run: %s", eager_reason)
@@ -544,6 +554,8 @@ class Trainer:
                     epoch = inputs.epoch
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
+                        if self.activation_offload:
+                            self.activation_offload.prefetch_last()
                         accelerator.backward(loss)
                         if not (step + 1 == cfg.steps and k + 1 == accumulation):  # not the run's last
                             prefetched = self._prefetch(index + world.size, plan, data, device, weight_dtype)

@@ -185,6 +185,7 @@ class ComfyFlux2Backbone:
         # (module, attribute, the instance's own value before the run, or _UNSET): forwards, cast flags
         self._instance_attrs: list[tuple[nn.Module, str, object]] = []
         self._checkpointing = 0  # blocks recomputed in the backward pass, the first ones
+        self._offloading: dict = {}  # block index -> the ActivationOffload that keeps its activations
         self.compiled = False  # set by `compile_blocks` where the blocks can compile
         self._runners = (_run_double, _run_single)
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
@@ -206,6 +207,9 @@ class ComfyFlux2Backbone:
 
     def enable_gradient_checkpointing(self, blocks: int = 0) -> None:
         self._checkpointing = blocks or len(self.blocks)
+
+    def offload_activations(self, indices: list[int], offload) -> None:
+        self._offloading = {i: offload for i in indices}
 
     def compile_blocks(self) -> str | None:
         """Regional compile: every block runs through a replace patch that calls a compiled runner.
@@ -439,15 +443,19 @@ class ComfyFlux2Backbone:
         replace = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
         dit = replace.setdefault("dit", {})
         double = len(self.diffusion_model.double_blocks)
-        patched = self.blocks if self.compiled else self.blocks[:self._checkpointing]
-        for i, block in enumerate(patched):
-            if i < double:
-                key, run = ("double_block", i), self._runners[0]
+        for i, block in enumerate(self.blocks):
+            if not (self.compiled or i < self._checkpointing or i in self._offloading):
+                continue  # ComfyUI runs it as it is
+            key, run = (("double_block", i), self._runners[0]) if i < double else \
+                (("single_block", i - double), self._runners[1])
+            if i < self._checkpointing:
+                patch = functools.partial(_checkpointed_block, run, block)
+            elif i in self._offloading:
+                patch = functools.partial(_offloaded_block, self._offloading[i], i, run, block)
             else:
-                key, run = ("single_block", i - double), self._runners[1]
-            patch = _checkpointed_block if i < self._checkpointing else _plain_block
+                patch = functools.partial(_plain_block, run, block)
             # A block that a custom node already replaces keeps its patch.
-            dit.setdefault(key, functools.partial(patch, run, block))
+            dit.setdefault(key, patch)
         options["patches_replace"] = replace
         return options
 
@@ -617,6 +625,12 @@ def _runner_inputs(args: dict) -> dict:
 def _plain_block(run, block: nn.Module, args: dict, extra: dict) -> dict:
     """A ComfyUI block-replace patch that runs the block through `run` (its compiled runner)."""
     return run(block, **_runner_inputs(args))
+
+
+def _offloaded_block(offload, index: int, run, block: nn.Module, args: dict, extra: dict) -> dict:
+    """A ComfyUI block-replace patch whose block keeps its activations where `offload` puts them."""
+    with offload.saving(index):
+        return run(block, **_runner_inputs(args))
 
 
 def _checkpointed_block(run, block: nn.Module, args: dict, extra: dict) -> dict:

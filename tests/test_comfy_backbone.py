@@ -113,6 +113,36 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
     assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pack, tmp_path, tiny_pipeline_dir,
+                                                            monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
+    common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=3, save_every=0, cache_dir=str(tmp_path / "cache"),
+                  gradient_checkpointing=True, checkpoint_blocks=1, compile=compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    losses, offloads = {}, {}
+    for count in (0, 1):
+        backbone = pack.ComfyFlux2Backbone(comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32)))
+        cfg = make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / f"offload-{count}", offload_activations=count,
+                       **common)
+        trainer = Trainer(cfg, backbone, encoder=load_pipeline_encoders(tiny_pipeline_dir, device="cpu",
+                                                                        dtype=torch.float32))
+        try:
+            losses[count] = trainer.run().losses
+        finally:
+            backbone.release()
+        offloads[count] = trainer.activation_offload
+    assert losses[1] == losses[0]
+    assert offloads[1]._order == [1] and offloads[1].offloaded_bytes > 0
+    if compiled:  # the offloaded block runs the same compiled runner as the others
+        assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
+
+
 @pytest.mark.parametrize("mask_shape", [None, (6, 6), (2, 6, 6), (2, 1, 6, 6)])
 def test_the_training_attention_computes_what_comfyuis_attention_does(comfy, pack, mask_shape):
     from comfy.ldm.modules.attention import attention_pytorch

@@ -283,6 +283,95 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
     assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
 
 
+def trained(demo_dataset, model_dir, tmp_path, name, **options):
+    cfg = tiny_config(demo_dataset, model_dir, tmp_path / name, tmp_path / "cache", **(EXACT | options))
+    trainer = tiny_trainer(cfg, model_dir, backbone=load_transformer(model_dir, dtype=torch.float32))
+    return trainer.run().losses, trainer
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path, monkeypatch, compile):
+    """Saved tensors leave for CPU memory and come back as the same views: compiled code checks their strides."""
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
+    kept, _ = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "kept", steps=3, compile=compile,
+                      gradient_checkpointing=True, checkpoint_blocks=1)
+    moved, trainer = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "moved", steps=3, compile=compile,
+                             gradient_checkpointing=True, checkpoint_blocks=1, offload_activations=1)
+    assert moved == kept
+    # Block 0 is checkpointed and block 2, the last, runs its backward pass first: block 1 is the one.
+    assert trainer.activation_offload._order == [1] and trainer.activation_offload.offloaded_bytes > 0
+    wrapped = trainer.backbone.blocks[1].forward
+    assert wrapped.args[:2] == (trainer.activation_offload, 1)
+    if compile:
+        assert hasattr(wrapped.args[-1], "_torchdynamo_orig_callable")  # the hooks stay outside the compiled code
+
+
+def test_activation_offload_keeps_weights_and_small_tensors_and_frees_the_rest():
+    from flux2_train.offload import ActivationOffload
+
+    weight = torch.nn.Parameter(torch.randn(512, 512), requires_grad=False)
+    lora = torch.nn.Parameter(torch.zeros(512, 512))
+    offload = ActivationOffload(torch.device("cpu"), resident=[weight, lora])  # the LoRA's view is saved too
+    x = torch.randn(1024, 512, requires_grad=True)
+    with offload.saving(0):
+        h = (x @ weight.t() + x @ lora.t()).relu()  # saves x (2 MiB), h (2 MiB), the weight and the LoRA
+        wide = torch.cat([h, h], dim=1)
+        y = (wide[:, :512] * wide[:, 512:]).sum() + (x[:4] * x[:4]).sum()  # views of one storage; a small one
+    stored = offload._stored[0]
+    assert offload.offloaded_bytes == sum(s.home.numel() for s in stored.values()) == 4 * 2**20 + 4 * 2**20
+    y.backward()
+    expected = torch.autograd.grad(((x @ weight.t() + x @ lora.t()).relu().square()).sum() + x[:4].square().sum(),
+                                   [x, lora])
+    torch.testing.assert_close(x.grad, expected[0])
+    torch.testing.assert_close(lora.grad, expected[1])
+    assert all(s.gpu is None and s.uses == 0 for s in stored.values())  # nothing held past its backward
+
+
+def test_activation_offload_is_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
+    def run(**options):
+        cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / "runs", tmp_path / "cache",
+                          **(EXACT | options))
+        return tiny_trainer(cfg, tiny_pipeline_dir).run()
+
+    with pytest.raises(ConfigError, match="can offload those of 2 \\(not the last one\\)"):
+        run(offload_activations=3)
+    with pytest.raises(ConfigError, match="nor the checkpointed ones"):
+        run(offload_activations=2, gradient_checkpointing=True, checkpoint_blocks=1)
+    with pytest.raises(ConfigError, match="--offload-activations must be 0"):
+        tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", offload_activations=-1).validate()
+    assert not list((tmp_path / "runs").glob("*"))
+
+
+def test_estimate_counts_offloaded_activations_as_the_blocks_in_flight():
+    spec = family_spec("dev")
+    ckpt26 = resolve_config(overrides=dict(resolution=1024, gradient_checkpointing=True, checkpoint_blocks=26,
+                                           quantize_base="fp8", compile=True))
+    kept = estimate_memory(spec, resolve_config(overrides=dict(ckpt26.__dict__, checkpoint_blocks=10)))
+    moved = estimate_memory(spec, resolve_config(overrides=dict(ckpt26.__dict__, checkpoint_blocks=10,
+                                                                offload_activations=16)))
+    per_block = (kept.parts["activations + grads"] - estimate_memory(spec, ckpt26).parts["activations + grads"]) / 16
+    # 16 blocks keep nothing on the GPU but the two in flight (a checkpointed block keeps its input).
+    saved = kept.parts["activations + grads"] - moved.parts["activations + grads"]
+    assert saved == pytest.approx(14 * per_block, rel=0.1)
+    assert "16 blocks'" in moved.settings["activations offloaded"] and "pinned CPU memory" in moved.summary()
+
+
+def test_offloaded_activations_spread_over_the_kept_blocks_but_the_last():
+    from flux2_train.offload import activation_offload_indices
+
+    def picked(count, checkpointed):
+        cfg = resolve_config(overrides=dict(gradient_checkpointing=bool(checkpointed), checkpoint_blocks=checkpointed,
+                                            offload_activations=count))
+        return activation_offload_indices(56, cfg)
+
+    assert picked(0, 10) == [] and picked(3, 0) == [0, 19, 37]
+    got = picked(16, 10)
+    assert len(got) == 16 and got[0] == 10 and got[-1] < 55 and {b - a for a, b in zip(got, got[1:])} <= {2, 3}
+    assert picked(45, 10) == list(range(10, 55))
+
+
 def test_spread_keeps_the_last_block_and_even_gaps():
     from flux2_train.offload import spread
 
