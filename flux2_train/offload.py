@@ -229,14 +229,15 @@ ACTIVATIONS_IN_FLIGHT = 2
 
 
 class _Stored:
-    """The memory of tensors a block saved for its backward pass (one storage), held in CPU memory."""
+    """The memory of tensors a block saved for its backward pass (one storage), and its copy in CPU memory."""
 
     __slots__ = ("index", "home", "gpu", "ready", "uses")
 
-    def __init__(self, index: int, home: torch.Tensor):
+    def __init__(self, index: int, home: torch.Tensor, gpu: torch.Tensor):
         self.index, self.home = index, home  # bytes
-        self.gpu: torch.Tensor | None = None  # on its way back, or back, for the backward pass (bytes)
-        self.ready = None  # CUDA event: the copy back is done
+        # On the GPU (bytes): the block's own memory until the copy out is done, or the copy back.
+        self.gpu: torch.Tensor | None = gpu
+        self.ready = None  # CUDA event: the copy back is done (None: `gpu` needs no wait)
         self.uses = 0  # saved tensors in it whose backward pass has not read them yet
 
 
@@ -244,30 +245,30 @@ class ActivationOffload:
     """Keeps what chosen blocks save for their backward pass in (pinned) CPU memory.
 
     `saving(i)` wraps block i's forward pass. The memory of each tensor the block saves
-    (its whole storage: compiled code saves views into larger buffers) goes to CPU memory
-    on a side stream when the block's forward pass is done with it, and its GPU memory is
-    freed once that copy is done. At most `in_flight` blocks' copies are left running: a
-    block starts only when the copies of the one `in_flight` before it are done, so a slow
-    bus slows the step instead of filling the GPU. In the backward pass, the first tensor
-    read of a block brings the memory of the offloaded block before it back on the side
-    stream, so it arrives while the blocks in between compute; `prefetch_last` brings back
-    the last block's before the backward pass starts. Each tensor comes back as the same
-    view (offset, shape, strides) of its storage, as compiled code expects.
+    (its whole storage: compiled code saves views into larger buffers) is copied to CPU
+    memory on a side stream once the block's forward pass has queued the work that makes
+    it. The GPU memory is let go when `in_flight` more offloaded blocks have started: the
+    compute stream first waits for the copy, so the work that reuses the memory runs
+    after it, and a bus too slow for the compute slows the step instead of filling the
+    GPU. The last `in_flight` blocks of a pass keep theirs for their backward pass.
+
+    In the backward pass, the first tensor read of a block brings the memory of the
+    offloaded block before it back on the side stream, so it arrives while the blocks in
+    between compute. Each tensor comes back as the same view (offset, shape, strides) of
+    its storage, as compiled code expects.
 
     Weights (`resident`: anything sharing their storage), parameters and small storages
     stay where they are.
     """
 
-    def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (),
-                 in_flight: int = ACTIVATIONS_IN_FLIGHT):
+    def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (), in_flight: int | None = None):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.in_flight = in_flight
-        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.in_flight = max(1, ACTIVATIONS_IN_FLIGHT if in_flight is None else in_flight)
+        self._resident = set().union(*map(_addresses, resident))
         self._order: list[int] = []  # offloaded blocks in the order this forward pass ran them
-        self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its copy
+        self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its memory
         self._copied_out: dict[int, torch.cuda.Event] = {}
-        self._running: list[torch.Tensor] = []  # storages saved by the running block (no reuse until it ends)
         self.offloaded_bytes = 0  # by the last forward pass
 
     @contextlib.contextmanager
@@ -278,29 +279,22 @@ class ActivationOffload:
             return
         if index in self._stored:  # the block runs again: a new forward pass (next micro-batch or step)
             self._order, self._stored, self._copied_out, self.offloaded_bytes = [], {}, {}, 0
-        if self.stream is not None and len(self._order) >= self.in_flight:
-            torch.cuda.current_stream(self.device).wait_event(self._copied_out[self._order[-self.in_flight]])
+        if len(self._order) >= self.in_flight:
+            self._let_go(self._order[-self.in_flight])
         self._order.append(index)
         self._stored[index] = {}
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, index), self._unpack):
-                yield
-        finally:
-            # Until here a storage's address named it: no tensor saved by the block was freed.
-            self._running.clear()
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, index), self._unpack):
+            yield
         if self.stream is not None:
             self._copied_out[index] = self.stream.record_event()
 
-    def prefetch_last(self) -> None:
-        """Bring the last offloaded block's memory back: its backward pass comes first."""
-        if self._order and not self._is_back(self._order[-1]):
-            self._bring_back(self._order[-1])
-
     def _pack(self, index: int, t: torch.Tensor):
+        if type(t) is not torch.Tensor or t.device.type != self.device.type:
+            return t  # parameters, and tensor subclasses (whose memory is in inner tensors)
         storage = t.untyped_storage()
-        if (storage.nbytes() < _MIN_OFFLOAD_BYTES or isinstance(t, nn.Parameter) or t.device.type != self.device.type
-                or storage.data_ptr() in self._resident):
+        if storage.nbytes() < _MIN_OFFLOAD_BYTES or storage.data_ptr() in self._resident:
             return t
+        # Held until the copy is done, a storage's address names it for the whole pass.
         stored = self._stored[index].get(storage.data_ptr())
         if stored is None:  # the first tensor saved in this memory: copy all of it out
             memory = _bytes_of(storage, t.device)
@@ -311,12 +305,17 @@ class ActivationOffload:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self.stream):
                     home.copy_(memory, non_blocking=True)
-                memory.record_stream(self.stream)  # reused only once the copy is done
-            self._running.append(memory)
-            stored = self._stored[index][storage.data_ptr()] = _Stored(index, home)
+            stored = self._stored[index][storage.data_ptr()] = _Stored(index, home, memory)
             self.offloaded_bytes += storage.nbytes()
         stored.uses += 1
         return stored, t.dtype, t.storage_offset(), t.shape, t.stride()
+
+    def _let_go(self, index: int) -> None:
+        """Free block `index`'s GPU memory; work queued after this on the compute stream runs after its copy out."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied_out[index])
+        for stored in self._stored[index].values():
+            stored.gpu = None
 
     def _unpack(self, saved):
         if isinstance(saved, torch.Tensor):
@@ -325,7 +324,7 @@ class ActivationOffload:
         if stored.gpu is None:
             self._bring_back(stored.index)
         position = self._order.index(stored.index) if stored.index in self._order else 0
-        if position > 0 and not self._is_back(self._order[position - 1]):
+        if position > 0 and self._away(self._order[position - 1]):
             self._bring_back(self._order[position - 1])
         memory = stored.gpu
         if stored.ready is not None:
@@ -335,11 +334,13 @@ class ActivationOffload:
             stored.gpu = None  # the backward pass holds it now, and frees it when done
         return torch.empty(0, dtype=dtype, device=memory.device).set_(memory.untyped_storage(), offset, shape, stride)
 
-    def _is_back(self, index: int) -> bool:
-        return any(s.gpu is not None for s in self._stored.get(index, {}).values())
+    def _away(self, index: int) -> bool:
+        """Block `index`'s memory is only in CPU memory, and its backward pass has not read any of it."""
+        group = self._stored.get(index, {}).values()
+        return bool(group) and all(s.gpu is None and s.uses > 0 for s in group)
 
     def _bring_back(self, index: int) -> None:
-        group = list(self._stored.get(index, {}).values())
+        group = [s for s in self._stored.get(index, {}).values() if s.gpu is None and s.uses > 0]
         if self.stream is None:
             for stored in group:
                 stored.gpu = stored.home
@@ -354,6 +355,15 @@ class ActivationOffload:
             ready = self.stream.record_event()
         for stored in group:
             stored.ready = ready
+
+
+def _addresses(t: torch.Tensor) -> set[int]:
+    """Where a tensor's memory starts: its storage's, or a wrapper subclass's inner tensors' (comfy-kitchen's
+    QuantizedTensor holds its fp8 data and scale in plain tensors)."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return set().union(*(_addresses(getattr(t, name)) for name in names))
+    return {t.untyped_storage().data_ptr()}
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:

@@ -554,8 +554,6 @@ class Trainer:
                     epoch = inputs.epoch
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
-                        if self.activation_offload:
-                            self.activation_offload.prefetch_last()
                         accelerator.backward(loss)
                         if not (step + 1 == cfg.steps and k + 1 == accumulation):  # not the run's last
                             prefetched = self._prefetch(index + world.size, plan, data, device, weight_dtype)

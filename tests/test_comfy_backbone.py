@@ -121,12 +121,13 @@ def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pac
     from flux2_train import offload
 
     monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so block 0's memory goes and comes back
     common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=3, save_every=0, cache_dir=str(tmp_path / "cache"),
-                  gradient_checkpointing=True, checkpoint_blocks=1, compile=compiled)
-    torch._dynamo.reset()
-    counters.clear()
+                  compile=compiled)
     losses, offloads = {}, {}
-    for count in (0, 1):
+    for count in (0, 2):
+        torch._dynamo.reset()
+        counters.clear()
         backbone = pack.ComfyFlux2Backbone(comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32)))
         cfg = make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / f"offload-{count}", offload_activations=count,
                        **common)
@@ -137,9 +138,9 @@ def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pac
         finally:
             backbone.release()
         offloads[count] = trainer.activation_offload
-    assert losses[1] == losses[0]
-    assert offloads[1]._order == [1] and offloads[1].offloaded_bytes > 0
-    if compiled:  # the offloaded block runs the same compiled runner as the others
+    assert losses[2] == losses[0]
+    assert offloads[2]._order == [0, 1] and offloads[2].offloaded_bytes > 0
+    if compiled:  # the offloaded blocks run the same compiled runners as the others
         assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
@@ -349,11 +350,15 @@ def fp8_reference_patcher(comfy, model_dir, kind: str):
 
 @pytest.mark.parametrize("kind", ["mixed", "fp8_e4m3fn"])
 def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack, tmp_path, tiny_pipeline_dir,
-                                                               caplog):
+                                                               caplog, monkeypatch):
     """fp8 weights held on the device are multiplied where they lie (on the CPU, which computes in float32
     here, dequantized per op), with no ComfyUI cast code in the blocks: they compile, and train exactly as
-    a float32 model holding the same values does."""
+    a float32 model holding the same values does; with a block's activations offloaded, too."""
     from torch._dynamo.utils import counters
+
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
 
     patcher = fp8_patcher(comfy, tiny_pipeline_dir, kind)
     model = patcher.model.diffusion_model
@@ -362,8 +367,12 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
     before = {n: _values(p) for n, p in model.named_parameters()}
     cast_flags = {n: m.__dict__.get("comfy_cast_weights", "class's") for n, m in model.named_modules()}
     assert not pack.ComfyFlux2Backbone.placement_of(patcher).casts_per_op  # the estimate: nothing cast
+    # The weights stay where they are when a block's activations are offloaded: comfy-kitchen's tensors too.
+    data = qkv.weight._qdata if kind == "mixed" else qkv.weight
+    resident = offload.ActivationOffload(torch.device("cpu"), resident=list(model.parameters()))._resident
+    assert data.untyped_storage().data_ptr() in resident
     common = dict(steps=3, save_every=0, caption_dropout=0.0, lora_dropout=0.0, cache_dir=str(tmp_path / "cache"),
-                  compile=True)
+                  compile=True, offload_activations=1)
     backbone = pack.ComfyFlux2Backbone(patcher)
     torch._dynamo.reset()
     counters.clear()

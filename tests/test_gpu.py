@@ -82,17 +82,25 @@ GPU_MODES = {
     "offload every block": (dict(gradient_checkpointing=True, offload_blocks=3), 0.02),
     "fp8 + compile + offload": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True,
                                      offload_blocks=3), 0.05),
+    "offloaded activations": (dict(offload_activations=2), 0.02),
+    "fp8 + compile + checkpointing + offloaded activations": (dict(
+        quantize_base="fp8", compile=True, gradient_checkpointing=True, checkpoint_blocks=1, offload_activations=1),
+        0.05),
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", list(GPU_MODES))
 def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo_dataset, tiny_pipeline_dir,
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch):
     """bf16 on the GPU is not bit-reproducible across kernels: a mode's losses stay within its tolerance.
 
     16 image and 48 text tokens: a sequence length cuDNN's attention handles (a multiple of 64).
     """
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's activations are all small
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so the first block's go and come back
     options, tolerance = GPU_MODES[mode]
     if options.get("quantize_base") in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
@@ -137,6 +145,27 @@ def test_a_block_waits_for_its_weights_when_the_copies_are_slow(monkeypatch, dem
     monkeypatch.setattr(BlockOffload, "_load", late_load)
     offloaded = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "b", offload_blocks=3, **validated)
     assert offloaded == pytest.approx(checkpointed, rel=2e-3)
+
+
+@pytest.mark.gpu
+def test_offloaded_activations_wait_for_their_copies_when_the_bus_is_slow(monkeypatch, demo_dataset,
+                                                                          tiny_pipeline_dir, tmp_path):
+    """Every copy, out and back, starts late on the side stream: memory reused before its copy out
+    was done, or read before its copy back was, would change the losses."""
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # block 0's memory goes and comes back
+    kept = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "a")
+    for name in ("_pack", "_bring_back"):  # both copies of block 0 start late
+        def late(self, *args, _real=getattr(offload.ActivationOffload, name)):
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(20_000_000)  # about ten milliseconds of the side stream
+            return _real(self, *args)
+
+        monkeypatch.setattr(offload.ActivationOffload, name, late)
+    moved = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "b", offload_activations=2)
+    assert moved == pytest.approx(kept, rel=2e-3)
 
 
 @pytest.mark.gpu

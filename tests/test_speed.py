@@ -295,13 +295,13 @@ def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_
     from flux2_train import offload
 
     monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
-    kept, _ = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "kept", steps=3, compile=compile,
-                      gradient_checkpointing=True, checkpoint_blocks=1)
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so block 0's memory goes and comes back
+    kept, _ = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "kept", steps=3, compile=compile)
     moved, trainer = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "moved", steps=3, compile=compile,
-                             gradient_checkpointing=True, checkpoint_blocks=1, offload_activations=1)
+                             offload_activations=2)
     assert moved == kept
-    # Block 0 is checkpointed and block 2, the last, runs its backward pass first: block 1 is the one.
-    assert trainer.activation_offload._order == [1] and trainer.activation_offload.offloaded_bytes > 0
+    # Block 2, the last, runs its backward pass first: blocks 0 and 1 are the ones.
+    assert trainer.activation_offload._order == [0, 1] and trainer.activation_offload.offloaded_bytes > 0
     wrapped = trainer.backbone.blocks[1].forward
     assert wrapped.args[:2] == (trainer.activation_offload, 1)
     if compile:
@@ -313,20 +313,35 @@ def test_activation_offload_keeps_weights_and_small_tensors_and_frees_the_rest()
 
     weight = torch.nn.Parameter(torch.randn(512, 512), requires_grad=False)
     lora = torch.nn.Parameter(torch.zeros(512, 512))
-    offload = ActivationOffload(torch.device("cpu"), resident=[weight, lora])  # the LoRA's view is saved too
+    offload = ActivationOffload(torch.device("cpu"), resident=[weight, lora], in_flight=1)
     x = torch.randn(1024, 512, requires_grad=True)
-    with offload.saving(0):
-        h = (x @ weight.t() + x @ lora.t()).relu()  # saves x (2 MiB), h (2 MiB), the weight and the LoRA
+
+    def block(x):
+        h = (x @ weight.t() + x @ lora.t()).relu()  # saves x (2 MiB), h (2 MiB), the weight and the LoRA's view
         wide = torch.cat([h, h], dim=1)
-        y = (wide[:, :512] * wide[:, 512:]).sum() + (x[:4] * x[:4]).sum()  # views of one storage; a small one
-    stored = offload._stored[0]
-    assert offload.offloaded_bytes == sum(s.home.numel() for s in stored.values()) == 4 * 2**20 + 4 * 2**20
-    y.backward()
-    expected = torch.autograd.grad(((x @ weight.t() + x @ lora.t()).relu().square()).sum() + x[:4].square().sum(),
-                                   [x, lora])
-    torch.testing.assert_close(x.grad, expected[0])
-    torch.testing.assert_close(lora.grad, expected[1])
-    assert all(s.gpu is None and s.uses == 0 for s in stored.values())  # nothing held past its backward
+        return wide[:, :512] * wide[:, 512:] + x[:4].square().sum()  # views of one storage; a small tensor
+
+    with offload.saving(0):
+        y0 = block(x)
+    first = offload._stored[0]
+    assert offload.offloaded_bytes == sum(s.home.numel() for s in first.values()) == 8 * 2**20
+    assert all(s.gpu is not None for s in first.values())  # held until the next block starts
+    with offload.saving(1):
+        y1 = block(y0)
+    assert all(s.gpu is None for s in first.values())  # let go: only in CPU memory now
+    y1.sum().backward()
+    x2 = x.detach().requires_grad_()
+    lora2 = lora.detach().clone().requires_grad_()
+    weight.requires_grad_(False)
+
+    def reference(x):
+        h = (x @ weight.t() + x @ lora2.t()).relu()
+        return h * h + x[:4].square().sum()
+
+    reference(reference(x2)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(lora.grad, lora2.grad)
+    assert all(s.gpu is None and s.uses == 0 for b in (0, 1) for s in offload._stored[b].values())
 
 
 def test_activation_offload_is_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
