@@ -161,7 +161,7 @@ def _resolve(args: argparse.Namespace, config_file=None):
 
 def run_train(args: argparse.Namespace) -> int:
     from .encoders import load_pipeline_encoders
-    from .memory import Placement, device_available_memory, plan_processes
+    from .memory import Placement, device_available_memory, host_memory_free, plan_processes
     from .model import load_transformer
     from .distributed import World, check_precision
     from .train import Trainer, precision_plan, resolve_device
@@ -190,7 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
     available = world.smallest(device_available_memory(device), device)  # one verdict for every process
-    _, _, plan = plan_processes(spec, cfg, Placement("engine"), available, world.size, list(report.bucket_counts),
+    _, _, plan = plan_processes(spec, cfg, Placement("engine", host_free=host_memory_free()), available, world.size, list(report.bucket_counts),
                                 resuming=bool(args.resume))
     if cfg.memory_check:
         plan.estimate.check()
@@ -276,7 +276,7 @@ CARDS = (("16 GB (RTX 4080)", 16376), ("24 GB (RTX 4090)", 24564), ("32 GB (RTX 
 def run_estimate(args: argparse.Namespace) -> int:
     from .config import suggest_schedule
     from .memory import (DTYPE_FORMATS, GIB, Placement, choose_strategy, device_available_memory, estimate_memory,
-                         plan_auto, stored_format)
+                         host_memory_free, plan_auto, stored_format)
     from .train import resolve_device
 
     cfg, report, spec, stored = _resolve(args, args.config)
@@ -286,13 +286,14 @@ def run_estimate(args: argparse.Namespace) -> int:
         if args.weights and args.weights != DTYPE_FORMATS[cfg.dtype]:
             raise ConfigError(f"the engine stores the weights in --dtype ({cfg.dtype}); --weights {args.weights} "
                               "needs --host comfyui")
-        placement = Placement("engine")  # it loads any file in the run's dtype
+        placement = Placement("engine", host_free=host_memory_free())  # it loads any file in the run's dtype
     elif args.num_gpus > 1:
         raise ConfigError("--num-gpus needs --host engine: the ComfyUI training node runs on one GPU")
     else:
         fmt = args.weights or stored_format(stored, spec.param_count)
         placement = Placement("comfyui", fmt, None if args.weights else stored,
-                              offloaded_bytes=int(args.offload_gb * GIB), allocator=args.allocator or "")
+                              offloaded_bytes=int(args.offload_gb * GIB), allocator=args.allocator or "",
+                              host_free=host_memory_free())
     if args.gpu_memory is not None:
         available = int(args.gpu_memory * GIB)
     else:

@@ -249,9 +249,9 @@ class DiffusersFlux2Backbone:
         return linear_shapes(self.transformer)
 
     def memory_placement(self) -> "Placement":
-        from .memory import Placement
+        from .memory import Placement, host_memory_free
 
-        return Placement("engine")  # stored in the run's dtype, all on the device
+        return Placement("engine", host_free=host_memory_free())  # stored in the run's dtype, all on the device
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0,
                 offloaded: tuple[int, ...] = ()) -> None:

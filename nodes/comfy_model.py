@@ -33,7 +33,7 @@ import comfy.ops
 from flux2_train.errors import ConfigError, ModelError
 from flux2_train.keys import bfl_target, diffusers_linear_names
 from flux2_train.lora import LoraPair, check_rank
-from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use, stored_format
+from flux2_train.memory import DTYPE_FORMATS, Placement, allocator_in_use, host_memory_free, stored_format
 from flux2_train.model import ModelSpec, spec_from_config
 from flux2_train.quantize import compute_dtype_of, fp8_linear, fp8_matmul_fits, has_fp8_matmul
 from flux2_train.speed import pinned_attention
@@ -253,7 +253,8 @@ class ComfyFlux2Backbone:
         # dtypes other than these three as fp8 variants.
         fmt = stored_format(size, comfy_spec(model_patcher).param_count) or DTYPE_FORMATS.get(stored, "fp8")
         return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic(),
-                         casts_per_op=_cast_per_op(model_patcher.model.diffusion_model), allocator=allocator_in_use())
+                         casts_per_op=_cast_per_op(model_patcher.model.diffusion_model), allocator=allocator_in_use(),
+                         host_free=host_memory_free())
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0) -> None:
         compute = self.compute_dtype()

@@ -13,7 +13,7 @@ import comfy.memory_management
 import comfy.model_management
 import folder_paths
 from flux2_train.errors import Flux2TrainError
-from flux2_train.memory import Placement, allocator_in_use, preview_plan, stored_format
+from flux2_train.memory import Placement, allocator_in_use, host_memory_free, preview_plan, stored_format
 from flux2_train.model import spec_for
 
 from .config_node import config_handle
@@ -56,7 +56,7 @@ def estimate_for_widgets(body: dict) -> dict:
     # The loader casts to fp8, or the file is fp8; bf16 and fp32 files load as bf16 on a GPU.
     fp8 = body.get("weight_dtype") in _FP8_CHOICES or stored_format(stored, spec.param_count) == "fp8"
     placement = Placement("comfyui", "fp8" if fp8 else "bf16", streamed=comfy.memory_management.aimdo_enabled,
-                          allocator=allocator_in_use())
+                          allocator=allocator_in_use(), host_free=host_memory_free())
     dataset = dataset_options(**body["dataset"]) if body.get("dataset") else {}
     dataset.pop("dataset", None)  # the folder itself is checked when the graph runs
     cfg = config_handle(**body["config"]).preview(**dataset)
