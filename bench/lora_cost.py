@@ -1,0 +1,169 @@
+"""What the LoRA pair costs in a trained layer, and what fusing it with cuBLAS could win.
+
+For block Linears of FLUX.2 [klein] 4B and [dev] at 1024² (4096 image + 512 text tokens),
+times one forward and backward pass of a compiled function around the layer as training
+runs it: the engine's fp8 Linear (`Float8Linear`, fp8 matmuls) with a rank-16 LoRA pair
+(float32 weights, bf16 matmuls under autocast, as PEFT's layer computes it), followed by a
+pointwise consumer (SiLU) as in a block. Against:
+
+* the fp8 Linear alone: what the adapter adds, the most any fusion of it could remove;
+* the up-projection added into the layer's output by one `addmm` (the fusion cuBLAS
+  offers: no separate output for the adapter, no separate add) in the forward pass, and
+  the adapter's input gradient added the same way in the backward pass.
+
+Each variant is checked against the first for the same output and gradients (bf16 tolerance).
+
+Example:
+
+    python bench/lora_cost.py            # all shapes, 20 timed passes each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from train_speed import env_info  # noqa: E402
+
+TOKENS = 4608
+RANK = 16
+# (in_features, out_features) of block Linears: the single-stream blocks' fused input and output
+# projections, and a double-stream block's q/k/v projection.
+SHAPES = {
+    "[klein] 4B single-block input (3072 → 27648)": (3072, 27648),
+    "[klein] 4B single-block output (12288 → 3072)": (12288, 3072),
+    "[dev] single-block input (6144 → 55296)": (6144, 55296),
+    "[dev] single-block output (24576 → 6144)": (24576, 6144),
+    "[dev] double-block q/k/v (6144 → 6144)": (6144, 6144),
+}
+
+
+class _AddmmLora(torch.autograd.Function):
+    """out + s·(x Aᵀ) Bᵀ with the up-projection accumulated into `out` by cuBLAS (beta = 1), and the
+    adapter's share of the input gradient accumulated into the base's the same way."""
+
+    @staticmethod
+    def forward(ctx, out, x, a, b, scale):
+        h = x @ a.t()
+        ctx.save_for_backward(x, a, b, h)
+        ctx.scale = scale
+        return torch.addmm(out, h, b.t(), alpha=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, h = ctx.saved_tensors
+        grad_h = (grad @ b) * ctx.scale
+        grad_b = (grad.t() @ h) * ctx.scale
+        grad_a = grad_h.t() @ x
+        return grad, grad_h @ a, grad_a, grad_b, None
+
+
+def variants(layer, a, b, scale):
+    """name -> f(x) for a 2-D bf16 x, under bf16 autocast."""
+
+    def fp8_only(x):
+        return nn.functional.silu(layer(x))
+
+    def peft(x):
+        h = nn.functional.linear(x.to(a.dtype), a)  # PEFT casts the input to the adapter's dtype
+        return nn.functional.silu(layer(x) + nn.functional.linear(h, b) * scale)
+
+    def addmm(x):
+        with torch.autocast(x.device.type, enabled=False):
+            base = layer(x)
+            return nn.functional.silu(_AddmmLora.apply(base, x, a.to(torch.bfloat16), b.to(torch.bfloat16), scale))
+
+    return {"fp8 Linear alone": fp8_only, "+ LoRA (PEFT's forward)": peft, "+ LoRA, addmm": addmm}
+
+
+def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS) -> dict:
+    from flux2_train.quantize import Float8Linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    nn.init.normal_(base.weight, std=k ** -0.5)
+    layer = Float8Linear(base).requires_grad_(False)
+    a = nn.Parameter(torch.randn(RANK, k, device=device) / RANK)
+    b = nn.Parameter(torch.randn(n, RANK, device=device) * 0.01)
+    x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+    row = {"layer": name, "in": k, "out": n}
+    reference = None  # the first variant with the adapter
+    for label, fn in variants(layer, a, b, 1.0).items():
+        compiled = torch.compile(fn, fullgraph=True)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = compiled(x)
+            y.backward(g)
+            return y
+
+        for _ in range(3):  # compile and warm up
+            x.grad = a.grad = b.grad = None
+            y = step()
+        if a.grad is not None:
+            got = [y.float(), x.grad.float(), a.grad, b.grad]
+            if reference is None:
+                reference = got
+            for mine, theirs in zip(got, reference):
+                torch.testing.assert_close(mine, theirs, rtol=0.05, atol=0.05 * theirs.abs().max().item())
+        times = []
+        for _ in range(repeat):
+            x.grad = a.grad = b.grad = None
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1000)
+        row[label] = statistics.median(times)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--shape", action="append", choices=list(SHAPES), help="default: all")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shrink", type=int, default=1, help="divide tokens and features by this (a CPU smoke test)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU with fp8 matmuls (Ada or Hopper)", file=sys.stderr)
+        return 2
+    rows = [measure(s, SHAPES[s][0] // args.shrink, SHAPES[s][1] // args.shrink, device, args.repeat,
+                    TOKENS // args.shrink) for s in (args.shape or SHAPES)]
+    labels = ["fp8 Linear alone", "+ LoRA (PEFT's forward)", "+ LoRA, addmm"]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n{card}, {TOKENS // args.shrink} tokens, rank {RANK}, forward + backward, compiled, "
+          f"median of {args.repeat} (ms)\n")
+    print("| layer | " + " | ".join(labels) + " | LoRA's share | addmm against PEFT's |")
+    print("|---|" + "---|" * (len(labels) + 2))
+    for r in rows:
+        alone, peft, fused = (r[x] for x in labels)
+        print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {fused:.3f} | {(peft - alone) / peft:.0%} | "
+              f"{fused / peft - 1:+.1%} |")
+    if os.environ.get("OUT"):
+        record = dict(env_info(device), tokens=TOKENS, rank=RANK, repeat=args.repeat, rows=rows)
+        (Path(os.environ["OUT"]) / "lora_cost.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
