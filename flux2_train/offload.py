@@ -278,7 +278,8 @@ class ActivationOffload:
             yield
             return
         if index in self._stored:  # the block runs again: a new forward pass (next micro-batch or step)
-            self._order, self._stored, self._copied_out, self.offloaded_bytes = [], {}, {}, 0
+            self.clear()
+            self.offloaded_bytes = 0
         if len(self._order) >= self.in_flight:
             self._let_go(self._order[-self.in_flight])
         self._order.append(index)
@@ -287,6 +288,10 @@ class ActivationOffload:
             yield
         if self.stream is not None:
             self._copied_out[index] = self.stream.record_event()
+
+    def clear(self) -> None:
+        """Drop what the last pass left (a run that ended mid-step, or its last backward pass)."""
+        self._order, self._stored, self._copied_out = [], {}, {}
 
     def _pack(self, index: int, t: torch.Tensor):
         if type(t) is not torch.Tensor or t.device.type != self.device.type:

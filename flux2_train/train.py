@@ -384,6 +384,8 @@ class Trainer:
                 raise
             raise error from None
         finally:
+            if self.activation_offload:  # what the last pass left in it, on the GPU and pinned
+                self.activation_offload.clear()
             self.events.close()
 
     # ------------------------------------------------------------------
@@ -839,11 +841,14 @@ class Trainer:
         card = (f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB card)"
                 if device.type == "cuda" else "")
         tips = []
+        placement = dataclasses.replace(self.backbone.memory_placement(), processes=self.world.size)
         if not cfg.gradient_checkpointing:
             tips.append("--gradient-checkpointing")
         elif cfg.checkpoint_blocks:
-            tips.append("--checkpoint-blocks 0 (all blocks)")
-        placement = dataclasses.replace(self.backbone.memory_placement(), processes=self.world.size)
+            tips.append("--checkpoint-blocks 0 (all blocks)" + (" --offload-activations 0" if cfg.offload_activations
+                                                                else ""))
+        if not cfg.offload_activations and placement.processes == 1 and not placement.streams_weights:
+            tips.append("--offload-activations N (N blocks' activations in CPU memory)")
         if placement.offloads_blocks(cfg):
             tips.append("--offload-blocks N (N blocks' weights in CPU memory)")
         if cfg.quantize_base in ("none", "int8") and hasattr(self.backbone, "quantize"):
