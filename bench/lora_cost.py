@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {fused:.3f} | {(peft - alone) / peft:.0%} | "
               f"{fused / peft - 1:+.1%} |")
     if os.environ.get("OUT"):
-        record = dict(env_info(device), tokens=TOKENS, rank=RANK, repeat=args.repeat, rows=rows)
+        record = dict(env_info(device), tokens=TOKENS // args.shrink, rank=RANK, repeat=args.repeat, rows=rows)
         (Path(os.environ["OUT"]) / "lora_cost.json").write_text(json.dumps(record, indent=1))
     return 0
 

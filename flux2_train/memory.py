@@ -99,9 +99,13 @@ ENGINE_OFFLOAD_SECONDS_PER_GIB_PASS = 0.013
 _EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about 30%)
 # Activations the bus carries out of the GPU during a forward pass for free: [dev] at 1024²,
 # fp8, compiled, H100: 16 blocks' (15.3 GiB; 17.1 by the estimate) cost nothing against the
-# checkpoints they replaced, 20 blocks' cost 6% (bench/README.md), in a forward pass that
-# `step_seconds` puts at 0.76 s. Per second of that figure, to scale to other models and sizes.
-ACTIVATION_BUS_BYTES_PER_SECOND = 23 * GIB
+# checkpoints they replaced, 20 blocks' cost 6% (bench/README.md). Not a bus rate: bytes per
+# second of the forward pass as `step_seconds` models it (a third of its step: 0.76 s for that
+# run, which took about 0.3 s), so that it scales with the model and the image size. Fitted on
+# one H100 host (PCIe 5); a slower bus or a slower card is not measured.
+ACTIVATION_BYTES_PER_MODELLED_FORWARD_SECOND = 23 * GIB
+# PyTorch's pinned allocator rounds each buffer up to a power of two: up to twice the bytes.
+PINNED_ROUNDING = 2.0
 # What offloading a block's activations costs, as a share of what checkpointing it costs: the
 # 16 blocks above made a step 8.7% faster than checkpointing them did, where the checkpointing
 # cost predicts 10.7%.
@@ -353,8 +357,9 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
                 "checkpointing": ("off" if not recomputed else "on" if recomputed == blocks
                                   else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
     if kept_out:
-        settings["activations offloaded"] = (f"{kept_out} blocks' ({kept_out * per_block * vector / GIB:.1f} GiB "
-                                             "in pinned CPU memory)")
+        pinned = (kept_out - min(kept_out, ACTIVATIONS_IN_FLIGHT)) * per_block * vector / GIB
+        settings["activations offloaded"] = (f"{kept_out} blocks' ({pinned:.1f} GiB in pinned CPU memory, up to "
+                                             f"{PINNED_ROUNDING * pinned:.1f} as PyTorch rounds its buffers)")
     streamable = 0
     if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
         everything = dataclasses.replace(placement, offloaded_bytes=stored)
@@ -401,8 +406,9 @@ def activation_offload_budget(spec: ModelSpec, cfg: TrainConfig, placement: Plac
     if (placement.host_free is None or placement.streams_weights or placement.processes > 1 or cfg.offload_blocks
             or est.block_activations <= 0):
         return 0
-    by_bus = ACTIVATION_BUS_BYTES_PER_SECOND * step_seconds(spec, cfg, buckets) / 3
-    return int(min(by_bus, 0.5 * placement.host_free) // est.block_activations)
+    by_bus = ACTIVATION_BYTES_PER_MODELLED_FORWARD_SECOND * step_seconds(spec, cfg, buckets) / 3
+    by_host = 0.5 * placement.host_free / PINNED_ROUNDING
+    return int(min(by_bus, by_host) // est.block_activations)
 
 
 def offloading_activations_instead(spec: ModelSpec, cfg: TrainConfig, placement: Placement, limit: int,
@@ -414,7 +420,8 @@ def offloading_activations_instead(spec: ModelSpec, cfg: TrainConfig, placement:
     recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
     est = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
     budget = min(recomputed, activation_offload_budget(spec, cfg, placement, est, buckets))
-    for k in range(budget, 0, -1):
+    # The last ACTIVATIONS_IN_FLIGHT offloaded blocks keep theirs on the GPU: fewer save nothing.
+    for k in range(budget, ACTIVATIONS_IN_FLIGHT, -1):
         left = recomputed - k
         # The last block keeps its activations: where every block was checkpointed, it is one of the k.
         c = dataclasses.replace(cfg, gradient_checkpointing=left > 0, checkpoint_blocks=left,
@@ -610,7 +617,7 @@ def plan_run(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available:
         except OutOfMemory as e:
             if cfg.memory_check:
                 raise
-            smallest = dataclasses.replace(cfg, gradient_checkpointing=True)
+            smallest = dataclasses.replace(cfg, gradient_checkpointing=True, offload_activations=0)
             return AutoPlan(smallest, estimate_memory(spec, smallest, placement, available, buckets),
                             f"auto: {str(e).splitlines()[0]}; trying with gradient checkpointing on (memory check "
                             "off)", ["gradient checkpointing on"])

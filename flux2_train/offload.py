@@ -72,6 +72,10 @@ def check_activation_offload(count: int, blocks: int, checkpointed: int | None =
                           f"and can offload those of {max(free, 0)} (not the last one"
                           + (", nor the checkpointed ones); lower it, or lower --checkpoint-blocks" if checkpointed
                              else "); lower it"))
+    if checkpointed is not None and count <= ACTIVATIONS_IN_FLIGHT:
+        log.warning("--offload-activations %d: the last %d offloaded blocks keep their activations on the GPU (their "
+                    "backward pass comes first), so this saves no memory; offload %d or more", count,
+                    ACTIVATIONS_IN_FLIGHT, ACTIVATIONS_IN_FLIGHT + 1)
 
 
 def check_offload(count: int, backbone, blocks: int, quantize_base: str, checkpointed: int | None = None) -> None:
@@ -258,14 +262,17 @@ class ActivationOffload:
     its storage, as compiled code expects.
 
     Weights (`resident`: anything sharing their storage), parameters and small storages
-    stay where they are.
+    stay where they are. Given the offloaded `blocks`, the last `in_flight` of them are
+    not copied out at all: their backward pass comes before their memory would be let go.
     """
 
-    def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (), in_flight: int | None = None):
+    def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (), blocks: Iterable[int] = (),
+                 in_flight: int | None = None):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.in_flight = max(1, ACTIVATIONS_IN_FLIGHT if in_flight is None else in_flight)
         self._resident = set().union(*map(_addresses, resident))
+        self._stay = set(sorted(blocks)[-self.in_flight:])
         self._order: list[int] = []  # offloaded blocks in the order this forward pass ran them
         self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its memory
         self._copied_out: dict[int, torch.cuda.Event] = {}
@@ -291,7 +298,16 @@ class ActivationOffload:
 
     def clear(self) -> None:
         """Drop what the last pass left (a run that ended mid-step, or its last backward pass)."""
+        if self.stream is not None:  # copies back into memory the compute stream never read may still run
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self._order, self._stored, self._copied_out = [], {}, {}
+
+    def release(self) -> None:
+        """At the end of a run: `clear`, and give the pinned CPU memory back to the system."""
+        self.clear()
+        if self.stream is not None:
+            self.stream.synchronize()
+            _empty_pinned_cache()
 
     def _pack(self, index: int, t: torch.Tensor):
         if type(t) is not torch.Tensor or t.device.type != self.device.type:
@@ -303,20 +319,25 @@ class ActivationOffload:
         stored = self._stored[index].get(storage.data_ptr())
         if stored is None:  # the first tensor saved in this memory: copy all of it out
             memory = _bytes_of(storage, t.device)
-            home = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.stream is not None)
-            if self.stream is None:
+            home = None if index in self._stay else torch.empty(storage.nbytes(), dtype=torch.uint8,
+                                                               pin_memory=self.stream is not None)
+            if home is None:
+                pass
+            elif self.stream is None:
                 home.copy_(memory)
             else:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self.stream):
                     home.copy_(memory, non_blocking=True)
             stored = self._stored[index][storage.data_ptr()] = _Stored(index, home, memory)
-            self.offloaded_bytes += storage.nbytes()
+            self.offloaded_bytes += 0 if home is None else storage.nbytes()
         stored.uses += 1
         return stored, t.dtype, t.storage_offset(), t.shape, t.stride()
 
     def _let_go(self, index: int) -> None:
         """Free block `index`'s GPU memory; work queued after this on the compute stream runs after its copy out."""
+        if index in self._stay:
+            return
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_event(self._copied_out[index])
         for stored in self._stored[index].values():
@@ -326,8 +347,8 @@ class ActivationOffload:
         if isinstance(saved, torch.Tensor):
             return saved
         stored, dtype, offset, shape, stride = saved
-        if stored.gpu is None:
-            self._bring_back(stored.index)
+        if stored.gpu is None:  # not brought back ahead (or read a second time): now
+            self._bring_back(stored.index, also=stored)
         position = self._order.index(stored.index) if stored.index in self._order else 0
         if position > 0 and self._away(self._order[position - 1]):
             self._bring_back(self._order[position - 1])
@@ -335,7 +356,7 @@ class ActivationOffload:
         if stored.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(stored.ready)
         stored.uses -= 1
-        if stored.uses <= 0:
+        if stored.uses <= 0 and stored.home is not None:
             stored.gpu = None  # the backward pass holds it now, and frees it when done
         return torch.empty(0, dtype=dtype, device=memory.device).set_(memory.untyped_storage(), offset, shape, stride)
 
@@ -344,8 +365,8 @@ class ActivationOffload:
         group = self._stored.get(index, {}).values()
         return bool(group) and all(s.gpu is None and s.uses > 0 for s in group)
 
-    def _bring_back(self, index: int) -> None:
-        group = [s for s in self._stored.get(index, {}).values() if s.gpu is None and s.uses > 0]
+    def _bring_back(self, index: int, also: _Stored | None = None) -> None:
+        group = [s for s in self._stored.get(index, {}).values() if s.gpu is None and (s.uses > 0 or s is also)]
         if self.stream is None:
             for stored in group:
                 stored.gpu = stored.home
@@ -369,6 +390,13 @@ def _addresses(t: torch.Tensor) -> set[int]:
         names, _ = t.__tensor_flatten__()
         return set().union(*(_addresses(getattr(t, name)) for name in names))
     return {t.untyped_storage().data_ptr()}
+
+
+def _empty_pinned_cache() -> None:
+    """Return the pinned CPU memory PyTorch keeps cached for reuse to the system."""
+    empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+    if empty is not None:
+        empty()
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:

@@ -37,8 +37,8 @@ from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
-from .offload import (ActivationOffload, activation_offload_indices, check_activation_offload, check_offload,
-                      offloaded_indices)
+from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offload_indices, check_activation_offload,
+                      check_offload, offloaded_indices)
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
 from .speed import attention_kernels, check_attention, checkpointed_count, compile_unavailable
@@ -385,7 +385,7 @@ class Trainer:
             raise error from None
         finally:
             if self.activation_offload:  # what the last pass left in it, on the GPU and pinned
-                self.activation_offload.clear()
+                self.activation_offload.release()
             self.events.close()
 
     # ------------------------------------------------------------------
@@ -462,7 +462,8 @@ class Trainer:
             backbone.enable_gradient_checkpointing(cfg.checkpoint_blocks)
         kept_out = activation_offload_indices(len(backbone.blocks), cfg)
         if kept_out:
-            self.activation_offload = ActivationOffload(device, resident=[*module.parameters(), *module.buffers()])
+            self.activation_offload = ActivationOffload(device, resident=[*module.parameters(), *module.buffers()],
+                                                        blocks=kept_out)
             backbone.offload_activations(kept_out, self.activation_offload)
             log.info("activations of %d blocks (%s) kept in %sCPU memory", len(kept_out),
                      ", ".join(map(str, kept_out)), "pinned " if device.type == "cuda" else "")
@@ -847,7 +848,10 @@ class Trainer:
         elif cfg.checkpoint_blocks:
             tips.append("--checkpoint-blocks 0 (all blocks)" + (" --offload-activations 0" if cfg.offload_activations
                                                                 else ""))
-        if not cfg.offload_activations and placement.processes == 1 and not placement.streams_weights:
+        blocks = len(self.backbone.blocks)
+        can_offload = blocks - checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks) - 1
+        if (not cfg.offload_activations and can_offload > ACTIVATIONS_IN_FLIGHT and placement.processes == 1
+                and not placement.streams_weights):
             tips.append("--offload-activations N (N blocks' activations in CPU memory)")
         if placement.offloads_blocks(cfg):
             tips.append("--offload-blocks N (N blocks' weights in CPU memory)")

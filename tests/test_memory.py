@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -457,14 +458,13 @@ ACTIVATION_OFFLOAD_RUNS = REPO / "bench" / "results-2026-11-27-activation-offloa
 
 
 def test_the_estimate_matches_the_runs_with_offloaded_activations():
-    """[dev] at 1024², fp8, compiled, on H100s: the estimate within 7% of the card in use (PyTorch's
-    reserved peak plus the context; it reads 3.6-4.4% over), with or without offloaded activations,
-    on both paths. The runs of the first design (before GPU memory was let go behind a stream wait)
-    are left out: their allocator pools held up to 78 GiB."""
+    """[dev] at 1024², fp8, compiled, on H100s: the estimate reads 3.6-4.4% over the card in use
+    (PyTorch's reserved peak plus the context), with or without offloaded activations, on both paths.
+    Runs of the record's earlier designs (their allocator pools held up to 78 GiB) are left out."""
     from flux2_train.memory import CUDA_CONTEXT
 
     runs = [r for r in json.loads(ACTIVATION_OFFLOAD_RUNS.read_text())["runs"]
-            if r["status"] == "ok" and not r["design"].startswith("first")]
+            if r["status"] == "ok" and (r["design"] == "" or r["design"].startswith("final"))]
     assert len(runs) >= 4 and any(r.get("path") == "comfyui" for r in runs)
     for r in runs:
         options = dict(gradient_checkpointing=True, checkpoint_blocks=r["checkpoint_blocks"], compile=True,
@@ -475,7 +475,7 @@ def test_the_estimate_matches_the_runs_with_offloaded_activations():
         else:
             est = estimate_memory(family_spec("dev"), cfg(quantize_base="fp8", **options))
             measured = r["peak_reserved_gib"] * GIB + CUDA_CONTEXT["native"]
-        assert est.total == pytest.approx(measured, rel=0.07), r["mode"] if "mode" in r else r["path"]
+        assert 0.0 < est.total / measured - 1 < 0.05, r.get("mode", r.get("path"))
 
 
 def test_auto_keeps_activations_in_cpu_memory_instead_of_checkpointing_where_the_bus_and_memory_allow():
@@ -485,14 +485,22 @@ def test_auto_keeps_activations_in_cpu_memory_instead_of_checkpointing_where_the
     assert not without.cfg.offload_activations
     plan = plan_auto(spec, given, Placement("engine", host_free=100 * GIB), card)
     # The bus carries 16 blocks' out in a forward pass (the H100 runs of bench/README.md), in place of
-    # checkpoints; within the card, and faster than any plan that only checkpoints.
+    # checkpoints; within the card, and faster than the plan that only checkpoints.
     assert plan.cfg.offload_activations == 16 and plan.cfg.checkpoint_blocks == 12
     assert plan.estimate.upper <= 0.9 * card and "16 blocks' activations in CPU memory" in plan.reason
+
+    def slower(p):
+        return float(re.search(r"≈(\d+)% slower", p.reason).group(1))
+
+    assert slower(plan) < slower(without)
     assert "pinned CPU memory" in plan.estimate.summary()
-    # Half the free CPU memory at most, pinned: with 20 GiB free, 10 GiB of activations.
+    # Half the free CPU memory at most, pinned, which PyTorch may round up to twice the bytes:
+    # with 20 GiB free, 5 GiB of activations.
     small = plan_auto(spec, given, Placement("engine", host_free=20 * GIB), card)
-    assert 0 < small.cfg.offload_activations < 16
-    assert small.cfg.offload_activations * small.estimate.block_activations <= 10 * GIB
+    assert 2 < small.cfg.offload_activations < 16
+    assert small.cfg.offload_activations * small.estimate.block_activations <= 5 * GIB
+    # Fewer than three blocks would save nothing (the last two keep theirs on the GPU): none.
+    assert not plan_auto(spec, given, Placement("engine", host_free=8 * GIB), card).cfg.offload_activations
     # Never where weights already cross the bus: streamed by ComfyUI, or offloaded by the engine.
     streamed = plan_auto(spec, cfg(compile=True, quick_preset="auto"),
                          Placement("comfyui", "fp8", streamed=True, host_free=100 * GIB), card)
