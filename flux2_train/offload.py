@@ -396,7 +396,8 @@ def _empty_pinned_cache() -> None:
     """Return the pinned CPU memory PyTorch keeps cached for reuse to the system."""
     empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
     if empty is not None:
-        empty()
+        with contextlib.suppress(RuntimeError):  # a courtesy to the host process: never the run's failure
+            empty()
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
