@@ -254,7 +254,8 @@ class ActivationOffload:
     it. The GPU memory is let go when `in_flight` more offloaded blocks have started: the
     compute stream first waits for the copy, so the work that reuses the memory runs
     after it, and a bus too slow for the compute slows the step instead of filling the
-    GPU. The last `in_flight` blocks of a pass keep theirs for their backward pass.
+    GPU. The last `in_flight` of the offloaded `blocks` keep theirs, and copy nothing out:
+    their backward pass comes before their memory would be let go.
 
     In the backward pass, the first tensor read of a block brings the memory of the
     offloaded block before it back on the side stream, so it arrives while the blocks in
@@ -262,8 +263,7 @@ class ActivationOffload:
     its storage, as compiled code expects.
 
     Weights (`resident`: anything sharing their storage), parameters and small storages
-    stay where they are. Given the offloaded `blocks`, the last `in_flight` of them are
-    not copied out at all: their backward pass comes before their memory would be let go.
+    stay where they are.
     """
 
     def __init__(self, device: torch.device, resident: Iterable[torch.Tensor] = (), blocks: Iterable[int] = (),
@@ -318,17 +318,15 @@ class ActivationOffload:
         # Held until the copy is done, a storage's address names it for the whole pass.
         stored = self._stored[index].get(storage.data_ptr())
         if stored is None:  # the first tensor saved in this memory: copy all of it out
-            memory = _bytes_of(storage, t.device)
-            home = None if index in self._stay else torch.empty(storage.nbytes(), dtype=torch.uint8,
-                                                               pin_memory=self.stream is not None)
-            if home is None:
-                pass
-            elif self.stream is None:
-                home.copy_(memory)
-            else:
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.stream):
-                    home.copy_(memory, non_blocking=True)
+            memory, home = _bytes_of(storage, t.device), None
+            if index not in self._stay:
+                home = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.stream is not None)
+                if self.stream is None:
+                    home.copy_(memory)
+                else:
+                    self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(self.stream):
+                        home.copy_(memory, non_blocking=True)
             stored = self._stored[index][storage.data_ptr()] = _Stored(index, home, memory)
             self.offloaded_bytes += 0 if home is None else storage.nbytes()
         stored.uses += 1
