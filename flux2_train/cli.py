@@ -190,7 +190,8 @@ def run_train(args: argparse.Namespace) -> int:
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
     available = world.smallest(device_available_memory(device), device)  # one verdict for every process
-    _, _, plan = plan_processes(spec, cfg, Placement("engine", host_free=host_memory_free()), available, world.size, list(report.bucket_counts),
+    placement = Placement("engine", host_free=host_memory_free())
+    _, _, plan = plan_processes(spec, cfg, placement, available, world.size, list(report.bucket_counts),
                                 resuming=bool(args.resume))
     if cfg.memory_check:
         plan.estimate.check()

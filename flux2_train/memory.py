@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .errors import OutOfMemory
 from .lora import resolve_targets
 from .model import BLOCK_PREFIXES, ModelSpec, spec_linear_shapes
-from .offload import ACTIVATIONS_IN_FLIGHT, activation_offload_indices, offloaded_indices
+from .offload import ACTIVATIONS_IN_FLIGHT, activation_offload_indices, activation_offload_room, offloaded_indices
 from .speed import checkpointed_count
 
 GIB = 2**30
@@ -425,7 +425,7 @@ def offloading_activations_instead(spec: ModelSpec, cfg: TrainConfig, placement:
         left = recomputed - k
         # The last block keeps its activations: where every block was checkpointed, it is one of the k.
         c = dataclasses.replace(cfg, gradient_checkpointing=left > 0, checkpoint_blocks=left,
-                                offload_activations=min(k, blocks - left - 1))
+                                offload_activations=min(k, activation_offload_room(blocks, left)))
         est = estimate_memory(spec, c, placement, available, buckets, advise=False)
         if est.upper <= limit:
             return c, est
@@ -590,7 +590,8 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                     else "no activations offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
     given_recompute = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    given_cost = 1.0 + CHECKPOINTING_SLOWDOWN * (given_recompute + ACTIVATION_OFFLOAD_SHARE * cfg.offload_activations) / blocks
+    given_offloaded = ACTIVATION_OFFLOAD_SHARE * cfg.offload_activations
+    given_cost = 1.0 + CHECKPOINTING_SLOWDOWN * (given_recompute + given_offloaded) / blocks
     relative = cost / given_cost - 1
     speed = f"≈{relative:.0%} slower" if relative >= 0.005 else (f"≈{-relative:.0%} faster" if relative <= -0.005
                                                                    else "about as fast")

@@ -53,23 +53,28 @@ def offloaded_indices(blocks: int, cfg) -> list[int]:
     return spread(cfg.offload_blocks, checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks))
 
 
+def activation_offload_room(blocks: int, checkpointed: int) -> int:
+    """Blocks whose activations can be offloaded: those not checkpointed but the last (the backward
+    pass starts there: nothing would hide its copy back)."""
+    return max(0, blocks - checkpointed - 1)
+
+
 def activation_offload_indices(blocks: int, cfg) -> list[int]:
     """The blocks whose activations a run keeps in CPU memory: `cfg.offload_activations` spread
-    over the blocks it does not checkpoint, the first of them included and the last left out
-    (the backward pass starts there: nothing would hide its copy back)."""
+    over its `activation_offload_room`, the first of them included."""
     first = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    candidates = blocks - first - 1
-    return [first + candidates - 1 - i for i in reversed(spread(cfg.offload_activations, candidates))]
+    room = activation_offload_room(blocks, first)
+    return [first + room - 1 - i for i in reversed(spread(cfg.offload_activations, room))]
 
 
 def check_activation_offload(count: int, blocks: int, checkpointed: int | None = None) -> None:
     """Refuse before any work more offloaded activations than the blocks that keep any."""
     if count <= 0:
         return
-    free = blocks - (checkpointed or 0) - 1
-    if count > free:
-        raise ConfigError(f"--offload-activations {count}: this run keeps the activations of {free + 1} blocks "
-                          f"and can offload those of {max(free, 0)} (not the last one"
+    room = activation_offload_room(blocks, checkpointed or 0)
+    if count > room:
+        raise ConfigError(f"--offload-activations {count}: this run keeps the activations of {room + 1} blocks "
+                          f"and can offload those of {room} (not the last one"
                           + (", nor the checkpointed ones); lower it, or lower --checkpoint-blocks" if checkpointed
                              else "); lower it"))
     if checkpointed is not None and count <= ACTIVATIONS_IN_FLIGHT:

@@ -98,8 +98,8 @@ def offload_activations(blocks: list[nn.Module], indices: list[int], offload) ->
 
 
 def is_checkpointed(block: nn.Module) -> bool:
-    own = block.__dict__.get("forward")
-    return isinstance(own, functools.partial) and own.func is _checkpointed_call
+    wrapper = _wrapper(block)
+    return wrapper is not None and wrapper.func is _checkpointed_call
 
 
 def _wrapper(block: nn.Module) -> functools.partial | None:

@@ -37,8 +37,8 @@ from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
-from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offload_indices, check_activation_offload,
-                      check_offload, offloaded_indices)
+from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offload_indices, activation_offload_room,
+                      check_activation_offload, check_offload, offloaded_indices)
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
 from .speed import attention_kernels, check_attention, checkpointed_count, compile_unavailable
@@ -849,8 +849,9 @@ class Trainer:
             tips.append("--checkpoint-blocks 0 (all blocks)" + (" --offload-activations 0" if cfg.offload_activations
                                                                 else ""))
         blocks = len(self.backbone.blocks)
-        can_offload = blocks - checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks) - 1
-        if (not cfg.offload_activations and can_offload > ACTIVATIONS_IN_FLIGHT and placement.processes == 1
+        room = activation_offload_room(blocks, checkpointed_count(blocks, cfg.gradient_checkpointing,
+                                                                  cfg.checkpoint_blocks))
+        if (not cfg.offload_activations and room > ACTIVATIONS_IN_FLIGHT and placement.processes == 1
                 and not placement.streams_weights):
             tips.append("--offload-activations N (N blocks' activations in CPU memory)")
         if placement.offloads_blocks(cfg):

@@ -185,7 +185,8 @@ class ComfyFlux2Backbone:
         # (module, attribute, the instance's own value before the run, or _UNSET): forwards, cast flags
         self._instance_attrs: list[tuple[nn.Module, str, object]] = []
         self._checkpointing = 0  # blocks recomputed in the backward pass, the first ones
-        self._offloading: dict = {}  # block index -> the ActivationOffload that keeps its activations
+        self._offloaded: set[int] = set()  # blocks whose activations `_activation_offload` keeps
+        self._activation_offload = None
         self.compiled = False  # set by `compile_blocks` where the blocks can compile
         self._runners = (_run_double, _run_single)
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
@@ -209,7 +210,7 @@ class ComfyFlux2Backbone:
         self._checkpointing = blocks or len(self.blocks)
 
     def offload_activations(self, indices: list[int], offload) -> None:
-        self._offloading = {i: offload for i in indices}
+        self._offloaded, self._activation_offload = set(indices), offload
 
     def compile_blocks(self) -> str | None:
         """Regional compile: every block runs through a replace patch that calls a compiled runner.
@@ -445,14 +446,14 @@ class ComfyFlux2Backbone:
         dit = replace.setdefault("dit", {})
         double = len(self.diffusion_model.double_blocks)
         for i, block in enumerate(self.blocks):
-            if not (self.compiled or i < self._checkpointing or i in self._offloading):
+            if not (self.compiled or i < self._checkpointing or i in self._offloaded):
                 continue  # ComfyUI runs it as it is
             key, run = (("double_block", i), self._runners[0]) if i < double else \
                 (("single_block", i - double), self._runners[1])
             if i < self._checkpointing:
                 patch = functools.partial(_checkpointed_block, run, block)
-            elif i in self._offloading:
-                patch = functools.partial(_offloaded_block, self._offloading[i], i, run, block)
+            elif i in self._offloaded:
+                patch = functools.partial(_offloaded_block, self._activation_offload, i, run, block)
             else:
                 patch = functools.partial(_plain_block, run, block)
             # A block that a custom node already replaces keeps its patch.

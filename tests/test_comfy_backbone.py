@@ -137,10 +137,10 @@ def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pac
             losses[count] = trainer.run().losses
         finally:
             backbone.release()
-        offloads[count] = (trainer.activation_offload, backbone._offloading)
+        offloads[count] = (trainer.activation_offload, backbone._activation_offload, backbone._offloaded)
     assert losses[2] == losses[0]
-    offload, blocks = offloads[2]
-    assert blocks == {0: offload, 1: offload} and offload.offloaded_bytes > 0 and not offload._stored
+    offload, patched_with, blocks = offloads[2]
+    assert patched_with is offload and blocks == {0, 1} and offload.offloaded_bytes > 0 and not offload._stored
     if compiled:  # the offloaded blocks run the same compiled runners as the others
         assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 

@@ -19,12 +19,23 @@ from tiny_run import tiny_config, tiny_trainer
 EXACT = dict(steps=4, save_every=0, lora_dropout=0.0, caption_dropout=0.0, validate_every=0)
 
 
-def run_losses(demo_dataset, model_dir, tmp_path, name, **options):
+def trained(demo_dataset, model_dir, tmp_path, name, **options):
+    """The losses of a deterministic tiny run, and its Trainer."""
     cfg = tiny_config(demo_dataset, model_dir, tmp_path / name, tmp_path / "cache", **(EXACT | options))
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     trainer = tiny_trainer(cfg, model_dir, backbone=load_transformer(model_dir, dtype=dtype))
-    result = trainer.run()
-    return result.losses, trainer.backbone
+    return trainer.run().losses, trainer
+
+
+def run_losses(demo_dataset, model_dir, tmp_path, name, **options):
+    losses, trainer = trained(demo_dataset, model_dir, tmp_path, name, **options)
+    return losses, trainer.backbone
+
+
+def refused_run(demo_dataset, model_dir, tmp_path, **options):
+    """A tiny run with `options`, for the ones refused before any work (in tmp_path/runs)."""
+    cfg = tiny_config(demo_dataset, model_dir, tmp_path / "runs", tmp_path / "cache", **(EXACT | options))
+    return tiny_trainer(cfg, model_dir).run()
 
 
 def relative_gaps(a, b):
@@ -266,9 +277,7 @@ def test_offloaded_blocks_give_the_same_losses_and_take_turns_in_two_slots(demo_
 
 def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset, tiny_pipeline_dir, tmp_path):
     def run(**options):
-        cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / "runs", tmp_path / "cache",
-                          **(EXACT | options))
-        return tiny_trainer(cfg, tiny_pipeline_dir).run()
+        return refused_run(demo_dataset, tiny_pipeline_dir, tmp_path, **options)
 
     with pytest.raises(ConfigError, match="only checkpointed blocks can be offloaded"):
         run(offload_blocks=1)
@@ -281,12 +290,6 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
     with pytest.raises(ConfigError, match="--offload-blocks must be 0"):
         tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path, tmp_path / "c", offload_blocks=-1).validate()
     assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
-
-
-def trained(demo_dataset, model_dir, tmp_path, name, **options):
-    cfg = tiny_config(demo_dataset, model_dir, tmp_path / name, tmp_path / "cache", **(EXACT | options))
-    trainer = tiny_trainer(cfg, model_dir, backbone=load_transformer(model_dir, dtype=torch.float32))
-    return trainer.run().losses, trainer
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -371,9 +374,7 @@ def test_the_last_offloaded_blocks_keep_their_memory_and_copy_nothing_out():
 
 def test_activation_offload_is_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
     def run(**options):
-        cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / "runs", tmp_path / "cache",
-                          **(EXACT | options))
-        return tiny_trainer(cfg, tiny_pipeline_dir).run()
+        return refused_run(demo_dataset, tiny_pipeline_dir, tmp_path, **options)
 
     with pytest.raises(ConfigError, match="can offload those of 2 \\(not the last one\\)"):
         run(offload_activations=3)
