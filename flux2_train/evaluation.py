@@ -250,11 +250,20 @@ class RunWatcher:
     def best(self) -> tuple[int, float] | None:
         return best_step(self.history)
 
+    def due(self, step: int, last: bool) -> bool:
+        """Whether `after_step` has work at `step`."""
+        return self._validation_due(step, last) or self._preview_due(step, last)
+
+    def _validation_due(self, step: int, last: bool) -> bool:
+        return bool(self.cfg.validate_every) and (step % self.cfg.validate_every == 0 or last)
+
+    def _preview_due(self, step: int, last: bool) -> bool:
+        return bool(self.cfg.preview_every) and (step % self.cfg.preview_every == 0 or last)
+
     def after_step(self, step: int, last: bool) -> None:
-        cfg = self.cfg
-        if cfg.validate_every and (step % cfg.validate_every == 0 or last):
+        if self._validation_due(step, last):
             self.validate(step)
-        if cfg.preview_every and (step % cfg.preview_every == 0 or last):
+        if self._preview_due(step, last):
             self.preview(step)
 
     def validate(self, step: int) -> float:

@@ -8,6 +8,7 @@ the batches and noise the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -35,6 +36,7 @@ from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text, out_of_space
 from .lora import full_tensor, resolve_targets
 from .lora_files import lora_metadata, save_lora
+from .loss_reader import LateLossReader, skips_updates_on_device
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
 from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offload_indices, activation_offload_room,
@@ -129,7 +131,7 @@ def optimizer_factory(cfg: TrainConfig, device: torch.device) -> Callable[[list]
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
         return lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                                weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                                                weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise ConfigError("--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes); use --optimizer adamw here")
@@ -535,13 +537,52 @@ class Trainer:
             self.events.emit(StatusEvent("info", f"resumed from step {step}{done}", step=step, total=cfg.steps,
                                          data={"losses": list(losses), "smoothed_losses": list(smoothed_all),
                                                "validation": [[s, v] for s, v in watcher.history]}))
-        step_time_avg = None
         checkpoints = []
-        epoch = 0
+        # Where the optimizer can skip an update on the GPU, each step's loss is read a step late,
+        # while the GPU runs the next one (see loss_reader); otherwise at once, as several processes
+        # must agree on it before any of them steps.
+        late = LateLossReader(optimizer, device) if world.size == 1 and skips_updates_on_device(optimizer) else None
+        # step -> what its report needs (when its iteration began, its epoch, the learning rate
+        # after it), kept until the step is reported
+        in_flight: dict[int, dict] = {}
+        step_time_avg = None
+
+        def step_done(done: int, loss_value: float, now: float) -> None:
+            """A finished step: checked, logged and sent to the listeners."""
+            nonlocal step_time_avg
+            if not math.isfinite(loss_value):  # the update was skipped on the GPU (late) or never made
+                optimizer.zero_grad(set_to_none=True)
+                if late:
+                    late.drop()
+                raise TrainingDiverged(self._nan_message(done, loss_value, run_dir), done)
+            losses.append(loss_value)
+            smoothed_all.append(smoother.add(loss_value))
+            info = in_flight.pop(done)
+            dt = now - info["started"]
+            step_time_avg = dt if step_time_avg is None else 0.9 * step_time_avg + 0.1 * dt
+            self.events.emit(StepEvent(
+                step=done, total=cfg.steps, loss=loss_value, smoothed_loss=smoothed_all[-1],
+                lr=info["lr"], seconds_per_step=dt,
+                eta_seconds=step_time_avg * (cfg.steps - done), peak_memory_bytes=peak_memory_bytes(device),
+                epoch=info["epoch"]))
+            for hook in self.step_hooks:
+                hook(done, self)
+
+        def report_late(before: int | None = None) -> None:
+            """Read the losses still on the GPU: of every step, or of the steps before `before`."""
+            while late and late.pending() and (before is None or late.pending()[0] < before):
+                done, value = late.read()
+                step_done(done, value, in_flight[done + 1]["started"] if done + 1 in in_flight else time.perf_counter())
+
+        def report_late_if_possible() -> None:
+            """On the way out with another error: report the steps that did finish, if the GPU can still tell."""
+            with contextlib.suppress(Exception):
+                report_late()
+
         if step == 0:
             self._watch(0, False, device)  # where the validation loss and previews start from
         while step < cfg.steps:
-            t0 = time.perf_counter()
+            in_flight[step + 1] = dict(started=time.perf_counter())
             micro_losses = []
             step_start = micro_step
             try:
@@ -554,36 +595,41 @@ class Trainer:
                     if isinstance(inputs, Exception):
                         raise inputs
                     assert inputs.index == index, f"prepared micro-step {inputs.index} for {index}"
-                    epoch = inputs.epoch
+                    in_flight[step + 1]["epoch"] = inputs.epoch
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
                         accelerator.backward(loss)
                         if not (step + 1 == cfg.steps and k + 1 == accumulation):  # not the run's last
                             prefetched = self._prefetch(index + world.size, plan, data, device, weight_dtype)
-                        # Checked after backward is queued, and before any weight changes.
-                        loss_value = loss.item()
-                        finite = math.isfinite(loss_value)
-                        if world.size > 1:  # every process stops, or none
-                            bad = world.sum([0.0 if finite else 1.0], device)[0]
-                            if bad and finite:
-                                loss_value = f"not finite on {int(bad)} of the {world.size} processes"
-                            finite = bad == 0
-                        if not finite:
-                            optimizer.zero_grad(set_to_none=True)
-                            raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
+                        if late:
+                            late.add(loss)
+                        else:
+                            # Checked after backward is queued, and before any weight changes.
+                            loss_value = loss.item()
+                            finite = math.isfinite(loss_value)
+                            if world.size > 1:  # every process stops, or none
+                                bad = world.sum([0.0 if finite else 1.0], device)[0]
+                                if bad and finite:
+                                    loss_value = f"not finite on {int(bad)} of the {world.size} processes"
+                                finite = bad == 0
+                            if not finite:
+                                optimizer.zero_grad(set_to_none=True)
+                                raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
+                            micro_losses.append(loss_value)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         optimizer.step()
                         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                    micro_losses.append(loss_value)
                 micro_step += accumulation * world.size
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
+                report_late_if_possible()
                 raise OutOfMemory(self._oom_message(device)) from None
             except self.stop_exceptions:
                 optimizer.zero_grad(set_to_none=True)  # the interrupted step is redone on resume
+                report_late()  # the steps before it are in the checkpoint
                 path = self._save_checkpoint(state, step, step_start, losses)
                 self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,
                                              total=cfg.steps, data={"path": str(path)}))
@@ -592,27 +638,29 @@ class Trainer:
             except RuntimeError as e:
                 if world.size > 1 and lost_a_process(e):
                     raise ProcessLost(self._lost_message(step + 1, run_dir, e)) from None
+                report_late_if_possible()
+                raise
+            except Exception:
+                report_late_if_possible()
                 raise
             step = self.step = step + 1
-            loss_value = self._sum([sum(micro_losses)], device, step, run_dir)[0] / (len(micro_losses) * world.size)
-            losses.append(loss_value)
-            smoothed_all.append(smoother.add(loss_value))
-            dt = time.perf_counter() - t0
-            step_time_avg = dt if step_time_avg is None else 0.9 * step_time_avg + 0.1 * dt
-            self.events.emit(StepEvent(
-                step=step, total=cfg.steps, loss=loss_value, smoothed_loss=smoothed_all[-1],
-                lr=float(lr_scheduler.get_last_lr()[0]), seconds_per_step=dt,
-                eta_seconds=step_time_avg * (cfg.steps - step), peak_memory_bytes=peak_memory_bytes(device),
-                epoch=epoch))
-            for hook in self.step_hooks:
-                hook(step, self)
+            in_flight[step]["lr"] = float(lr_scheduler.get_last_lr()[0])
+            if late:
+                late.end_step(step)
+                report_late(before=step)  # the step before this one, while the GPU runs this one
+            else:
+                total = self._sum([sum(micro_losses)], device, step, run_dir)[0]
+                step_done(step, total / (len(micro_losses) * world.size), time.perf_counter())
 
             last = step == cfg.steps
+            if last or self.step_hooks or self.watcher.due(step, last):
+                report_late()  # the weights checked before they are evaluated; hooks see their own step
             self._watch(step, last, device, state, micro_step, losses)
             stop = not last and self.should_stop()
             if world.size > 1 and not last:  # a stop asked of any process (Ctrl-C) stops all of them
                 stop = self._sum([float(stop)], device, step, run_dir)[0] > 0
             if last or stop or (cfg.save_every and step % cfg.save_every == 0):
+                report_late()  # a checkpoint holds every loss up to its step
                 path = self._save_checkpoint(state, step, micro_step, losses)
                 checkpoints.append(path)
                 self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,

@@ -83,12 +83,12 @@ def test_resume_continues_with_the_same_loss_sequence(demo_dataset, tiny_pipelin
     full = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "a", gradient_accumulation=2),
                  tiny_pipeline_dir)
 
-    trained = {}  # Cancel pressed once the first step is done
+    trained = {}  # Cancel pressed once the first step is reported
     bus = EventBus([lambda e: trained.update(yes=True) if isinstance(e, StepEvent) else None])
     with pytest.raises(TrainingCancelled) as stopped:
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
               tiny_pipeline_dir, events=bus, should_stop=lambda: trained.get("yes", False))
-    assert stopped.value.step == 1
+    assert stopped.value.step == 2  # the first step's loss is read while the second runs
     run_dir = tmp_path / "b" / "run"
     resumed = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
                     tiny_pipeline_dir, resume=run_dir)
@@ -137,13 +137,63 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_da
                                    tiny_pipeline_dir).losses
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_nan_read_a_step_late_leaves_the_weights_of_the_step_before_it(device, demo_dataset, tiny_pipeline_dir,
+                                                                         tmp_path):
+    """Each loss is read while the next step runs; the fused AdamW skips its update on the device
+    from the first loss that is not finite, so the weights are those of the step before it."""
+    def trainer(name, backbone, events=None):
+        cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / name, save_every=0, device=device)
+        return Trainer(cfg, backbone, events=events,
+                       encoder=load_pipeline_encoders(tiny_pipeline_dir, device=device, dtype=torch.float32))
+
+    after_3 = {}
+    clean = trainer("clean", load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+    clean.step_hooks.append(lambda step, t: after_3.update(t.backbone.lora_state_dict()) if step == 3 else None)
+    clean.run()
+
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.float32)
+    predict = backbone.predict
+
+    def once_nan(*args, **kwargs):
+        backbone.predict = predict
+        return predict(*args, **kwargs) * float("nan")
+
+    def poison(event):  # step 2 is reported while step 3 runs: step 4's output is NaN, step 5's finite again
+        if isinstance(event, StepEvent) and event.step == 2:
+            backbone.predict = once_nan
+
+    poisoned = trainer("poisoned", backbone, EventBus([poison]))
+    with pytest.raises(TrainingDiverged, match="the loss became nan at step 4") as err:
+        poisoned.run()
+    assert err.value.step == 4 and poisoned.step == 5  # found while step 5 ran; its update was skipped too
+    weights = poisoned.backbone.lora_state_dict()
+    assert weights.keys() == after_3.keys() and all(torch.equal(weights[k], after_3[k]) for k in weights)
+
+
+def test_losses_are_read_late_only_where_the_optimizer_skips_updates_on_the_device():
+    from accelerate import Accelerator
+
+    from flux2_train.loss_reader import skips_updates_on_device
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    fused = torch.optim.AdamW(params, fused=True)
+    assert skips_updates_on_device(fused) and skips_updates_on_device(Accelerator(cpu=True).prepare(fused))
+    assert not skips_updates_on_device(torch.optim.AdamW(params, foreach=True))
+    assert not skips_updates_on_device(torch.optim.SGD(params))
+    scaled = Accelerator(cpu=True).prepare(torch.optim.AdamW(params, fused=True))
+    scaled.scaler = torch.amp.GradScaler("cpu")  # as under fp16: the scaler sets found_inf itself
+    assert not skips_updates_on_device(scaled)
+
+
 def test_steps_emit_events_with_progress_fields(demo_dataset, tiny_pipeline_dir, tmp_path):
     seen = []
-    train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4), tiny_pipeline_dir,
+    train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4, lr_scheduler="linear"), tiny_pipeline_dir,
           events=EventBus([seen.append]))
     steps = [e for e in seen if isinstance(e, StepEvent)]
     assert [e.step for e in steps] == [1, 2, 3, 4]
-    assert all(e.total == 4 and e.lr > 0 and e.seconds_per_step > 0 and e.peak_memory_bytes > 0 for e in steps)
+    assert [e.lr for e in steps] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0])  # after each step, read late or not
+    assert all(e.total == 4 and e.seconds_per_step > 0 and e.peak_memory_bytes > 0 for e in steps)
     assert steps[-1].eta_seconds == 0 and steps[0].eta_seconds > 0
     kinds = [getattr(e, "kind", None) for e in seen]
     assert kinds.index("caching") < kinds.index("training") < kinds.index("finished")
@@ -217,7 +267,7 @@ def test_each_micro_batch_is_prepared_once_ahead_and_its_error_waits_for_its_ste
     prepared, prepare, steps = [], Trainer._micro_batch, []
 
     def micro_batch(self, micro_step, *args):
-        prepared.append((micro_step, len(steps)))  # and how many steps had finished then
+        prepared.append((micro_step, self.step))  # and how many steps had finished then
         if micro_step == 5:
             raise DatasetError("robot_02.png changed since it was cached")
         return prepare(self, micro_step, *args)
