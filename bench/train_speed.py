@@ -14,8 +14,9 @@ checkpoint and LoRA files at the end. Only two things are stand-ins:
   and are freed before the first step, so the loop's speed does not depend on
   them; this benchmark does not measure the caching phase.
 
-Per-step seconds come from the loop's own `StepEvent`s (wall time of one
-optimizer step, including the `loss.item()` synchronisation), the median is
+Per-step seconds come from the loop's own `StepEvent`s (wall time from the
+start of one step's loop iteration to the next: the loss is read a step late,
+so the host's work between steps counts), the median is
 taken over the steps after the warm-up, and the peak memory is
 `torch.cuda.max_memory_allocated` (the loop resets it just before step 1, so
 it holds the frozen weights plus training).

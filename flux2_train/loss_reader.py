@@ -24,7 +24,8 @@ def skips_updates_on_device(optimizer) -> bool:
     if getattr(optimizer, "scaler", None) is not None:  # fp16: the scaler sets found_inf itself
         return False
     inner = getattr(optimizer, "optimizer", optimizer)
-    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+    # Every group: a resumed optimizer state brings its groups' settings (a run saved unfused).
+    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
 
 
 class LateLossReader:
@@ -52,7 +53,7 @@ class LateLossReader:
             host = torch.empty((), dtype=torch.float32, pin_memory=True)
             host.copy_(mean, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the run's GPU, which may not be the current one
             self._pending.append((step, host, event))
         else:
             self._pending.append((step, mean, None))

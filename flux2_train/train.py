@@ -8,7 +8,6 @@ the batches and noise the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -131,7 +130,7 @@ def optimizer_factory(cfg: TrainConfig, device: torch.device) -> Callable[[list]
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
         return lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                                weight_decay=cfg.weight_decay, fused=True)
+                                                weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise ConfigError("--optimizer adamw8bit runs on CUDA GPUs only (bitsandbytes); use --optimizer adamw here")
@@ -555,6 +554,7 @@ class Trainer:
                 if late:
                     late.drop()
                 raise TrainingDiverged(self._nan_message(done, loss_value, run_dir), done)
+            self.step = done
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
             info = in_flight.pop(done)
@@ -576,8 +576,10 @@ class Trainer:
 
         def report_late_if_possible() -> None:
             """On the way out with another error: report the steps that did finish, if the GPU can still tell."""
-            with contextlib.suppress(Exception):
+            try:
                 report_late()
+            except Exception as e:  # noqa: BLE001 - the error on the way out is the one raised
+                log.warning("while stopping on another error: %s", e)
 
         if step == 0:
             self._watch(0, False, device)  # where the validation loss and previews start from
@@ -643,7 +645,7 @@ class Trainer:
             except Exception:
                 report_late_if_possible()
                 raise
-            step = self.step = step + 1
+            step += 1
             in_flight[step]["lr"] = float(lr_scheduler.get_last_lr()[0])
             if late:
                 late.end_step(step)

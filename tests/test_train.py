@@ -163,10 +163,12 @@ def test_a_nan_read_a_step_late_leaves_the_weights_of_the_step_before_it(device,
         if isinstance(event, StepEvent) and event.step == 2:
             backbone.predict = once_nan
 
-    poisoned = trainer("poisoned", backbone, EventBus([poison]))
+    seen = []
+    poisoned = trainer("poisoned", backbone, EventBus([poison, seen.append]))
     with pytest.raises(TrainingDiverged, match="the loss became nan at step 4") as err:
         poisoned.run()
-    assert err.value.step == 4 and poisoned.step == 5  # found while step 5 ran; its update was skipped too
+    # Found while step 5 ran (its update was skipped too); the failure is told at the last good step.
+    assert err.value.step == 4 and [e.step for e in seen if getattr(e, "kind", None) == "failed"] == [3]
     weights = poisoned.backbone.lora_state_dict()
     assert weights.keys() == after_3.keys() and all(torch.equal(weights[k], after_3[k]) for k in weights)
 
@@ -181,6 +183,9 @@ def test_losses_are_read_late_only_where_the_optimizer_skips_updates_on_the_devi
     assert skips_updates_on_device(fused) and skips_updates_on_device(Accelerator(cpu=True).prepare(fused))
     assert not skips_updates_on_device(torch.optim.AdamW(params, foreach=True))
     assert not skips_updates_on_device(torch.optim.SGD(params))
+    resumed = torch.optim.AdamW(params, fused=True)
+    resumed.load_state_dict(torch.optim.AdamW(params, foreach=True).state_dict())  # saved by an unfused run
+    assert not skips_updates_on_device(resumed)
     scaled = Accelerator(cpu=True).prepare(torch.optim.AdamW(params, fused=True))
     scaled.scaler = torch.amp.GradScaler("cpu")  # as under fp16: the scaler sets found_inf itself
     assert not skips_updates_on_device(scaled)
@@ -259,27 +264,34 @@ def test_an_image_changed_after_caching_stops_training_with_its_name(demo_datase
         train(cfg, tiny_pipeline_dir, hooks=[change])
 
 
-@pytest.mark.parametrize("accumulation, prepared_after_steps", [(1, [0, 0, 1, 2, 3, 4]), (2, [0, 0, 0, 1, 1, 2])])
+@pytest.mark.parametrize("accumulation", [1, 2])
 def test_each_micro_batch_is_prepared_once_ahead_and_its_error_waits_for_its_step(
-        demo_dataset, tiny_pipeline_dir, tmp_path, monkeypatch, accumulation, prepared_after_steps):
+        demo_dataset, tiny_pipeline_dir, tmp_path, monkeypatch, accumulation):
     """The next micro-batch is read, noised and copied while the backward pass runs; preparing it
     may fail (an image changed on disk), and the error surfaces where it would without the prefetch."""
-    prepared, prepare, steps = [], Trainer._micro_batch, []
+    prepared, ran, steps = [], [], []
+    prepare, run = Trainer._micro_batch, Trainer._micro_step
 
     def micro_batch(self, micro_step, *args):
-        prepared.append((micro_step, self.step))  # and how many steps had finished then
+        prepared.append((micro_step, len(ran)))  # and how many micro-batches had run then
         if micro_step == 5:
             raise DatasetError("robot_02.png changed since it was cached")
         return prepare(self, micro_step, *args)
 
+    def micro_step(self, inputs, accelerator):
+        ran.append(inputs.index)
+        return run(self, inputs, accelerator)
+
     monkeypatch.setattr(Trainer, "_micro_batch", micro_batch)
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
     bus = EventBus([lambda e: steps.append(e.step) if isinstance(e, StepEvent) else None])
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "run", save_every=0, gradient_accumulation=accumulation)
     with pytest.raises(DatasetError, match="changed since it was cached"):
         train(cfg, tiny_pipeline_dir, events=bus)
     # Each micro-step once, in order, the next one while the one before it ran.
-    assert prepared == list(zip(range(6), prepared_after_steps))
-    assert steps == list(range(1, 5 // accumulation + 1))  # the steps before the one that needs micro-step 5
+    assert prepared == [(m, m) for m in range(6)] and ran == list(range(5))
+    # The steps before the one that needs micro-step 5 are reported (their losses read late), none after.
+    assert steps == list(range(1, 5 // accumulation + 1))
 
 
 @pytest.mark.failure_case("resume with another model or LoRA shape")
