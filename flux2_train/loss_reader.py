@@ -42,7 +42,7 @@ class LateLossReader:
     def add(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss, queued before its step's optimizer update."""
         loss = loss.detach().float()
-        self._bad.copy_(torch.maximum(self._bad, (~torch.isfinite(loss)).float()))
+        torch.maximum(self._bad, (~torch.isfinite(loss)).float(), out=self._bad)  # 0 or 1, as the optimizer reads it
         self._micro.append(loss)
 
     def end_step(self, step: int) -> None:
@@ -58,8 +58,9 @@ class LateLossReader:
         else:
             self._pending.append((step, mean, None))
 
-    def pending(self) -> list[int]:
-        return [step for step, _, _ in self._pending]
+    def oldest(self) -> int | None:
+        """The oldest step not read yet, or None."""
+        return self._pending[0][0] if self._pending else None
 
     def read(self) -> tuple[int, float]:
         """(step, mean loss) of the oldest step not read yet; waits for the GPU to reach its end."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
@@ -411,14 +410,23 @@ def activation_offload_budget(spec: ModelSpec, cfg: TrainConfig, placement: Plac
     return int(min(by_bus, by_host) // est.block_activations)
 
 
-def offloading_activations_instead(spec: ModelSpec, cfg: TrainConfig, placement: Placement, limit: int,
-                                   buckets=None, available: int | None = None
+def recompute_cost(cfg: TrainConfig, blocks: int) -> float:
+    """The step time `cfg`'s checkpointed and offloaded-activation blocks add, as a share of a step
+    that keeps every block's activations on the GPU."""
+    recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
+    return CHECKPOINTING_SLOWDOWN * (recomputed + ACTIVATION_OFFLOAD_SHARE * cfg.offload_activations) / blocks
+
+
+def offloading_activations_instead(spec: ModelSpec, cfg: TrainConfig, placement: Placement, est: MemoryEstimate,
+                                   limit: int, buckets=None, available: int | None = None
                                    ) -> tuple[TrainConfig, MemoryEstimate] | None:
-    """`cfg` with as many of its checkpointed blocks as the budget allows keeping their activations in
-    CPU memory instead (`activation_offload_budget`), where the estimate stays under `limit`; or None."""
+    """`cfg` (whose estimate is `est`) with as many of its checkpointed blocks as the budget allows keeping
+    their activations in CPU memory instead (`activation_offload_budget`), where the estimate stays under
+    `limit`; or None."""
     blocks = spec.num_double + spec.num_single
     recomputed = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    est = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
+    if recomputed <= ACTIVATIONS_IN_FLIGHT:
+        return None
     budget = min(recomputed, activation_offload_budget(spec, cfg, placement, est, buckets))
     # The last ACTIVATIONS_IN_FLIGHT offloaded blocks keep theirs on the GPU: fewer save nothing.
     for k in range(budget, ACTIVATIONS_IN_FLIGHT, -1):
@@ -555,16 +563,14 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
                 c, est = fewest_offloaded_blocks(spec, c, p, int(margin * available), buckets, available=available)
             if est.upper > margin * available:
                 continue
-            cost = 1.0 + CHECKPOINTING_SLOWDOWN * recompute / blocks + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
+            cost = 1.0 + (BATCH_SPLIT_SLOWDOWN if split else 0.0)
             cost += offload_slowdown(spec, c, p.offloaded_bytes - placement.offloaded_bytes, buckets)
             cost += engine_offload_slowdown(spec, c, buckets)
-            candidates.append((cost, c, est, p))
-            offloading = offloading_activations_instead(spec, c, p, int(margin * available), buckets, available)
+            candidates.append((cost + recompute_cost(c, blocks), c, est, p))
+            offloading = offloading_activations_instead(spec, c, p, est, int(margin * available), buckets, available)
             if offloading:
                 c, est = offloading
-                moved = recompute - checkpointed_count(blocks, c.gradient_checkpointing, c.checkpoint_blocks)
-                cost -= CHECKPOINTING_SLOWDOWN * (1 - ACTIVATION_OFFLOAD_SHARE) * moved / blocks
-                candidates.append((cost, c, est, p))
+                candidates.append((cost + recompute_cost(c, blocks), c, est, p))
     if not candidates:
         smallest = estimate_memory(spec, dataclasses.replace(cfg, gradient_checkpointing=True, batch_size=1),
                                    placement, available, buckets)
@@ -589,10 +595,7 @@ def plan_auto(spec: ModelSpec, cfg: TrainConfig, placement: Placement, available
         what.append(f"{chosen.offload_activations} blocks' activations in CPU memory" if chosen.offload_activations
                     else "no activations offloaded")
     plain = estimate_memory(spec, cfg, placement, available, buckets, advise=False)
-    given_recompute = checkpointed_count(blocks, cfg.gradient_checkpointing, cfg.checkpoint_blocks)
-    given_offloaded = ACTIVATION_OFFLOAD_SHARE * cfg.offload_activations
-    given_cost = 1.0 + CHECKPOINTING_SLOWDOWN * (given_recompute + given_offloaded) / blocks
-    relative = cost / given_cost - 1
+    relative = cost / (1.0 + recompute_cost(cfg, blocks)) - 1
     speed = f"≈{relative:.0%} slower" if relative >= 0.005 else (f"≈{-relative:.0%} faster" if relative <= -0.005
                                                                    else "about as fast")
     given = f"as given the run needs about {plain.total / GIB:.1f} GiB"
@@ -680,18 +683,11 @@ def preview_plan(spec: ModelSpec, cfg: TrainConfig, placement: Placement, availa
                         "auto: " + str(e).splitlines()[0])
 
 
-def host_memory_free() -> int | None:
-    """CPU memory free now (psutil's "available", else the free pages), or None where the system does not say."""
-    try:
-        import psutil
+def host_memory_free() -> int:
+    """CPU memory free now (psutil's "available"; psutil comes with accelerate)."""
+    import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    return int(psutil.virtual_memory().available)
 
 
 def device_available_memory(device) -> int | None:

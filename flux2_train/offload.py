@@ -67,17 +67,17 @@ def activation_offload_indices(blocks: int, cfg) -> list[int]:
     return [first + room - 1 - i for i in reversed(spread(cfg.offload_activations, room))]
 
 
-def check_activation_offload(count: int, blocks: int, checkpointed: int | None = None) -> None:
+def check_activation_offload(count: int, blocks: int, checkpointed: int) -> None:
     """Refuse before any work more offloaded activations than the blocks that keep any."""
     if count <= 0:
         return
-    room = activation_offload_room(blocks, checkpointed or 0)
+    room = activation_offload_room(blocks, checkpointed)
     if count > room:
         raise ConfigError(f"--offload-activations {count}: this run keeps the activations of {room + 1} blocks "
                           f"and can offload those of {room} (not the last one"
                           + (", nor the checkpointed ones); lower it, or lower --checkpoint-blocks" if checkpointed
                              else "); lower it"))
-    if checkpointed is not None and count <= ACTIVATIONS_IN_FLIGHT:
+    if count <= ACTIVATIONS_IN_FLIGHT:
         log.warning("--offload-activations %d: the last %d offloaded blocks keep their activations on the GPU (their "
                     "backward pass comes first), so this saves no memory; offload %d or more", count,
                     ACTIVATIONS_IN_FLIGHT, ACTIVATIONS_IN_FLIGHT + 1)

@@ -570,7 +570,7 @@ class Trainer:
 
         def report_late(before: int | None = None) -> None:
             """Read the losses still on the GPU: of every step, or of the steps before `before`."""
-            while late and late.pending() and (before is None or late.pending()[0] < before):
+            while late and (oldest := late.oldest()) is not None and (before is None or oldest < before):
                 done, value = late.read()
                 step_done(done, value, in_flight[done + 1]["started"] if done + 1 in in_flight else time.perf_counter())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -276,8 +277,7 @@ def test_offloaded_blocks_give_the_same_losses_and_take_turns_in_two_slots(demo_
 
 
 def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset, tiny_pipeline_dir, tmp_path):
-    def run(**options):
-        return refused_run(demo_dataset, tiny_pipeline_dir, tmp_path, **options)
+    run = functools.partial(refused_run, demo_dataset, tiny_pipeline_dir, tmp_path)
 
     with pytest.raises(ConfigError, match="only checkpointed blocks can be offloaded"):
         run(offload_blocks=1)
@@ -373,8 +373,7 @@ def test_the_last_offloaded_blocks_keep_their_memory_and_copy_nothing_out():
 
 
 def test_activation_offload_is_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
-    def run(**options):
-        return refused_run(demo_dataset, tiny_pipeline_dir, tmp_path, **options)
+    run = functools.partial(refused_run, demo_dataset, tiny_pipeline_dir, tmp_path)
 
     with pytest.raises(ConfigError, match="can offload those of 2 \\(not the last one\\)"):
         run(offload_activations=3)
