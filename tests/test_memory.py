@@ -458,7 +458,7 @@ ACTIVATION_OFFLOAD_RUNS = REPO / "bench" / "results-2026-11-27-activation-offloa
 
 
 def test_the_estimate_matches_the_runs_with_offloaded_activations():
-    """[dev] at 1024², fp8, compiled, on H100s: the estimate reads 3.6-4.4% over the card in use
+    """[dev] at 1024², fp8, compiled, on H100s: the estimate reads 2.4-4.4% over the card in use
     (PyTorch's reserved peak plus the context), with or without offloaded activations, on both paths.
     Runs of the record's earlier designs (their allocator pools held up to 78 GiB) are left out."""
     from flux2_train.memory import CUDA_CONTEXT
