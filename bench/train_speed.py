@@ -348,7 +348,8 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         self.first, self.last, self.family = warmup + 1, warmup + steps, family
-        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        # GPU activity only: recording every CPU op would slow the host enough to change where the GPU waits.
+        self.prof = profile(activities=[ProfilerActivity.CUDA])
         self.running = False
         if warmup == 0:  # from the first step
             self.prof.start()
@@ -370,10 +371,43 @@ class StepProfiler:
                                                    max_name_column_width=70)
         except (AssertionError, RuntimeError):  # the run ended before the profiled steps
             return ""
+        table += "\n" + gpu_idle(self.prof.events(), self.last - self.first + 1)
         print(table, flush=True)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], f"profile-{self.family}.txt").write_text(table)
         return table
+
+
+def gpu_idle(events, steps: int, largest: int = 12) -> str:
+    """Where the GPU waits in the profiled window: its busy time, its idle time by gap size, and the
+    largest gaps with the kernels on either side. Many small gaps mean launch-bound code (the host
+    queues kernels no faster than they run); a few large ones mean a host wait or host-side work."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return "no GPU activity recorded"
+    busy, gaps = 0.0, []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start = s
+        if e >= end:
+            end, last = e, name
+    busy += end - start
+    window = spans[-1][1] - spans[0][0]  # microseconds
+    lines = [f"GPU busy {busy / steps / 1e3:.1f} ms of {window / steps / 1e3:.1f} ms per step "
+             f"({100 * (1 - busy / window):.1f}% idle, {len(spans) / steps:.0f} GPU activities per step)"]
+    for lo, hi in ((0, 5), (5, 20), (20, 100), (100, float("inf"))):
+        sizes = [g for g, *_ in gaps if lo <= g < hi]
+        lines.append(f"  gaps {lo}-{hi} us: {len(sizes) / steps:.0f} per step, {sum(sizes) / steps / 1e3:.2f} ms per step")
+    lines.append("largest gaps (us, kernel before -> kernel after):")
+    for g, before, after in sorted(gaps, reverse=True)[:largest]:
+        lines.append(f"  {g:8.0f}  {before[:60]} -> {after[:60]}")
+    return "\n".join(lines)
 
 
 def offload_count(args, cfg, spec, device) -> int:

@@ -90,6 +90,34 @@ GPU_MODES = {
 
 
 @pytest.mark.gpu
+def test_between_its_reports_a_run_waits_for_the_gpu_only_to_read_a_loss(demo_dataset, tiny_pipeline_dir, tmp_path):
+    """Any other wait (a CPU tensor copied in, an `.item()`) drains the GPU's queue, and it then idles
+    while the host queues the next kernels. CUDA's sync check raises on one from the first reported
+    step to the last."""
+    from flux2_train.events import EventBus, StepEvent
+
+    reported = []
+
+    def strict_between_reports(ev):
+        if isinstance(ev, StepEvent):
+            reported.append(ev.step)
+            torch.cuda.set_sync_debug_mode("error" if ev.step < ev.total else "default")
+
+    cfg = resolve_config(overrides=dict(
+        dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path), name="run",
+        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=6, rank=4,
+        dtype="bfloat16", device="cuda", save_every=0, tensorboard=False, validate_every=0, preview_every=0))
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
+    try:
+        Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free,
+                events=EventBus([strict_between_reports])).run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert reported == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", list(GPU_MODES))
 def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo_dataset, tiny_pipeline_dir,
                                                                       tmp_path, monkeypatch):
