@@ -42,6 +42,8 @@ also appended to $OUT/bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -256,6 +258,7 @@ def run_one(args, family: str) -> dict:
         steps: list[dict] = []
 
         profiler = StepProfiler(args.profile, family, args.warmup) if args.profile else None
+        host_times = HostTimes(args.warmup) if args.host_times else None
 
         def on_event(ev):
             if isinstance(ev, StepEvent):
@@ -263,6 +266,8 @@ def run_one(args, family: str) -> dict:
                                   peak_gib=ev.peak_memory_bytes / 2**30))
                 if profiler:
                     profiler.step(ev.step)
+                if host_times:
+                    host_times.step(ev.step)
                 if world.is_main and (args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total):
                     print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
                           f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
@@ -275,10 +280,13 @@ def run_one(args, family: str) -> dict:
             trainer = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
                               events=events)
             try:
-                result = trainer.run()
+                with host_times or contextlib.nullcontext():
+                    result = trainer.run()
             finally:
                 if profiler:
                     rec["profile"] = profiler.finish()
+                if host_times:
+                    rec["host_ms_per_call"] = host_times.report(family)
             rec["strategy"] = trainer.strategy
             if trainer.activation_offload:  # what one forward pass moved to CPU memory
                 rec["offloaded_activations_gib"] = trainer.activation_offload.offloaded_bytes / 2**30
@@ -376,6 +384,59 @@ class StepProfiler:
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], f"profile-{self.family}.txt").write_text(table)
         return table
+
+
+class HostTimes:
+    """`--host-times`: the host's time in each part of the loop, per call after the warm-up, waits for
+    the GPU included. A part that takes the host longer than the GPU needs for its work leaves the GPU
+    waiting; where the host is ahead, it waits in whichever call finds CUDA's launch queue full."""
+
+    def __init__(self, warmup: int):
+        from flux2_train.loss_reader import LateLossReader
+        from flux2_train.train import Trainer
+
+        self.parts = {
+            "prepare a micro-batch": (Trainer, "_micro_batch"),
+            "queue the forward pass": (Trainer, "_micro_step"),
+            "queue the backward pass": (torch.autograd, "backward"),
+            "clip the gradients": (torch.nn.utils, "clip_grad_norm_"),
+            "optimizer step": (torch.optim.AdamW, "step"),
+            "read a loss a step late": (LateLossReader, "read"),
+        }
+        self.warmup, self.counting = warmup, False
+        self.spent: dict[str, list[float]] = {name: [] for name in self.parts}
+        self.originals: list[tuple] = []
+
+    def step(self, done: int) -> None:
+        self.counting = done >= self.warmup
+
+    def __enter__(self):
+        for name, (owner, attr) in self.parts.items():
+            original = getattr(owner, attr)
+            self.originals.append((owner, attr, original))
+            setattr(owner, attr, self._timed(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, original in self.originals:
+            setattr(owner, attr, original)
+
+    def _timed(self, name, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.counting:
+                    self.spent[name].append(time.perf_counter() - start)
+        return timed
+
+    def report(self, family: str) -> dict[str, float]:
+        means = {name: 1e3 * sum(ts) / len(ts) for name, ts in self.spent.items() if ts}
+        for name, ms in means.items():
+            print(f"  [{family}] host ms per call, {name}: {ms:.2f} ({len(self.spent[name])} calls)", flush=True)
+        return means
 
 
 def gpu_idle(events, steps: int, largest: int = 12) -> str:
@@ -548,6 +609,8 @@ def main(argv=None) -> int:
                     help="keep the activations of N blocks that are not checkpointed in pinned CPU memory")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="profile STEPS steps after the warm-up and print the top GPU kernels by time")
+    ap.add_argument("--host-times", action="store_true",
+                    help="print the host's time in each part of the loop (waits for the GPU included)")
     ap.add_argument("--memory-cap-gib", type=float, default=0.0,
                     help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction) after the "
                          "model is built, quantized and placed: a smaller card")

@@ -1,0 +1,42 @@
+"""The benchmark's own diagnostics: where the GPU idles in a profile, and the host's time per part of the loop."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.autograd import DeviceType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from train_speed import HostTimes, gpu_idle  # noqa: E402
+
+
+def activity(start: float, end: float, name: str, device=DeviceType.CUDA):
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name, device_type=device)
+
+
+def test_gpu_idle_merges_overlapping_kernels_and_names_the_largest_gap():
+    events = [activity(0, 10, "a"), activity(2, 12, "b"), activity(15, 20, "c"), activity(200, 210, "d"),
+              activity(0, 500, "a host op", DeviceType.CPU)]  # host time is not GPU time
+    text = gpu_idle(events, steps=1).splitlines()
+    # busy 12 + 5 + 10 us of a 210 us window; gaps of 3 us (b -> c) and 180 us (c -> d)
+    assert text[0] == "GPU busy 0.0 ms of 0.2 ms per step (87.1% idle, 4 GPU activities per step)"
+    assert "gaps 0-5 us: 1 per step" in text[1] and "gaps 100-inf us: 1 per step, 0.18 ms" in text[4]
+    assert text[6].split() == ["180", "c", "->", "d"] and text[7].split() == ["3", "b", "->", "c"]
+    assert gpu_idle([activity(0, 5, "x", DeviceType.CPU)], steps=1) == "no GPU activity recorded"
+
+
+def test_host_times_count_after_the_warm_up_and_put_the_calls_back():
+    original = torch.nn.utils.clip_grad_norm_
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with HostTimes(warmup=2) as times:
+        torch.nn.utils.clip_grad_norm_([p], 1.0)  # during the warm-up: not counted
+        times.step(2)
+        torch.nn.utils.clip_grad_norm_([p], 1.0)
+        torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert torch.nn.utils.clip_grad_norm_ is original
+    assert len(times.spent["clip the gradients"]) == 2
+    assert set(times.report("tiny")) == {"clip the gradients"}
