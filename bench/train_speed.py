@@ -267,7 +267,7 @@ def run_one(args, family: str) -> dict:
                 if profiler:
                     profiler.step(ev.step)
                 if host_times:
-                    host_times.step(ev.step)
+                    host_times.step(ev.step, ev.total)
                 if world.is_main and (args.verbose or ev.step <= 3 or ev.step % 5 == 0 or ev.step == ev.total):
                     print(f"  [{family}] step {ev.step}/{ev.total} loss {ev.loss:.4f} "
                           f"{ev.seconds_per_step:.3f} s peak {ev.peak_memory_bytes / 2**30:.2f} GiB", flush=True)
@@ -350,13 +350,15 @@ def run_one(args, family: str) -> dict:
 
 
 class StepProfiler:
-    """torch.profiler over `steps` training steps after the warm-up: the top GPU kernels by time."""
+    """torch.profiler over `steps` training steps after the warm-up: the top GPU kernels by time, and
+    where the GPU idles (`gpu_idle`)."""
 
     def __init__(self, steps: int, family: str, warmup: int):
         from torch.profiler import ProfilerActivity, profile
 
         self.first, self.last, self.family = warmup + 1, warmup + steps, family
-        # GPU activity only: recording every CPU op would slow the host enough to change where the GPU waits.
+        # GPU activity only: the table and the idle gaps need nothing else, and recording CPU ops adds
+        # host work to every op, which moves the gaps.
         self.prof = profile(activities=[ProfilerActivity.CUDA])
         self.running = False
         if warmup == 0:  # from the first step
@@ -387,39 +389,54 @@ class StepProfiler:
 
 
 class HostTimes:
-    """`--host-times`: the host's time in each part of the loop, per call after the warm-up, waits for
-    the GPU included. A part that takes the host longer than the GPU needs for its work leaves the GPU
-    waiting; where the host is ahead, it waits in whichever call finds CUDA's launch queue full."""
+    """`--host-times`: the host's time in each part of the loop, per call, waits for the GPU included.
+
+    Counted over the steps queued after the warm-up's last report (reports come a step late), without
+    the last loss read, which waits for the whole last step. A part that takes the
+    host longer than the GPU needs for its work leaves the GPU waiting; where the host is ahead, it
+    waits in whichever call finds CUDA's launch queue full.
+    """
 
     def __init__(self, warmup: int):
         from flux2_train.loss_reader import LateLossReader
         from flux2_train.train import Trainer
 
-        self.parts = {
+        self.calls = {
             "prepare a micro-batch": (Trainer, "_micro_batch"),
             "queue the forward pass": (Trainer, "_micro_step"),
             "queue the backward pass": (torch.autograd, "backward"),
             "clip the gradients": (torch.nn.utils, "clip_grad_norm_"),
-            "optimizer step": (torch.optim.AdamW, "step"),
             "read a loss a step late": (LateLossReader, "read"),
         }
         self.warmup, self.counting = warmup, False
-        self.spent: dict[str, list[float]] = {name: [] for name in self.parts}
-        self.originals: list[tuple] = []
+        self.spent: dict[str, list[float]] = {name: [] for name in [*self.calls, "optimizer step"]}
+        self.stack = contextlib.ExitStack()
 
-    def step(self, done: int) -> None:
-        self.counting = done >= self.warmup
+    def step(self, done: int, total: int) -> None:
+        self.counting = self.warmup <= done < total - 1
 
     def __enter__(self):
-        for name, (owner, attr) in self.parts.items():
-            original = getattr(owner, attr)
-            self.originals.append((owner, attr, original))
-            setattr(owner, attr, self._timed(name, original))
+        from unittest import mock
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        with contextlib.ExitStack() as stack:  # undone at once if a patch fails
+            for name, (owner, attr) in self.calls.items():
+                stack.enter_context(mock.patch.object(owner, attr, self._timed(name, getattr(owner, attr))))
+            # Every optimizer, through torch's global step hooks rather than a patched class.
+            started = []
+            stack.callback(register_optimizer_step_pre_hook(lambda *_: started.append(time.perf_counter())).remove)
+            stack.callback(register_optimizer_step_post_hook(
+                lambda *_: self._add("optimizer step", started.pop()) if started else None).remove)
+            self.stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        for owner, attr, original in self.originals:
-            setattr(owner, attr, original)
+        self.stack.close()
+
+    def _add(self, name: str, start: float) -> None:
+        if self.counting:
+            self.spent[name].append(time.perf_counter() - start)
 
     def _timed(self, name, fn):
         @functools.wraps(fn)
@@ -428,8 +445,7 @@ class HostTimes:
             try:
                 return fn(*args, **kwargs)
             finally:
-                if self.counting:
-                    self.spent[name].append(time.perf_counter() - start)
+                self._add(name, start)
         return timed
 
     def report(self, family: str) -> dict[str, float]:
@@ -459,12 +475,13 @@ def gpu_idle(events, steps: int, largest: int = 12) -> str:
         if e >= end:
             end, last = e, name
     busy += end - start
-    window = spans[-1][1] - spans[0][0]  # microseconds
+    window = end - spans[0][0]  # microseconds; the last activity to end may not be the last to start
     lines = [f"GPU busy {busy / steps / 1e3:.1f} ms of {window / steps / 1e3:.1f} ms per step "
              f"({100 * (1 - busy / window):.1f}% idle, {len(spans) / steps:.0f} GPU activities per step)"]
     for lo, hi in ((0, 5), (5, 20), (20, 100), (100, float("inf"))):
         sizes = [g for g, *_ in gaps if lo <= g < hi]
-        lines.append(f"  gaps {lo}-{hi} us: {len(sizes) / steps:.0f} per step, {sum(sizes) / steps / 1e3:.2f} ms per step")
+        lines.append(f"  gaps {lo}-{hi} us: {len(sizes) / steps:.0f} per step, "
+                     f"{sum(sizes) / steps / 1e3:.2f} ms per step")
     lines.append("largest gaps (us, kernel before -> kernel after):")
     for g, before, after in sorted(gaps, reverse=True)[:largest]:
         lines.append(f"  {g:8.0f}  {before[:60]} -> {after[:60]}")
@@ -608,7 +625,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload-activations", type=int, default=0, metavar="N",
                     help="keep the activations of N blocks that are not checkpointed in pinned CPU memory")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="profile STEPS steps after the warm-up and print the top GPU kernels by time")
+                    help="profile STEPS steps after the warm-up; print the top GPU kernels by time and where "
+                         "the GPU idles")
     ap.add_argument("--host-times", action="store_true",
                     help="print the host's time in each part of the loop (waits for the GPU included)")
     ap.add_argument("--memory-cap-gib", type=float, default=0.0,

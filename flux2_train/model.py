@@ -308,8 +308,8 @@ class DiffusersFlux2Backbone:
         b, c, h, w = latents.shape
         device = latents.device
         # Position ids exactly as the FLUX.2 pipelines build them: (t, h, w, l) for image tokens,
-        # (0, 0, 0, l) for text tokens. Built where they are used: copying a CPU tensor in would make
-        # the host wait until the GPU has run everything queued, the step before included.
+        # (0, 0, 0, l) for text tokens. Built where they are used: a blocking copy of a CPU tensor would
+        # make the host wait until the GPU has run everything queued, the step before included.
         img_ids = torch.cartesian_prod(*(torch.arange(n, device=device) for n in (1, h, w, 1)))
         txt_ids = torch.cartesian_prod(*(torch.arange(n, device=device) for n in (1, 1, 1, text_embeds.shape[1])))
         packed = latents.reshape(b, c, h * w).permute(0, 2, 1)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.autograd import DeviceType
 
@@ -28,15 +29,28 @@ def test_gpu_idle_merges_overlapping_kernels_and_names_the_largest_gap():
     assert gpu_idle([activity(0, 5, "x", DeviceType.CPU)], steps=1) == "no GPU activity recorded"
 
 
-def test_host_times_count_after_the_warm_up_and_put_the_calls_back():
-    original = torch.nn.utils.clip_grad_norm_
+def test_host_times_count_between_the_warm_up_and_the_last_step_and_put_the_calls_back():
+    original_clip, original_backward = torch.nn.utils.clip_grad_norm_, torch.autograd.backward
     p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    with HostTimes(warmup=2) as times:
-        torch.nn.utils.clip_grad_norm_([p], 1.0)  # during the warm-up: not counted
-        times.step(2)
+    optimizer = torch.optim.AdamW([p])
+
+    def step():
+        (p * 2).sum().backward()  # through torch.autograd.backward
         torch.nn.utils.clip_grad_norm_([p], 1.0)
-        torch.nn.utils.clip_grad_norm_([p], 1.0)
-    assert torch.nn.utils.clip_grad_norm_ is original
-    assert len(times.spent["clip the gradients"]) == 2
-    assert set(times.report("tiny")) == {"clip the gradients"}
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with pytest.raises(RuntimeError, match="stop"), HostTimes(warmup=2) as times:
+        step()  # during the warm-up: not counted
+        times.step(2, total=5)
+        step()
+        step()
+        times.step(4, total=5)
+        step()  # the last step's flush: not counted
+        raise RuntimeError("stop")
+    assert torch.nn.utils.clip_grad_norm_ is original_clip and torch.autograd.backward is original_backward
+    counted = {name: len(ts) for name, ts in times.spent.items() if ts}
+    assert counted == {"queue the backward pass": 2, "clip the gradients": 2, "optimizer step": 2}
+    assert set(times.report("tiny")) == set(counted)
+    optimizer.step()  # the step hooks are gone too
+    assert len(times.spent["optimizer step"]) == 2

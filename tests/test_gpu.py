@@ -90,10 +90,11 @@ GPU_MODES = {
 
 
 @pytest.mark.gpu
-def test_between_its_reports_a_run_waits_for_the_gpu_only_to_read_a_loss(demo_dataset, tiny_pipeline_dir, tmp_path):
-    """Any other wait (a CPU tensor copied in, an `.item()`) drains the GPU's queue, and it then idles
+def test_between_its_reports_a_run_makes_no_blocking_copy_or_stream_sync(demo_dataset, tiny_pipeline_dir, tmp_path):
+    """Such a wait (a CPU tensor copied in, an `.item()`) drains the GPU's queue, and the GPU then idles
     while the host queues the next kernels. CUDA's sync check raises on one from the first reported
-    step to the last."""
+    step to the last. (It does not see `torch.cuda.synchronize()` or event waits; the late loss read
+    waits on an event.)"""
     from flux2_train.events import EventBus, StepEvent
 
     reported = []
