@@ -20,8 +20,8 @@ FLOPs (under 1% at rank 16) and recomputation are not counted.
 
     python3 bench/compare.py --family klein-4b --comfyui /path/to/ComfyUI
 
-Prints the table (with each row's speed-up over each peer) and, with OUT set, writes
-$OUT/compare-<family>.json.
+Prints the table (with each row's speed-up over each peer), then each of the family's targets
+(`TARGETS`): met, or missed and by how much; with OUT set, writes $OUT/compare-<family>.json.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ ENGINE_MODES = {
     "klein-4b": ["--compile --quantize-base fp8 --attention cudnn",
                  "--compile --quantize-base nf4 --gradient-checkpointing --memory-cap-gib 7.5 --attention cudnn"],
     "klein-9b": ["--compile --quantize-base fp8 --attention cudnn"],
-    "dev": ["--compile --quantize-base fp8 --gradient-checkpointing --checkpoint-blocks 30 --attention cudnn"],
+    "dev": ["--compile --quantize-base fp8 --gradient-checkpointing --checkpoint-blocks 10 --offload-activations 16 "
+            "--attention cudnn"],
 }
 # The node's path: ComfyUI's model as the stock loader gives it (DynamicVRAM on NVIDIA), and held
 # on the GPU by a regular ModelPatcher (ComfyUI's --disable-dynamic-vram), where its blocks compile.
@@ -54,7 +55,8 @@ COMFY_MODES = {
     "tiny": [""],
     "klein-4b": ["--attention cudnn", COMPILED_NODE],
     "klein-9b": ["--gradient-checkpointing", COMPILED_NODE],
-    "dev": ["--gradient-checkpointing", "--gradient-checkpointing " + COMPILED_NODE],
+    "dev": ["--gradient-checkpointing", "--weight-dtype fp8_mixed --gradient-checkpointing --checkpoint-blocks 10 "
+            "--offload-activations 16 " + COMPILED_NODE],
 }
 PEER_MODES = {  # (label, options); [dev] needs checkpointing in every peer
     "diffusers default targets + compile": "--peer diffusers --targets default --compile",
@@ -67,10 +69,14 @@ def run_job(script: str, argv: list[str], result_name: str, timeout: float) -> d
     """Run one benchmark script in its own process; its record (the last it wrote) or an error record."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(BENCH / script), *argv]
-        print(f"== {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+        env = dict(os.environ, OUT=out)
+        if "--offload-activations" in argv:  # as the CLI sets it: offloaded activations come back in odd sizes
+            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        prefix = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True " if "--offload-activations" in argv else ""
+        print(f"== {prefix}{' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=dict(os.environ, OUT=out), timeout=timeout)
+            proc = subprocess.run(cmd, env=env, timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -81,7 +87,7 @@ def run_job(script: str, argv: list[str], result_name: str, timeout: float) -> d
         except (OSError, json.JSONDecodeError, KeyError, IndexError):
             rec = dict(status="error", error=f"exited with {code} and wrote no result")
         rec["wall_seconds_total"] = time.perf_counter() - t0
-        rec["command"] = f"python3 bench/{script} " + " ".join(shlex.quote(a) for a in argv)
+        rec["command"] = f"{prefix}python3 bench/{script} " + " ".join(shlex.quote(a) for a in argv)
         return rec
 
 
@@ -102,6 +108,62 @@ def table(rows: list[dict], flops: float | None) -> str:
             cells += [f"{p['median_s_per_step'] / s:.2f}" for p in peers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def checkpointing_label(options: list[str]) -> str:
+    def value(flag: str) -> str:
+        return options[options.index(flag) + 1] if flag in options else "0"
+
+    if "--gradient-checkpointing" not in options:
+        return ""
+    blocks, offloaded = value("--checkpoint-blocks"), value("--offload-activations")
+    return (", ckpt all" if blocks == "0" else f", ckpt {blocks}") + (
+        f" + {offloaded} blocks' activations offloaded" if offloaded != "0" else "")
+
+
+# The targets on one H100 (1024², rank 16 on every block Linear, batch 1): s/step of the fastest run on
+# each path, and speed-ups over peers (the fastest peer where none is named, at no more peak memory).
+TARGETS = {
+    "klein-4b": [("engine", "s/step", 0.15), ("engine", "× vs ComfyUI TrainLoraNode", 3.5),
+                 ("engine", "× vs diffusers", 1.5)],
+    "klein-9b": [("engine", "s/step", 0.30)],
+    "dev": [("engine", "s/step", 1.0), ("ComfyUI node", "s/step", 1.0),
+            ("engine", "× vs the fastest peer, at no more memory", 1.5)],
+}
+
+
+def verdicts(family: str, rows: list[dict]) -> list[str]:
+    """Each target of `family` against this run's rows: met, or missed and by how much."""
+    def fastest(candidates):
+        timed = [r for r in candidates if r.get("median_s_per_step") and not r.get("memory_cap_gib")]
+        return min(timed, key=lambda r: r["median_s_per_step"]) if timed else None
+
+    lines = []
+    for path, what, goal in TARGETS.get(family, []):
+        ours = fastest([r for r in rows if path in r["tool"]])
+        if what == "s/step":
+            text = f"≤ {goal} s/step"
+            value = ours["median_s_per_step"] if ours else None
+            shown = f"{value:.3f} s" if value else ""
+            met, short = value is not None and value <= goal, value and (value - goal) / goal
+        else:
+            name = what.removeprefix("× vs ").split(",")[0]
+            text = f"≥ {goal}× {name}" + (" at no more memory" if "memory" in what else "")
+            peers = [r for r in rows if r["tool"] == "peer"]
+            peer = fastest(peers if name == "the fastest peer" else [r for r in peers if name in r["label"]])
+            value = peer["median_s_per_step"] / ours["median_s_per_step"] if ours and peer else None
+            more_memory = bool(value and "memory" in what
+                               and ours.get("peak_allocated_gib", 0) > peer.get("peak_allocated_gib", 0))
+            shown = f"{value:.2f}× ({peer['label']}{', at more memory' if more_memory else ''})" if value else ""
+            met, short = value is not None and value >= goal and not more_memory, value and (goal - value) / goal
+        if not value:
+            verdict = "not measured"
+        elif met:
+            verdict = f"{shown}: met"
+        else:
+            verdict = f"{shown}: missed" + (f" by {100 * short:.1f}%" if short > 0 else "")
+        lines.append(f"target, {path}: {text}: {verdict}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -145,7 +207,7 @@ def main(argv=None) -> int:
             rec = run_job("comfy_train_speed.py", argv_, "comfy_bench.json", args.timeout)
             label = ("fp8 e4m3 MODEL" if "fp8" in options else "bf16 MODEL") + (
                 ", regular ModelPatcher" if "--no-dynamic-vram" in options else "") + (
-                ", ckpt all" if "--gradient-checkpointing" in options else "") + (
+                checkpointing_label(shlex.split(options))) + (
                 ", compiled" if rec.get("compiled") else "")
             rows.append(dict(rec, tool="ours, ComfyUI node", label=label))
     flops = next((r["model_tflop_per_step"] * 1e12 for r in rows
@@ -154,6 +216,8 @@ def main(argv=None) -> int:
     print(f"\n{fam}, {args.resolution}², rank 16, batch 1; {env.get('gpu', args.device)}; "
           f"model TFLOP per step {flops / 1e12:.2f}" if flops else f"\n{fam}")
     print(table(rows, flops))
+    for line in verdicts(fam, rows):
+        print(line)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / f"compare-{fam}.json"
         path.write_text(json.dumps(dict(family=fam, resolution=args.resolution, model_flops_per_step=flops,

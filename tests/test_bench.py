@@ -54,3 +54,29 @@ def test_host_times_count_between_the_warm_up_and_the_last_step_and_put_the_call
     assert set(times.report("tiny")) == set(counted)
     optimizer.step()  # the step hooks are gone too
     assert len(times.spent["optimizer step"]) == 2
+
+
+def test_compare_says_which_targets_a_run_meets_and_by_how_much_it_misses():
+    from compare import verdicts
+
+    def row(tool, label, seconds, gib=60.0, **extra):
+        return dict(tool=tool, label=label, median_s_per_step=seconds, peak_allocated_gib=gib, **extra)
+
+    klein = [row("peer", "diffusers default targets + compile", 0.24), row("peer", "diffusers all block linears", 0.37),
+             row("peer", "ComfyUI TrainLoraNode", 0.54), row("ours, engine (CLI)", "fp8", 0.16),
+             row("ours, engine (CLI)", "nf4 capped", 0.10, memory_cap_gib=7.5)]  # a capped run is not the speed
+    assert verdicts("klein-4b", klein) == [
+        "target, engine: ≤ 0.15 s/step: 0.160 s: missed by 6.7%",
+        "target, engine: ≥ 3.5× ComfyUI TrainLoraNode: 3.38× (ComfyUI TrainLoraNode): missed by 3.6%",
+        "target, engine: ≥ 1.5× diffusers: 1.50× (diffusers default targets + compile): met",
+    ]
+    dev = [row("peer", "diffusers default targets + compile, checkpointing", 1.6, gib=65.2),
+           row("ours, engine (CLI)", "fp8", 0.97, gib=66.0), row("ours, ComfyUI node", "fp8", 0.99)]
+    assert verdicts("dev", dev) == [
+        "target, engine: ≤ 1.0 s/step: 0.970 s: met",
+        "target, ComfyUI node: ≤ 1.0 s/step: 0.990 s: met",
+        "target, engine: ≥ 1.5× the fastest peer at no more memory: "
+        "1.65× (diffusers default targets + compile, checkpointing, at more memory): missed",
+    ]
+    assert verdicts("klein-9b", [row("ours, engine (CLI)", "fp8", None, status="oom")]) == [
+        "target, engine: ≤ 0.3 s/step: not measured"]
