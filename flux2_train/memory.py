@@ -144,6 +144,12 @@ class Placement:
         """The engine can keep whole blocks in CPU memory: one process, plain or fp8 weights."""
         return self.host == "engine" and self.processes == 1 and cfg.quantize_base in ("none", "fp8")
 
+    def offloads_activations(self, cfg: TrainConfig) -> bool:
+        """Blocks' activations can wait in CPU memory: one process, CPU memory known, and no weights
+        crossing the bus already (streamed or offloaded blocks)."""
+        return (self.host_free is not None and self.processes == 1 and not self.streams_weights
+                and not cfg.offload_blocks)
+
 
 @dataclass(frozen=True)
 class Advice:
@@ -402,8 +408,7 @@ def activation_offload_budget(spec: ModelSpec, cfg: TrainConfig, placement: Plac
     """Blocks whose activations can wait in CPU memory for little cost: as many as the bus carries
     out during a forward pass, in half the free CPU memory (pinned). None where weights already
     cross the bus (streamed or offloaded), with several processes, or where CPU memory is unknown."""
-    if (placement.host_free is None or placement.streams_weights or placement.processes > 1 or cfg.offload_blocks
-            or est.block_activations <= 0):
+    if not placement.offloads_activations(cfg) or est.block_activations <= 0:
         return 0
     by_bus = ACTIVATION_BYTES_PER_MODELLED_FORWARD_SECOND * step_seconds(spec, cfg, buckets) / 3
     by_host = 0.5 * placement.host_free / PINNED_ROUNDING

@@ -251,7 +251,11 @@ class DiffusersFlux2Backbone:
     def memory_placement(self) -> "Placement":
         from .memory import Placement, host_memory_free
 
-        return Placement("engine", host_free=host_memory_free())  # stored in the run's dtype, all on the device
+        # Stored in the run's dtype, all on the device. Asked before `prepare`, while a model loaded
+        # from a file still sits in CPU memory: those bytes are free once it moves.
+        tensors = (*self.transformer.parameters(), *self.transformer.buffers())
+        leaving = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
+        return Placement("engine", host_free=host_memory_free() + leaving)
 
     def prepare(self, device: torch.device, dtype: torch.dtype, training_bytes: int = 0,
                 offloaded: tuple[int, ...] = ()) -> None:

@@ -397,7 +397,9 @@ def _addresses(t: torch.Tensor) -> set[int]:
 
 def _empty_pinned_cache() -> None:
     """Return the pinned CPU memory PyTorch keeps cached for reuse to the system."""
-    empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+    # Public in recent torch (torch.accelerator), private names in older ones.
+    empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+             or getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None))
     if empty is not None:
         with contextlib.suppress(RuntimeError):  # a courtesy to the host process: never the run's failure
             empty()

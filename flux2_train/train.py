@@ -901,8 +901,7 @@ class Trainer:
         blocks = len(self.backbone.blocks)
         room = activation_offload_room(blocks, checkpointed_count(blocks, cfg.gradient_checkpointing,
                                                                   cfg.checkpoint_blocks))
-        if (not cfg.offload_activations and room > ACTIVATIONS_IN_FLIGHT and placement.processes == 1
-                and not placement.streams_weights):
+        if not cfg.offload_activations and room > ACTIVATIONS_IN_FLIGHT and placement.offloads_activations(cfg):
             tips.append("--offload-activations N (N blocks' activations in CPU memory)")
         if placement.offloads_blocks(cfg):
             tips.append("--offload-blocks N (N blocks' weights in CPU memory)")

@@ -507,3 +507,17 @@ def test_auto_keeps_activations_in_cpu_memory_instead_of_checkpointing_where_the
     assert not streamed.cfg.offload_activations
     on_24_gb = plan_auto(spec, given, Placement("engine", host_free=100 * GIB), 24 * GIB)
     assert on_24_gb.cfg.offload_blocks and not on_24_gb.cfg.offload_activations
+
+
+def test_the_engines_cpu_memory_counts_the_weights_that_leave_for_the_gpu(tiny_pipeline_dir, monkeypatch):
+    """The Trainer plans after the model is loaded into CPU memory and before it moves: pinned buffers
+    for offloaded activations may use what the weights free."""
+    from flux2_train import memory
+    from flux2_train.model import load_transformer
+
+    monkeypatch.setattr(memory, "host_memory_free", lambda: 1000)
+    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
+    weights = sum(t.numel() * t.element_size() for t in backbone.module.state_dict().values())
+    assert backbone.memory_placement().host_free == 1000 + weights
+    backbone.module.to("meta")  # no longer in CPU memory: nothing leaves it
+    assert backbone.memory_placement().host_free == 1000
