@@ -83,9 +83,9 @@ GPU_MODES = {
     "fp8 + compile + offload": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True,
                                      offload_blocks=3), 0.05),
     "offloaded activations": (dict(offload_activations=2), 0.02),
-    "fp8 + compile + checkpointing + offloaded activations": (dict(
-        quantize_base="fp8", compile=True, gradient_checkpointing=True, checkpoint_blocks=1, offload_activations=1),
-        0.05),
+    # The tiny model's three blocks leave no room for checkpointed blocks beside moved ones (tests/test_speed.py
+    # trains that mix on five blocks): block 0's memory moves here.
+    "fp8 + compile + offloaded activations": (dict(quantize_base="fp8", compile=True, offload_activations=2), 0.05),
 }
 
 
@@ -187,10 +187,10 @@ def test_offloaded_activations_wait_for_their_copies_when_the_bus_is_slow(monkey
     monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # block 0's memory goes and comes back
     kept = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "a")
     for name in ("_pack", "_bring_back"):  # both copies of block 0 start late
-        def late(self, *args, _real=getattr(offload.ActivationOffload, name)):
+        def late(self, *args, _real=getattr(offload.ActivationOffload, name), **kwargs):
             with torch.cuda.stream(self.stream):
                 torch.cuda._sleep(20_000_000)  # about ten milliseconds of the side stream
-            return _real(self, *args)
+            return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(offload.ActivationOffload, name, late)
     moved = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "b", offload_activations=2)

@@ -314,6 +314,30 @@ def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_
         assert hasattr(wrapped.args[-1], "_torchdynamo_orig_callable")  # the hooks stay outside the compiled code
 
 
+def test_checkpointed_blocks_and_offloaded_activations_together_give_the_same_losses(demo_dataset, tiny_pipeline_dir,
+                                                                                       tmp_path, monkeypatch):
+    """One model, some blocks recomputed and others' activations in CPU memory: five blocks, so that after
+    the checkpointed one and the last, two offloaded blocks' memory moves."""
+    from flux2_train import offload
+    from flux2_train.model import DiffusersFlux2Backbone
+    from flux2_train.speed import is_checkpointed
+    from flux2_train.tiny import tiny_transformer
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)
+    runs = {}
+    for name, count in (("kept", 0), ("moved", 3)):
+        cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / name, tmp_path / "cache", **(EXACT | dict(
+            steps=3, gradient_checkpointing=True, checkpoint_blocks=1, offload_activations=count)))
+        backbone = DiffusersFlux2Backbone(tiny_transformer(num_single_layers=4))
+        trainer = tiny_trainer(cfg, tiny_pipeline_dir, backbone=backbone)
+        runs[name] = trainer.run().losses, trainer
+    (kept, _), (moved, trainer) = runs["kept"], runs["moved"]
+    assert moved == kept
+    assert [i for i, b in enumerate(trainer.backbone.blocks) if is_checkpointed(b)] == [0]
+    assert trainer.activation_offload.offloaded_bytes > 0
+
+
 def test_activation_offload_keeps_weights_and_small_tensors_and_frees_the_rest():
     from flux2_train.offload import ActivationOffload
 
