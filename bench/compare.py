@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 BENCH = Path(__file__).resolve().parent
 PEAK = 989.4e12
@@ -70,7 +71,9 @@ def run_job(script: str, argv: list[str], result_name: str, timeout: float) -> d
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(BENCH / script), *argv]
         env, prefix = dict(os.environ, OUT=out), ""
-        if "--offload-activations" in argv:  # as the CLI sets it: offloaded activations come back in odd sizes
+        if script == "train_speed.py" and "--offload-activations" in argv:
+            # As the engine's offloaded-activation runs were measured (the CLI sets it for every run):
+            # activations that come back in odd sizes fragment the default allocator.
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
             prefix = f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']} "
         print(f"== {prefix}{' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
@@ -110,26 +113,30 @@ def table(rows: list[dict], flops: float | None) -> str:
     return "\n".join(lines)
 
 
-def checkpointing_label(options: list[str]) -> str:
-    def value(flag: str) -> str:
-        return options[options.index(flag) + 1] if flag in options else "0"
-
-    if "--gradient-checkpointing" not in options:
+def checkpointing_label(rec: dict) -> str:
+    """A node run's checkpointing and offloaded activations, from its record."""
+    if not rec.get("gradient_checkpointing"):
         return ""
-    blocks, offloaded = value("--checkpoint-blocks"), value("--offload-activations")
-    return (", ckpt all" if blocks == "0" else f", ckpt {blocks}") + (
-        f" + {offloaded} blocks' activations offloaded" if offloaded != "0" else "")
+    blocks, offloaded = rec.get("checkpoint_blocks") or 0, rec.get("offload_activations") or 0
+    return (f", ckpt {blocks}" if blocks else ", ckpt all") + (
+        f" + {offloaded} blocks' activations offloaded" if offloaded else "")
 
 
-# The targets on one H100 (1024², rank 16 on every block Linear, batch 1), each (path, measure, goal):
-# the s/step of the path's fastest run, or its speed-up over the fastest peer whose label holds the
-# name ("the fastest peer": any), "at no more memory" where its peak may not exceed that peer's.
+class Target(NamedTuple):
+    """A target on one H100 (1024², rank 16 on every block Linear, batch 1), met by the fastest run of
+    `path` without a memory cap: at most `goal` s/step, or, where `peer` is set, `goal` times as fast
+    as the fastest peer whose label holds `peer` ("": any peer), at no more peak memory if `same_memory`."""
+    path: str  # "engine" or "ComfyUI node"
+    goal: float
+    peer: str | None = None
+    same_memory: bool = False
+
+
 TARGETS = {
-    "klein-4b": [("engine", "s/step", 0.15), ("engine", "× vs ComfyUI TrainLoraNode", 3.5),
-                 ("engine", "× vs diffusers", 1.5)],
-    "klein-9b": [("engine", "s/step", 0.30)],
-    "dev": [("engine", "s/step", 1.0), ("ComfyUI node", "s/step", 1.0),
-            ("engine", "× vs the fastest peer, at no more memory", 1.5)],
+    "klein-4b": [Target("engine", 0.15), Target("engine", 3.5, peer="ComfyUI TrainLoraNode"),
+                 Target("engine", 1.5, peer="diffusers")],
+    "klein-9b": [Target("engine", 0.30)],
+    "dev": [Target("engine", 1.0), Target("ComfyUI node", 1.0), Target("engine", 1.5, peer="", same_memory=True)],
 }
 
 
@@ -140,30 +147,30 @@ def verdicts(family: str, rows: list[dict]) -> list[str]:
         return min(timed, key=lambda r: r["median_s_per_step"]) if timed else None
 
     lines = []
-    for path, what, goal in TARGETS.get(family, []):
-        ours = fastest([r for r in rows if path in r["tool"]])
-        if what == "s/step":
-            text = f"≤ {goal} s/step"
+    for target in TARGETS.get(family, []):
+        ours = fastest([r for r in rows if target.path in r["tool"]])
+        if target.peer is None:
+            text = f"≤ {target.goal} s/step"
             value = ours["median_s_per_step"] if ours else None
             shown = f"{value:.3f} s" if value else ""
-            met, short = value is not None and value <= goal, value and (value - goal) / goal
+            met, short = value is not None and value <= target.goal, value and (value - target.goal) / target.goal
         else:
-            name = what.removeprefix("× vs ").split(",")[0]
-            text = f"≥ {goal}× {name}" + (" at no more memory" if "memory" in what else "")
-            peers = [r for r in rows if r["tool"] == "peer"]
-            peer = fastest(peers if name == "the fastest peer" else [r for r in peers if name in r["label"]])
+            name = target.peer or "the fastest peer"
+            text = f"≥ {target.goal}× {name}" + (" at no more memory" if target.same_memory else "")
+            peer = fastest([r for r in rows if r["tool"] == "peer" and target.peer in r["label"]])
             value = peer["median_s_per_step"] / ours["median_s_per_step"] if ours and peer else None
-            more_memory = bool(value and "memory" in what
+            more_memory = bool(value and target.same_memory
                                and ours.get("peak_allocated_gib", 0) > peer.get("peak_allocated_gib", 0))
             shown = f"{value:.2f}× ({peer['label']}{', at more memory' if more_memory else ''})" if value else ""
-            met, short = value is not None and value >= goal and not more_memory, value and (goal - value) / goal
+            met = value is not None and value >= target.goal and not more_memory
+            short = value and (target.goal - value) / target.goal
         if not value:
             verdict = "not measured"
         elif met:
             verdict = f"{shown}: met"
         else:
             verdict = f"{shown}: missed" + (f" by {100 * short:.1f}%" if short > 0 else "")
-        lines.append(f"target, {path}: {text}: {verdict}")
+        lines.append(f"target, {target.path}: {text}: {verdict}")
     return lines
 
 
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
             rec = run_job("comfy_train_speed.py", argv_, "comfy_bench.json", args.timeout)
             label = ("fp8 e4m3 MODEL" if "fp8" in options else "bf16 MODEL") + (
                 ", regular ModelPatcher" if "--no-dynamic-vram" in options else "") + (
-                checkpointing_label(shlex.split(options))) + (
+                checkpointing_label(rec)) + (
                 ", compiled" if rec.get("compiled") else "")
             rows.append(dict(rec, tool="ours, ComfyUI node", label=label))
     flops = next((r["model_tflop_per_step"] * 1e12 for r in rows
