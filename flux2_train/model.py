@@ -22,7 +22,8 @@ from torch import nn
 
 from . import speed
 from .errors import ModelError
-from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
+from .lora import (add_adapters_into_fp8_matmuls, add_lora, linear_shapes, load_lora_state_dict, lora_parameters,
+                   lora_state_dict)
 from .offload import BlockOffload
 from .quantize import quantize_base
 
@@ -277,6 +278,7 @@ class DiffusersFlux2Backbone:
 
     def add_lora(self, targets, rank, alpha, dropout, seed):
         add_lora(self.transformer, targets, rank, alpha, dropout, seed=seed)
+        add_adapters_into_fp8_matmuls(self.transformer)
         return lora_parameters(self.transformer)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ pass quantizes each input row the same way and multiplies in fp8
 scale into the output gradient and multiplies in fp8 again. Where the GPU has no
 fp8 matmul (before Ada / Hopper) the weight is dequantized per layer instead, in
 both passes, so the memory saving stays and the speed-up goes. `fp8_linear` is
-the one entry point; ComfyUI's fp8 weights go through it too.
+the one entry point; ComfyUI's fp8 weights go through it too. A LoRA adapter on a
+`Float8Linear` adds its up-projection into the fp8 product in place
+(`lora.add_adapters_into_fp8_matmuls`).
 """
 
 from __future__ import annotations
@@ -65,33 +67,59 @@ def has_fp8_matmul(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+@torch.library.custom_op("flux2_train::fp8_mm_add_lora", mutates_args=())
+def _fp8_mm_add_lora(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     h: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The fp8 matmul with an adapter's up-projection added into its output in place (bf16).
+
+    cuBLAS adds `scale * h B^T` while it reads the output back once; PEFT's forward writes the
+    adapter's product and then the sum, each as large as the output. An op of its own because the
+    compiler would turn the in-place add back into a new tensor and an add.
+    """
+    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
+    return out.addmm_(h, lora_b.t(), alpha=scale)
+
+
+@_fp8_mm_add_lora.register_fake
+def _(xq, xs, weight, weight_scale, h, lora_b, scale):
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
 class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T + b for a 2-D x, with W in e4m3 (row scales); the input gradient only (W is frozen).
+    """y = x W^T + b (+ scale * h B^T) for a 2-D x, with W in e4m3 (row scales); gradients for x, and
+    for an adapter's down-projected input h and up-projection B where given (W is frozen).
 
     The backward pass makes a transposed copy of the layer's fp8 weight (`_scaled_mm` takes its
     second operand column-major): one layer at a time, a byte per weight.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, out_dtype):
+    def forward(ctx, x, weight, weight_scale, bias, out_dtype, h=None, lora_b=None, scale=1.0):
         xq, xs = _rowwise_fp8(x)
-        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
+        if h is None:
+            out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
+        else:
+            out = _fp8_mm_add_lora(xq, xs, weight, weight_scale, h, lora_b, scale)
         if bias is not None:
             out = out + bias.to(out_dtype)
-        ctx.save_for_backward(weight, weight_scale)
-        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(weight, weight_scale, h, lora_b)
+        ctx.x_dtype, ctx.scale = x.dtype, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, weight_scale = ctx.saved_tensors
+        weight, weight_scale, h, lora_b = ctx.saved_tensors
         # g @ (s * W8) == (g * s^T) @ W8: the weight's row scale moves onto the gradient's columns.
         gq, gs = _rowwise_fp8(grad, column_scale=weight_scale.t())
         ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
         # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
         grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
                                   out_dtype=torch.bfloat16)
-        return grad_x.to(ctx.x_dtype), None, None, None, None
+        grad_h = grad_b = None
+        if h is not None:  # the scale goes on the rank-wide products, not on the output-wide gradient
+            grad_h = grad @ (lora_b * ctx.scale)
+            grad_b = (grad.t() @ h) * ctx.scale
+        return grad_x.to(ctx.x_dtype), None, None, None, None, grad_h, grad_b, None
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -120,20 +148,32 @@ def _dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.d
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
-               out_dtype: torch.dtype, fp8_matmul: bool) -> torch.Tensor:
-    """x W^T + b for a frozen weight stored in fewer bytes, in `out_dtype`; gradients for x only.
+               out_dtype: torch.dtype, fp8_matmul: bool, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+               ) -> torch.Tensor:
+    """x W^T + b for a frozen weight stored in fewer bytes, in `out_dtype`; gradients for x (W is frozen).
 
     `weight` e4m3 with `weight_scale` (one float32 per output feature, (N, 1)) multiplies in
     fp8 where `fp8_matmul` (see `has_fp8_matmul`) and `out_dtype` is bfloat16. Otherwise the
     weight (any dtype; `weight_scale` None for none) is cast for each op and dropped after it.
+
+    `lora`: (h, B, scale), an adapter's down-projected input (..., r) and up-projection weight
+    (N, r): `scale * h B^T` is added, into the fp8 matmul's output in place where it runs, with
+    gradients for h and B.
     """
     if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None:
         # Shaped outside the Function: callers add into the output in place (ComfyUI's blocks do),
         # which autograd refuses on a view made inside one.
         shape = x.shape
-        out = _Fp8Linear.apply(x.reshape(-1, shape[-1]), weight, weight_scale, bias, out_dtype)
+        h, lora_b, scale = (None, None, 1.0) if lora is None else lora
+        if h is not None:
+            h, lora_b = h.reshape(-1, h.shape[-1]).to(out_dtype), lora_b.to(out_dtype)
+        out = _Fp8Linear.apply(x.reshape(-1, shape[-1]), weight, weight_scale, bias, out_dtype, h, lora_b, scale)
         return out.reshape(*shape[:-1], out.shape[-1])
-    return _DequantizedLinear.apply(x, weight, weight_scale, bias, out_dtype)
+    out = _DequantizedLinear.apply(x, weight, weight_scale, bias, out_dtype)
+    if lora is not None:
+        h, lora_b, scale = lora
+        out = out + (h @ lora_b.t().to(h.dtype) * scale).to(out.dtype)
+    return out
 
 
 def fp8_matmul_fits(in_features: int, out_features: int) -> bool:
@@ -165,8 +205,8 @@ class Float8Linear(nn.Linear):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return _dequantize(self.weight, self.weight_scale, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, compute_dtype_of(x), self.fp8_matmul)
+    def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, compute_dtype_of(x), self.fp8_matmul, lora)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 (row scales)"
