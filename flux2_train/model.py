@@ -25,7 +25,7 @@ from .errors import ModelError
 from .lora import (add_adapters_into_fp8_matmuls, add_lora, linear_shapes, load_lora_state_dict, lora_parameters,
                    lora_state_dict)
 from .offload import BlockOffload
-from .quantize import quantize_base
+from .quantize import has_fp8_matmul, quantize_base
 
 if TYPE_CHECKING:
     from .memory import Placement
@@ -239,6 +239,10 @@ class DiffusersFlux2Backbone:
                 block.to("cpu")
         if count:
             log.info("%d block Linear layers stored as %s", count, fmt)
+        if fmt == "fp8" and not has_fp8_matmul(device):
+            where = "this GPU" if device.type == "cuda" else f"this torch build on {device.type}"
+            log.warning("%s has no fp8 matmul with row scales: fp8 weights are dequantized per layer (memory saved, "
+                        "no speed-up)", where)
 
     def offload(self, indices: list[int], device: torch.device) -> BlockOffload:
         return BlockOffload(self.blocks, indices, device)

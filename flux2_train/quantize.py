@@ -18,6 +18,7 @@ the one entry point; ComfyUI's fp8 weights go through it too. A LoRA adapter on 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -64,7 +65,18 @@ def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
 def has_fp8_matmul(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return device.type == "cpu" and _cpu_matmul_takes_row_scales()
+
+
+@functools.cache
+def _cpu_matmul_takes_row_scales() -> bool:
+    """Older torch builds' CPU `_scaled_mm` takes one scale per tensor only (and asserts on row scales)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 @torch.library.custom_op("flux2_train::fp8_mm_add_lora", mutates_args=())
@@ -272,8 +284,6 @@ def quantize_base(block: nn.Module, fmt: str, device: torch.device, compute_dtyp
     if fmt in ("int8", "nf4"):
         _bnb()
     fp8_matmul = has_fp8_matmul(device)
-    if fmt == "fp8" and not fp8_matmul:
-        log.warning("this GPU has no fp8 matmul: fp8 weights are dequantized per layer (memory saved, no speed-up)")
     layers = plain_linears(block)
     for parent, attr in layers:
         # Nothing else holds the layer: its unconverted weight is freed as soon as it is replaced.

@@ -92,6 +92,33 @@ def test_fp8_linear_output_takes_in_place_adds(fp8_matmul):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_a_cpu_matmul_without_row_scales_makes_fp8_layers_dequantize(monkeypatch, caplog):
+    """Some torch builds' CPU `_scaled_mm` takes one scale per tensor and asserts on row scales."""
+    from flux2_train import quantize
+    from flux2_train.model import DiffusersFlux2Backbone
+    from flux2_train.tiny import tiny_transformer
+
+    real = torch._scaled_mm
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kwargs):
+        if scale_a.numel() > 1 or scale_b.numel() > 1:
+            raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    quantize._cpu_matmul_takes_row_scales.cache_clear()
+    try:
+        backbone = DiffusersFlux2Backbone(tiny_transformer())
+        backbone.quantize("fp8", torch.device("cpu"), torch.bfloat16)
+        layers = [m for m in backbone.transformer.modules() if isinstance(m, Float8Linear)]
+        assert layers and not any(m.fp8_matmul for m in layers)
+        assert caplog.text.count("this torch build on cpu has no fp8 matmul") == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(layers[0](torch.randn(4, layers[0].in_features))).all()
+    finally:
+        quantize._cpu_matmul_takes_row_scales.cache_clear()
+
+
 @pytest.mark.parametrize("fp8_matmul,device", [(True, "cpu"), (False, "cpu"),
                                                pytest.param(True, "cuda", marks=pytest.mark.gpu)])
 def test_an_fp8_layers_adapter_adds_into_its_matmul_as_peft_adds_it(fp8_matmul, device):
