@@ -141,7 +141,8 @@ class Fp8AdapterLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER_NAME]
-                or ADAPTER_NAME in self.lora_variant):
+                or ADAPTER_NAME in self.lora_variant or self.lora_B[ADAPTER_NAME].bias is not None
+                or not self.cast_input_dtype_enabled):
             return super().forward(x, *args, **kwargs)
         down, up = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
         h = down(self.lora_dropout[ADAPTER_NAME](x.to(down.weight.dtype)))  # as PEFT computes it

@@ -88,6 +88,7 @@ def _fp8_mm_add_lora(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, w
     adapter's product and then the sum, each as large as the output. An op of its own because the
     compiler would turn the in-place add back into a new tensor and an add.
     """
+    # bf16 only: `fp8_linear` multiplies in fp8 for a bf16 output alone.
     out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
     return out.addmm_(h, lora_b.t(), alpha=scale)
 
@@ -127,10 +128,9 @@ class _Fp8Linear(torch.autograd.Function):
         # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
         grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
                                   out_dtype=torch.bfloat16)
-        grad_h = grad_b = None
-        if h is not None:  # the scale goes on the rank-wide products, not on the output-wide gradient
-            grad_h = grad @ (lora_b * ctx.scale)
-            grad_b = (grad.t() @ h) * ctx.scale
+        # The scale goes on the rank-wide products, not on the output-wide gradient.
+        grad_h = grad @ (lora_b * ctx.scale) if ctx.needs_input_grad[5] else None
+        grad_b = (grad.t() @ h) * ctx.scale if ctx.needs_input_grad[6] else None
         return grad_x.to(ctx.x_dtype), None, None, None, None, grad_h, grad_b, None
 
 
@@ -170,7 +170,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
     `lora`: (h, B, scale), an adapter's down-projected input (..., r) and up-projection weight
     (N, r): `scale * h B^T` is added, into the fp8 matmul's output in place where it runs, with
-    gradients for h and B.
+    gradients for h and B. Its product is taken in `out_dtype` (PEFT's is in autocast's dtype, the
+    same while training; without autocast PEFT keeps a float32 adapter's product in float32).
     """
     if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None:
         # Shaped outside the Function: callers add into the output in place (ComfyUI's blocks do),
