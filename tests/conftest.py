@@ -85,6 +85,17 @@ def demo_dataset(tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture
+def tiny_activations_move(monkeypatch):
+    """Offloaded activations of a tiny model move: its saved tensors are all below the size that
+    stays on the GPU, and a pass keeps the last offloaded blocks' there; with one block in flight,
+    the first offloaded block's memory goes to the CPU and comes back."""
+    from flux2_train import offload
+
+    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)
+
+
 # --------------------------------------------------------------------------- real ComfyUI
 # Fixtures for tests marked `comfyui`: they skip when no ComfyUI is configured and fail
 # when one is configured but broken (see tests/comfyui_harness.py).

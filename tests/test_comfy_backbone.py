@@ -115,13 +115,9 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pack, tmp_path, tiny_pipeline_dir,
-                                                            monkeypatch):
+                                                            tiny_activations_move):
     from torch._dynamo.utils import counters
 
-    from flux2_train import offload
-
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so block 0's memory goes and comes back
     common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=3, save_every=0, cache_dir=str(tmp_path / "cache"),
                   compile=compiled)
     losses, offloads = {}, {}
@@ -351,7 +347,7 @@ def fp8_reference_patcher(comfy, model_dir, kind: str):
 
 @pytest.mark.parametrize("kind", ["mixed", "fp8_e4m3fn"])
 def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack, tmp_path, tiny_pipeline_dir,
-                                                               caplog, monkeypatch):
+                                                               caplog, tiny_activations_move):
     """fp8 weights held on the device are multiplied where they lie (on the CPU, which computes in float32
     here, dequantized per op), with no ComfyUI cast code in the blocks: they compile, and train exactly as
     a float32 model holding the same values does; with a block's activations offloaded, too."""
@@ -359,8 +355,6 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
 
     from flux2_train import offload
 
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # of two offloaded blocks, the first's memory moves
 
     patcher = fp8_patcher(comfy, tiny_pipeline_dir, kind)
     model = patcher.model.diffusion_model

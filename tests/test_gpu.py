@@ -121,15 +121,12 @@ def test_between_its_reports_a_run_makes_no_blocking_copy_or_stream_sync(demo_da
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", list(GPU_MODES))
 def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo_dataset, tiny_pipeline_dir,
-                                                                      tmp_path, monkeypatch):
+                                                                      tmp_path, tiny_activations_move):
     """bf16 on the GPU is not bit-reproducible across kernels: a mode's losses stay within its tolerance.
 
     16 image and 48 text tokens: a sequence length cuDNN's attention handles (a multiple of 64).
     """
-    from flux2_train import offload
 
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's activations are all small
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so the first block's go and come back
     options, tolerance = GPU_MODES[mode]
     if options.get("quantize_base") in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
@@ -177,14 +174,12 @@ def test_a_block_waits_for_its_weights_when_the_copies_are_slow(monkeypatch, dem
 
 
 @pytest.mark.gpu
-def test_offloaded_activations_wait_for_their_copies_when_the_bus_is_slow(monkeypatch, demo_dataset,
-                                                                          tiny_pipeline_dir, tmp_path):
+def test_offloaded_activations_wait_for_their_copies_when_the_bus_is_slow(monkeypatch, demo_dataset, tiny_pipeline_dir,
+                                                                          tmp_path, tiny_activations_move):
     """Every copy, out and back, starts late on the side stream: memory reused before its copy out
     was done, or read before its copy back was, would change the losses."""
     from flux2_train import offload
 
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # block 0's memory goes and comes back
     kept = bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / "a")
     for name in ("_pack", "_bring_back"):  # both copies of block 0 start late
         def late(self, *args, _real=getattr(offload.ActivationOffload, name), **kwargs):

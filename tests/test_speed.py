@@ -418,12 +418,9 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path, monkeypatch, compile):
+def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path, tiny_activations_move,
+                                                    compile):
     """Saved tensors leave for CPU memory and come back as the same views: compiled code checks their strides."""
-    from flux2_train import offload
-
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)  # so block 0's memory goes and comes back
     # Two micro-batches a step and validation passes (no gradients) between steps.
     passes = dict(steps=3, compile=compile, gradient_accumulation=2, validate_every=2, validation_split=0.2)
     kept, _ = trained(demo_dataset, tiny_pipeline_dir, tmp_path, "kept", **passes)
@@ -440,16 +437,13 @@ def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_
 
 
 def test_checkpointed_blocks_and_offloaded_activations_together_give_the_same_losses(demo_dataset, tiny_pipeline_dir,
-                                                                                       tmp_path, monkeypatch):
+                                                                                       tmp_path, tiny_activations_move):
     """One model, some blocks recomputed and others' activations in CPU memory: five blocks, so that after
     the checkpointed one and the last, two offloaded blocks' memory moves."""
-    from flux2_train import offload
     from flux2_train.model import DiffusersFlux2Backbone
     from flux2_train.speed import is_checkpointed
     from flux2_train.tiny import tiny_transformer
 
-    monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)
-    monkeypatch.setattr(offload, "ACTIVATIONS_IN_FLIGHT", 1)
     runs = {}
     for name, count in (("kept", 0), ("moved", 3)):
         cfg = tiny_config(demo_dataset, tiny_pipeline_dir, tmp_path / name, tmp_path / "cache", **(EXACT | dict(
