@@ -10,6 +10,7 @@ import torch
 
 from flux2_train.config import resolve_config
 from flux2_train.encoders import load_pipeline_encoders
+from flux2_train.events import EventBus
 from flux2_train.model import load_transformer
 from flux2_train.train import Trainer
 
@@ -95,7 +96,7 @@ def test_between_its_reports_a_run_makes_no_blocking_copy_or_stream_sync(demo_da
     while the host queues the next kernels. CUDA's sync check raises on one from the first reported
     step to the last. (It does not see `torch.cuda.synchronize()` or event waits; the late loss read
     waits on an event.)"""
-    from flux2_train.events import EventBus, StepEvent
+    from flux2_train.events import StepEvent
 
     reported = []
 
@@ -104,15 +105,8 @@ def test_between_its_reports_a_run_makes_no_blocking_copy_or_stream_sync(demo_da
             reported.append(ev.step)
             torch.cuda.set_sync_debug_mode("error" if ev.step < ev.total else "default")
 
-    cfg = resolve_config(overrides=dict(
-        dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path), name="run",
-        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=6, rank=4,
-        dtype="bfloat16", device="cuda", save_every=0, tensorboard=False, validate_every=0, preview_every=0))
-    backbone = load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16)
-    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
     try:
-        Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free,
-                events=EventBus([strict_between_reports])).run()
+        bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path, EventBus([strict_between_reports]), steps=6)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert reported == [1, 2, 3, 4, 5, 6]
@@ -140,7 +134,7 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
     assert max(gaps) < tolerance, (mode, moded, plain)
 
 
-def bf16_losses(dataset, model, out, **options) -> list[float]:
+def bf16_losses(dataset, model, out, events: EventBus | None = None, **options) -> list[float]:
     """Five bf16 steps of the tiny model on the GPU (16 image and 48 text tokens)."""
     cfg = resolve_config(overrides=dict(
         dataset=str(dataset), model=str(model), output_dir=str(out), name="run", cache_dir=str(out / "cache"),
@@ -149,7 +143,7 @@ def bf16_losses(dataset, model, out, **options) -> list[float]:
         lora_dropout=0.0, caption_dropout=0.0) | options)
     backbone = load_transformer(model, dtype=torch.bfloat16)
     encoder = load_pipeline_encoders(model, device="cuda", dtype=torch.float32)
-    return Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free).run().losses
+    return Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free, events=events).run().losses
 
 
 @pytest.mark.gpu
