@@ -1,17 +1,19 @@
-"""What the LoRA pair costs in a trained layer, and what fusing it with cuBLAS could win.
+"""What the LoRA pair costs in a trained layer, and what fusing it could win.
 
 For block Linears of FLUX.2 [klein] 4B and [dev] at 1024² (4096 image + 512 text tokens),
 times one forward and backward pass of a compiled function around the layer as training
-runs it: the engine's fp8 Linear (`Float8Linear`, fp8 matmuls) with a rank-16 LoRA pair
-(float32 weights, bf16 matmuls under autocast, as PEFT's layer computes it), followed by a
-pointwise consumer (SiLU) as in a block. Against:
+runs it: PEFT's LoRA layer (rank 16, float32 weights, bf16 matmuls under autocast) over the
+engine's fp8 Linear (`Float8Linear`, fp8 matmuls), followed by a pointwise consumer (SiLU)
+as in a block. Against:
 
 * the fp8 Linear alone: what the adapter adds, the most any fusion of it could remove;
 * the up-projection added into the layer's output by one `addmm` (the fusion cuBLAS
   offers: no separate output for the adapter, no separate add) in the forward pass, and
-  the adapter's input gradient added the same way in the backward pass.
+  the adapter's input gradient added the same way in the backward pass;
+* the engine's forward (`lora.Fp8AdapterLinear`): the up-projection added into the fp8
+  product in place, inside the fp8 layer's own op.
 
-Each variant is checked against the first for the same output and gradients (bf16 tolerance).
+Each variant is checked against PEFT's forward for the same output and gradients (bf16 tolerance).
 
 Example:
 
@@ -69,38 +71,51 @@ class _AddmmLora(torch.autograd.Function):
         return grad, grad_h @ a, grad_a, grad_b, None
 
 
-def variants(layer, a, b, scale):
-    """name -> f(x) for a 2-D bf16 x, under bf16 autocast."""
+def variants(layer):
+    """name -> f(x) for a 2-D bf16 x, under bf16 autocast. `layer`: PEFT's LoRA layer over the fp8
+    Linear, as the engine leaves it (`Fp8AdapterLinear`)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    base = layer.base_layer
+    a, b, scale = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
 
     def fp8_only(x):
-        return nn.functional.silu(layer(x))
+        return nn.functional.silu(base(x))
 
     def peft(x):
-        h = nn.functional.linear(x.to(a.dtype), a)  # PEFT casts the input to the adapter's dtype
-        return nn.functional.silu(layer(x) + nn.functional.linear(h, b) * scale)
+        return nn.functional.silu(LoraLinear.forward(layer, x))
 
     def addmm(x):
         with torch.autocast(x.device.type, enabled=False):
-            base = layer(x)
-            return nn.functional.silu(_AddmmLora.apply(base, x, a.to(torch.bfloat16), b.to(torch.bfloat16), scale))
+            out = base(x)
+            return nn.functional.silu(_AddmmLora.apply(out, x, a.to(torch.bfloat16), b.to(torch.bfloat16), scale))
 
-    return {"fp8 Linear alone": fp8_only, "+ LoRA (PEFT's forward)": peft, "+ LoRA, addmm": addmm}
+    def in_place(x):
+        return nn.functional.silu(layer(x))
+
+    return {"fp8 Linear alone": fp8_only, "+ LoRA (PEFT's forward)": peft, "+ LoRA, addmm": addmm,
+            "+ LoRA, in place": in_place}
 
 
 def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS) -> dict:
+    from flux2_train.lora import add_adapters_into_fp8_matmuls, add_lora
     from flux2_train.quantize import Float8Linear
 
     torch.manual_seed(0)
     base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
     nn.init.normal_(base.weight, std=k ** -0.5)
-    layer = Float8Linear(base).requires_grad_(False)
-    a = nn.Parameter(torch.randn(RANK, k, device=device) / RANK)
-    b = nn.Parameter(torch.randn(n, RANK, device=device) * 0.01)
+    net = nn.Sequential(Float8Linear(base))
+    add_lora(net, ["0"], RANK, float(RANK))  # scale 1
+    add_adapters_into_fp8_matmuls(net)
+    layer = net[0].to(device)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():  # PEFT starts B at zero: the adapter would add nothing
+        b.normal_(std=0.01)
     x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
     row = {"layer": name, "in": k, "out": n}
     reference = None  # the first variant with the adapter
-    for label, fn in variants(layer, a, b, 1.0).items():
+    for label, fn in variants(layer).items():
         compiled = torch.compile(fn, fullgraph=True)
 
         def step():
@@ -149,16 +164,16 @@ def main(argv=None) -> int:
         return 2
     rows = [measure(s, SHAPES[s][0] // args.shrink, SHAPES[s][1] // args.shrink, device, args.repeat,
                     TOKENS // args.shrink) for s in (args.shape or SHAPES)]
-    labels = ["fp8 Linear alone", "+ LoRA (PEFT's forward)", "+ LoRA, addmm"]
+    labels = ["fp8 Linear alone", "+ LoRA (PEFT's forward)", "+ LoRA, addmm", "+ LoRA, in place"]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{card}, {TOKENS // args.shrink} tokens, rank {RANK}, forward + backward, compiled, "
           f"median of {args.repeat} (ms)\n")
-    print("| layer | " + " | ".join(labels) + " | LoRA's share | addmm against PEFT's |")
-    print("|---|" + "---|" * (len(labels) + 2))
+    print("| layer | " + " | ".join(labels) + " | LoRA's share | addmm against PEFT's | in place against PEFT's |")
+    print("|---|" + "---|" * (len(labels) + 3))
     for r in rows:
-        alone, peft, fused = (r[x] for x in labels)
-        print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {fused:.3f} | {(peft - alone) / peft:.0%} | "
-              f"{fused / peft - 1:+.1%} |")
+        alone, peft, addmm, in_place = (r[x] for x in labels)
+        print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {addmm:.3f} | {in_place:.3f} | "
+              f"{(peft - alone) / peft:.0%} | {addmm / peft - 1:+.1%} | {in_place / peft - 1:+.1%} |")
     if os.environ.get("OUT"):
         record = dict(env_info(device), tokens=TOKENS // args.shrink, rank=RANK, repeat=args.repeat, rows=rows)
         (Path(os.environ["OUT"]) / "lora_cost.json").write_text(json.dumps(record, indent=1))

@@ -1,4 +1,5 @@
-"""The benchmark's own diagnostics: where the GPU idles in a profile, and the host's time per part of the loop."""
+"""The benchmark's own diagnostics: where the GPU idles in a profile, the host's time per part of the loop, and
+the LoRA-cost variants agreeing with PEFT's forward."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def test_compare_says_which_targets_a_run_meets_and_by_how_much_it_misses():
     ]
     assert verdicts("klein-9b", [row("ours, engine (CLI)", "fp8", None, status="oom")]) == [
         "target, engine: ≤ 0.3 s/step: not measured"]
+
+
+def test_lora_cost_variants_give_peft_forwards_output_and_gradients(capsys):
+    """A CPU smoke run of bench/lora_cost.py: each adapter variant, compiled, is checked against PEFT's forward."""
+    import lora_cost
+
+    assert lora_cost.main(["--device", "cpu", "--shrink", "32", "--repeat", "1",
+                           "--shape", "[klein] 4B single-block input (3072 → 27648)"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split("|")
+    assert len(row) == 10 and row[1].strip().startswith("[klein] 4B single-block input")
