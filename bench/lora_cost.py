@@ -13,7 +13,8 @@ as in a block. Against:
 * the engine's forward (`lora.Fp8AdapterLinear`): the up-projection added into the fp8
   product in place, inside the fp8 layer's own op.
 
-Each variant is checked against PEFT's forward for the same output and gradients (bf16 tolerance).
+Each variant with the adapter is checked against PEFT's forward for the same output and gradients
+(bf16 tolerance).
 
 Example:
 

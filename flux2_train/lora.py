@@ -137,7 +137,8 @@ def add_adapters_into_fp8_matmuls(module: nn.Module) -> int:
 
 class Fp8AdapterLinear(LoraLinear):
     """PEFT's LoRA layer over a `Float8Linear` whose adapter adds into the fp8 matmul's output.
-    PEFT's forward still runs where it must (adapters disabled or merged, another adapter active)."""
+    PEFT's forward still runs where it must: adapters disabled or merged, another adapter or a
+    variant (DoRA) active, an adapter with a bias, input casts off."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER_NAME]

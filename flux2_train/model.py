@@ -240,9 +240,9 @@ class DiffusersFlux2Backbone:
         if count:
             log.info("%d block Linear layers stored as %s", count, fmt)
         if fmt == "fp8" and not has_fp8_matmul(device):
-            where = "this GPU" if device.type == "cuda" else f"this torch build on {device.type}"
-            log.warning("%s has no fp8 matmul with row scales: fp8 weights are dequantized per layer (memory saved, "
-                        "no speed-up)", where)
+            why = ("this GPU has no fp8 matmul" if device.type == "cuda"
+                   else f"this torch build's fp8 matmul on {device.type} takes no row scales")
+            log.warning("%s: fp8 weights are dequantized per layer (memory saved, no speed-up)", why)
 
     def offload(self, indices: list[int], device: torch.device) -> BlockOffload:
         return BlockOffload(self.blocks, indices, device)

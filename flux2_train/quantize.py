@@ -122,16 +122,18 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, weight_scale, h, lora_b = ctx.saved_tensors
-        # g @ (s * W8) == (g * s^T) @ W8: the weight's row scale moves onto the gradient's columns.
-        gq, gs = _rowwise_fp8(grad, column_scale=weight_scale.t())
-        ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
-        # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
-        grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
-                                  out_dtype=torch.bfloat16)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not where a block's input comes from frozen layers alone
+            # g @ (s * W8) == (g * s^T) @ W8: the weight's row scale moves onto the gradient's columns.
+            gq, gs = _rowwise_fp8(grad, column_scale=weight_scale.t())
+            ones = torch.ones(1, weight.shape[1], device=weight.device, dtype=torch.float32)
+            # _scaled_mm takes its second operand column-major: a transposed copy of one layer's fp8 weight.
+            grad_x = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones,
+                                      out_dtype=torch.bfloat16).to(ctx.x_dtype)
         # The scale goes on the rank-wide products, not on the output-wide gradient.
         grad_h = grad @ (lora_b * ctx.scale) if ctx.needs_input_grad[5] else None
         grad_b = (grad.t() @ h) * ctx.scale if ctx.needs_input_grad[6] else None
-        return grad_x.to(ctx.x_dtype), None, None, None, None, grad_h, grad_b, None
+        return grad_x, None, None, None, None, grad_h, grad_b, None
 
 
 class _DequantizedLinear(torch.autograd.Function):

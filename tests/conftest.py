@@ -88,8 +88,8 @@ def demo_dataset(tmp_path) -> Path:
 @pytest.fixture
 def tiny_activations_move(monkeypatch):
     """Offloaded activations of a tiny model move: its saved tensors are all below the size that
-    stays on the GPU, and a pass keeps the last offloaded blocks' there; with one block in flight,
-    the first offloaded block's memory goes to the CPU and comes back."""
+    stays on the GPU, and a pass keeps the last offloaded blocks' activations there; with one block
+    in flight, the first offloaded block's memory goes to the CPU and comes back."""
     from flux2_train import offload
 
     monkeypatch.setattr(offload, "_MIN_OFFLOAD_BYTES", 0)

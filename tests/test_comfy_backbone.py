@@ -355,7 +355,6 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
 
     from flux2_train import offload
 
-
     patcher = fp8_patcher(comfy, tiny_pipeline_dir, kind)
     model = patcher.model.diffusion_model
     qkv = model.double_blocks[0].img_attn.qkv

@@ -120,7 +120,6 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
 
     16 image and 48 text tokens: a sequence length cuDNN's attention handles (a multiple of 64).
     """
-
     options, tolerance = GPU_MODES[mode]
     if options.get("quantize_base") in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
@@ -135,7 +134,7 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
 
 
 def bf16_losses(dataset, model, out, events: EventBus | None = None, **options) -> list[float]:
-    """Five bf16 steps of the tiny model on the GPU (16 image and 48 text tokens)."""
+    """bf16 steps of the tiny model on the GPU (16 image and 48 text tokens): five unless `steps` is given."""
     cfg = resolve_config(overrides=dict(
         dataset=str(dataset), model=str(model), output_dir=str(out), name="run", cache_dir=str(out / "cache"),
         trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=5, rank=4,

@@ -112,7 +112,7 @@ def test_a_cpu_matmul_without_row_scales_makes_fp8_layers_dequantize(monkeypatch
         backbone.quantize("fp8", torch.device("cpu"), torch.bfloat16)
         layers = [m for m in backbone.transformer.modules() if isinstance(m, Float8Linear)]
         assert layers and not any(m.fp8_matmul for m in layers)
-        assert caplog.text.count("this torch build on cpu has no fp8 matmul") == 1
+        assert caplog.text.count("this torch build's fp8 matmul on cpu takes no row scales") == 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.isfinite(layers[0](torch.randn(4, layers[0].in_features))).all()
     finally:
@@ -170,6 +170,13 @@ def test_an_fp8_layers_adapter_adds_into_its_matmul_as_peft_adds_it(fp8_matmul, 
         with torch.autocast(device, dtype=torch.bfloat16):
             outputs.append(forward(layer, x).float())
     assert (outputs[1] - outputs[0]).norm() / outputs[0].norm() < 1e-2
+    layer.lora_dropout["default"] = torch.nn.Identity()
+    layer.lora_B["default"].bias = torch.nn.Parameter(torch.ones(96, device=device))  # PEFT's `lora_bias`
+    with Ops() as ops, torch.autocast(device, dtype=torch.bfloat16):
+        ops.seen = set()
+        assert torch.equal(net(x), LoraLinear.forward(layer, x))  # PEFT's forward, which adds the bias
+    assert "flux2_train.fp8_mm_add_lora" not in ops.seen
+    layer.lora_B["default"].bias = None
     layer.enable_adapters(False)  # PEFT's own forward again: the base layer alone
     with torch.autocast(device, dtype=torch.bfloat16):
         assert torch.equal(net(x), layer.base_layer(x))
