@@ -191,6 +191,15 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @dataclass
+class _PendingReport:
+    """What a step's report needs, gathered while it runs: its loss may be read a step later."""
+
+    started: float  # when its iteration began (time.perf_counter)
+    epoch: int = 0
+    lr: float = 0.0  # after the step
+
+
+@dataclass
 class MicroBatch:
     """One micro-step's inputs on the training device."""
 
@@ -541,9 +550,7 @@ class Trainer:
         # while the GPU runs the next one (see loss_reader); otherwise at once, as several processes
         # must agree on it before any of them steps.
         late = LateLossReader(optimizer, device) if world.size == 1 and skips_updates_on_device(optimizer) else None
-        # step -> what its report needs (when its iteration began, its epoch, the learning rate
-        # after it), kept until the step is reported
-        in_flight: dict[int, dict] = {}
+        unreported: dict[int, _PendingReport] = {}  # step -> what its report needs, until it is reported
         step_time_avg = None
 
         def step_done(done: int, loss_value: float, now: float) -> None:
@@ -557,14 +564,14 @@ class Trainer:
             self.step = done
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
-            info = in_flight.pop(done)
-            dt = now - info["started"]
+            info = unreported.pop(done)
+            dt = now - info.started
             step_time_avg = dt if step_time_avg is None else 0.9 * step_time_avg + 0.1 * dt
             self.events.emit(StepEvent(
                 step=done, total=cfg.steps, loss=loss_value, smoothed_loss=smoothed_all[-1],
-                lr=info["lr"], seconds_per_step=dt,
+                lr=info.lr, seconds_per_step=dt,
                 eta_seconds=step_time_avg * (cfg.steps - done), peak_memory_bytes=peak_memory_bytes(device),
-                epoch=info["epoch"]))
+                epoch=info.epoch))
             for hook in self.step_hooks:
                 hook(done, self)
 
@@ -572,7 +579,7 @@ class Trainer:
             """Read the losses still on the GPU: of every step, or of the steps before `before`."""
             while late and (oldest := late.oldest()) is not None and (before is None or oldest < before):
                 done, value = late.read()
-                step_done(done, value, in_flight[done + 1]["started"] if done + 1 in in_flight else time.perf_counter())
+                step_done(done, value, unreported[done + 1].started if done + 1 in unreported else time.perf_counter())
 
         def report_late_if_possible() -> None:
             """On the way out with another error: report the steps that did finish, if the GPU can still tell."""
@@ -584,7 +591,7 @@ class Trainer:
         if step == 0:
             self._watch(0, False, device)  # where the validation loss and previews start from
         while step < cfg.steps:
-            in_flight[step + 1] = dict(started=time.perf_counter())
+            unreported[step + 1] = _PendingReport(started=time.perf_counter())
             micro_losses = []
             step_start = micro_step
             try:
@@ -597,7 +604,7 @@ class Trainer:
                     if isinstance(inputs, Exception):
                         raise inputs
                     assert inputs.index == index, f"prepared micro-step {inputs.index} for {index}"
-                    in_flight[step + 1]["epoch"] = inputs.epoch
+                    unreported[step + 1].epoch = inputs.epoch
                     with accelerator.accumulate(train_module), attention_kernels(cfg.attention, device):
                         loss = self._micro_step(inputs, accelerator)
                         accelerator.backward(loss)
@@ -646,7 +653,7 @@ class Trainer:
                 report_late_if_possible()
                 raise
             step += 1
-            in_flight[step]["lr"] = float(lr_scheduler.get_last_lr()[0])
+            unreported[step].lr = float(lr_scheduler.get_last_lr()[0])
             if late:
                 late.end_step(step)
                 report_late(before=step)  # the step before this one, while the GPU runs this one
