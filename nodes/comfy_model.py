@@ -82,7 +82,8 @@ class FusedLoraAdapter(nn.Module):
 
     `pieces` lists the fused output's slices in order, each a LoraPair or None
     (a slice without an adapter adds nothing). Registered as a forward hook, it
-    adds its output to the Linear's.
+    adds its output to the Linear's; a Linear whose fp8 weight is read in place
+    adds it into its own matmul instead (`stacked`).
     """
 
     def __init__(self, pieces: list[LoraPair | None], widths: list[int], swap_halves: bool = False):
@@ -102,6 +103,23 @@ class FusedLoraAdapter(nn.Module):
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + self.delta(args[0]).to(output.dtype)
+
+    def stacked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pieces as one pair (h, B) with `delta(x) == h B^T`, for `fp8_linear`'s `lora`: their
+        down-projections side by side, their scaled up-projections block-diagonal in the output's
+        order (zero rows, and no rank, for a slice without an adapter)."""
+        dtype = next(piece.lora_B.weight.dtype for piece, on in zip(self.pieces, self.active) if on)
+        hs, ups = [], []
+        for piece, on, width in zip(self.pieces, self.active, self.widths):
+            if on:
+                hs.append(piece.lora_A(piece.dropout(x.to(piece.lora_A.weight.dtype))))
+                ups.append(piece.lora_B.weight * piece.scaling)
+            else:
+                ups.append(x.new_zeros((width, 0), dtype=dtype))
+        up = torch.block_diag(*ups)
+        if self.swap_halves:
+            up = torch.cat(up.chunk(2)[::-1])
+        return torch.cat(hs, dim=-1), up
 
 
 class RecomputeInBackward(torch.autograd.Function):
@@ -301,7 +319,12 @@ class ComfyFlux2Backbone:
             module = self._named[module_name]
             adapter = FusedLoraAdapter([parts.get(i) for i in range(t.parts)],
                                        [module.out_features // t.parts] * t.parts, swap_halves=t.swap_halves)
-            self._hooks.append(module.register_forward_hook(adapter.hook))
+            weight_in_place = module.__dict__.get("_weight_in_place")
+            if weight_in_place is not None and weight_in_place[0].dtype == torch.float8_e4m3fn:
+                # Added into the fp8 product in place (`_linear_in_place`), not written and summed after it.
+                self._set_for_the_run(module, "_lora_in_matmul", adapter.stacked)
+            else:
+                self._hooks.append(module.register_forward_hook(adapter.hook))
         return [p for pair in self._pairs.values() for p in pair.parameters()]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -547,7 +570,8 @@ def _linear_in_place(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype_of(x)
     if data.dtype == dtype:
         return nn.functional.linear(x, data, self.bias)
-    return fp8_linear(x, data, scale, self.bias, dtype, fp8_matmul)
+    stacked = self.__dict__.get("_lora_in_matmul")  # the adapter, where `add_lora` routed it here
+    return fp8_linear(x, data, scale, self.bias, dtype, fp8_matmul, None if stacked is None else (*stacked(x), 1.0))
 
 
 def _storage_view(t: torch.Tensor) -> torch.Tensor:

@@ -200,6 +200,23 @@ def test_the_adapters_are_live_only_while_training(comfy, pack, tiny_pipeline_di
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pieces,swap_halves", [(("q", None, "v"), False), (("scale", None), True)])
+def test_a_fused_linears_adapter_as_one_pair_adds_what_its_hook_adds(comfy, pack, pieces, swap_halves):
+    """The pair an fp8 Linear adds into its matmul: a slice without an adapter, and the final adaLN's
+    halves in ComfyUI's order, as the hook adds them."""
+    from flux2_train.lora import LoraPair
+
+    torch.manual_seed(0)
+    pairs = [name and LoraPair(name, 32, 16, 4, 8.0) for name in pieces]
+    for pair in filter(None, pairs):
+        torch.nn.init.normal_(pair.lora_B.weight)  # B starts at zero
+    adapter = pack.FusedLoraAdapter(pairs, [16] * len(pairs), swap_halves=swap_halves)
+    x = torch.randn(5, 32)
+    h, up = adapter.stacked(x)
+    assert h.shape == (5, 4 * sum(map(bool, pieces))) and up.shape == (16 * len(pieces), h.shape[1])
+    torch.testing.assert_close(h @ up.t(), adapter.delta(x))
+
+
 @pytest.mark.failure_case("non-FLUX.2 MODEL in the graph")
 def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
     import comfy.model_base
@@ -374,6 +391,9 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
         fp8 = run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "fp8", **common), backbone, tiny_pipeline_dir)
         assert backbone.compiled and not backbone.streams_weights
         assert backbone._activation_offload.offloaded_bytes > 0
+        # Every adapter on an fp8 Linear goes into its matmul (the reference's float32 Linears add theirs after).
+        routed = [m for m in model.modules() if "_lora_in_matmul" in m.__dict__]
+        assert routed and not any(m._forward_hooks for m in routed)
     finally:
         backbone.release()
     assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]  # as for bf16 weights
@@ -389,7 +409,7 @@ def test_fp8_weights_are_read_in_place_and_the_blocks_compile(kind, comfy, pack,
         torch.testing.assert_close(fp8.adapter[key], value, rtol=1e-3, atol=1e-5)
     # The shared model as it was: the same weights, its own forwards and cast flags.
     assert all(torch.equal(_values(p), before[n]) for n, p in model.named_parameters())
-    assert not any("forward" in m.__dict__ or "_weight_in_place" in m.__dict__ for m in model.modules())
+    assert not any({"forward", "_weight_in_place", "_lora_in_matmul"} & set(m.__dict__) for m in model.modules())
     assert cast_flags == {n: m.__dict__.get("comfy_cast_weights", "class's") for n, m in model.named_modules()}
 
 
