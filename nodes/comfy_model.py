@@ -10,8 +10,9 @@ The trainer works on the MODEL the graph already loaded; nothing is copied:
   the base weights are only read;
 - weights stored in another dtype (fp8 files, the loader's fp8 weight dtype) are
   read where ComfyUI holds them when they all sit on the GPU: fp8 multiplies in
-  fp8 (the engine's `fp8_linear`), and the blocks compile. Streamed or offloaded
-  weights go through ComfyUI's own casts, eager;
+  fp8 (the engine's `fp8_linear`, which also adds such a Linear's adapter into
+  its product in place, in place of the hook), and the blocks compile. Streamed
+  or offloaded weights go through ComfyUI's own casts, eager;
 - one ComfyUI Linear can hold several diffusers layers (`img_attn.qkv` is
   `to_q`, `to_k`, `to_v`): its adapter is the diffusers layers' LoRAs side by
   side, so the math, the state dict and the files equal the engine's.
@@ -108,7 +109,7 @@ class FusedLoraAdapter(nn.Module):
         """The pieces as one pair (h, B) with `delta(x) == h B^T`, for `fp8_linear`'s `lora`: their
         down-projections side by side, their scaled up-projections block-diagonal in the output's
         order (zero rows, and no rank, for a slice without an adapter)."""
-        dtype = next(piece.lora_B.weight.dtype for piece, on in zip(self.pieces, self.active) if on)
+        dtype = self.pieces[self.active.index(True)].lora_B.weight.dtype
         hs, ups = [], []
         for piece, on, width in zip(self.pieces, self.active, self.widths):
             if on:
@@ -322,6 +323,7 @@ class ComfyFlux2Backbone:
             weight_in_place = module.__dict__.get("_weight_in_place")
             if weight_in_place is not None and weight_in_place[0].dtype == torch.float8_e4m3fn:
                 # Added into the fp8 product in place (`_linear_in_place`), not written and summed after it.
+                # The same function bound to each module: compiled blocks of a kind still share one graph.
                 self._set_for_the_run(module, "_lora_in_matmul", adapter.stacked)
             else:
                 self._hooks.append(module.register_forward_hook(adapter.hook))

@@ -203,18 +203,65 @@ def test_the_adapters_are_live_only_while_training(comfy, pack, tiny_pipeline_di
 @pytest.mark.parametrize("pieces,swap_halves", [(("q", None, "v"), False), (("scale", None), True)])
 def test_a_fused_linears_adapter_as_one_pair_adds_what_its_hook_adds(comfy, pack, pieces, swap_halves):
     """The pair an fp8 Linear adds into its matmul: a slice without an adapter, and the final adaLN's
-    halves in ComfyUI's order, as the hook adds them."""
+    halves in ComfyUI's order, as the hook adds them; each piece's dropout draws the hook's mask."""
+    from flux2_train import quantize
     from flux2_train.lora import LoraPair
 
     torch.manual_seed(0)
-    pairs = [name and LoraPair(name, 32, 16, 4, 8.0) for name in pieces]
+    pairs = [name and LoraPair(name, 32, 16, 4, 8.0, dropout=0.3) for name in pieces]
     for pair in filter(None, pairs):
         torch.nn.init.normal_(pair.lora_B.weight)  # B starts at zero
     adapter = pack.FusedLoraAdapter(pairs, [16] * len(pairs), swap_halves=swap_halves)
-    x = torch.randn(5, 32)
+    params = [p for pair in filter(None, pairs) for p in pair.parameters()]
+    x = torch.randn(48, 32)
+    weight, scale = quantize._rowwise_fp8(torch.randn(16 * len(pieces), 32))
+
+    def hooked(x):  # the fp8 product, then the hook's sum
+        return quantize.fp8_linear(x, weight, scale, None, torch.bfloat16, True) + adapter.delta(x).to(torch.bfloat16)
+
+    def in_matmul(x):
+        return quantize.fp8_linear(x, weight, scale, None, torch.bfloat16, True, (*adapter.stacked(x), 1.0))
+
+    results = []
+    for forward in (hooked, in_matmul):
+        torch.manual_seed(1)  # the same dropout masks, drawn piece by piece
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(x).float()
+        results.append([y, *torch.autograd.grad(y.square().sum(), params)])
+    for ours, theirs in zip(results[1], results[0]):
+        assert (ours - theirs).norm() / theirs.norm() < 2e-2
+    adapter.eval()  # no dropout: exactly the hook's delta
     h, up = adapter.stacked(x)
-    assert h.shape == (5, 4 * sum(map(bool, pieces))) and up.shape == (16 * len(pieces), h.shape[1])
+    assert h.shape == (48, 4 * sum(map(bool, pieces))) and up.shape == (16 * len(pieces), h.shape[1])
     torch.testing.assert_close(h @ up.t(), adapter.delta(x))
+
+
+@pytest.mark.slow
+def test_adapters_in_fp8_matmuls_compile_one_graph_per_block_kind(comfy, pack):
+    """The adapter is the same function bound to each Linear: the blocks of a kind still share a graph
+    (a forward that differed per module would compile every block anew, and past the limit run eager)."""
+    from torch._dynamo.utils import counters
+
+    from flux2_train.model import DiffusersFlux2Backbone
+    from flux2_train.tiny import tiny_transformer
+
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model_state_dict(
+            fp8_mixed_state_dict(DiffusersFlux2Backbone(tiny_transformer(num_single_layers=3))),
+            model_options={"dtype": torch.float32})
+    backbone = pack.ComfyFlux2Backbone(patcher)
+    try:
+        backbone.prepare(torch.device("cpu"), torch.float32)
+        backbone.add_lora([n for n in backbone.lora_layers() if "blocks" in n], 4, 4.0, 0.0, 0)
+        assert sum("_lora_in_matmul" in m.__dict__ for m in backbone.diffusion_model.modules()) > 8
+        torch._dynamo.reset()
+        counters.clear()
+        assert backbone.compile_blocks() is None
+        out = backbone.predict(torch.randn(1, 128, 4, 4), torch.tensor([0.5]), torch.randn(1, 8, 96))
+        out.square().mean().backward()
+    finally:
+        backbone.release()
+    assert counters["stats"]["unique_graphs"] == 2  # one double-stream block, three single-stream blocks
 
 
 @pytest.mark.failure_case("non-FLUX.2 MODEL in the graph")
