@@ -9,11 +9,18 @@ Where the optimizer can skip its update on the device (torch's fused Adam/AdamW 
 the GPU runs the next step. A loss that is not finite sets the flag for good: that update
 and every later one are skipped on the device, so when the host reads the loss the weights
 are still those of the step before it, as if it had been read at once.
+
+Several processes must skip the same updates and stop at the same step. Before each update
+their flags are all-reduced on the device (one process's NaN skips every process's update);
+after it, one all-reduce carries the sum of their losses, how many saw one that is not
+finite and how many were asked to stop. Every process reads it at the same point of the loop,
+so they agree without the host waiting on a collective.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -28,11 +35,21 @@ def skips_updates_on_device(optimizer) -> bool:
     return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
 
 
+class StepLoss(NamedTuple):
+    """A step's loss as the host reads it, with what the processes agreed on at that step."""
+
+    step: int
+    loss: float  # the mean over the step's micro-batches (and over the processes)
+    not_finite_on: int  # how many processes saw a loss that is not finite
+    stop_asked: bool  # whether any process was asked to stop
+
+
 class LateLossReader:
     """The mean loss of each step, on the host one step after the step was queued."""
 
-    def __init__(self, optimizer, device: torch.device):
+    def __init__(self, optimizer, device: torch.device, processes: int = 1):
         self.device = device
+        self.processes = processes
         self._bad = torch.zeros((), dtype=torch.float32, device=device)
         # The fused optimizer reads the flag on the device at every step.
         getattr(optimizer, "optimizer", optimizer).found_inf = self._bad
@@ -45,29 +62,39 @@ class LateLossReader:
         torch.maximum(self._bad, (~torch.isfinite(loss)).float(), out=self._bad)  # 0 or 1, as the optimizer reads it
         self._micro.append(loss)
 
-    def end_step(self, step: int) -> None:
+    def agree(self) -> None:
+        """Before an update: each process skips it where any process's flag is set."""
+        if self.processes > 1:
+            torch.distributed.all_reduce(self._bad, op=torch.distributed.ReduceOp.MAX)
+
+    def end_step(self, step: int, stop_asked: bool = False) -> None:
         """Start copying the mean loss of `step` (all its micro-batches) to the host."""
         mean = torch.stack(self._micro).mean() if len(self._micro) > 1 else self._micro[0]
         self._micro = []
+        # [loss, not finite here, stop asked here]; filled on the device, so the host does not wait.
+        packed = torch.stack([mean, (~torch.isfinite(mean)).float(), mean.new_full((), float(stop_asked))])
+        if self.processes > 1:
+            torch.distributed.all_reduce(packed)
         if self.device.type == "cuda":
-            host = torch.empty((), dtype=torch.float32, pin_memory=True)
-            host.copy_(mean, non_blocking=True)
+            host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))  # the run's GPU, which may not be the current one
             self._pending.append((step, host, event))
         else:
-            self._pending.append((step, mean, None))
+            self._pending.append((step, packed, None))
 
     def oldest(self) -> int | None:
         """The oldest step not read yet, or None."""
         return self._pending[0][0] if self._pending else None
 
-    def read(self) -> tuple[int, float]:
-        """(step, mean loss) of the oldest step not read yet; waits for the GPU to reach its end."""
-        step, value, event = self._pending.popleft()
+    def read(self) -> StepLoss:
+        """The oldest step not read yet; waits for the GPU to reach its end."""
+        step, packed, event = self._pending.popleft()
         if event is not None:
             event.synchronize()
-        return step, float(value)
+        total, not_finite_on, stop_asked = packed.tolist()
+        return StepLoss(step, total / self.processes, int(not_finite_on), stop_asked > 0)
 
     def drop(self) -> None:
         """Forget what is queued (a run that stops on an error)."""

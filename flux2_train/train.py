@@ -18,7 +18,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -547,20 +547,21 @@ class Trainer:
                                                "validation": [[s, v] for s, v in watcher.history]}))
         checkpoints = []
         # Where the optimizer can skip an update on the GPU, each step's loss is read a step late,
-        # while the GPU runs the next one (see loss_reader); otherwise at once, as several processes
-        # must agree on it before any of them steps.
-        late = LateLossReader(optimizer, device) if world.size == 1 and skips_updates_on_device(optimizer) else None
+        # while the GPU runs the next one (see loss_reader); otherwise at once, and several processes
+        # agree on it before any of them steps.
+        late = LateLossReader(optimizer, device, world.size) if skips_updates_on_device(optimizer) else None
+        stop_agreed = False  # several processes: a stop one of them was asked, as read with a step's loss
         unreported: dict[int, _PendingReport] = {}  # step -> what its report needs, until it is reported
         step_time_avg = None
 
-        def step_done(done: int, loss_value: float, now: float) -> None:
+        def step_done(done: int, loss_value: float, now: float, where: str = "") -> None:
             """A finished step: checked, logged and sent to the listeners."""
             nonlocal step_time_avg
             if not math.isfinite(loss_value):  # the update was skipped on the GPU (late) or never made
                 optimizer.zero_grad(set_to_none=True)
                 if late:
                     late.drop()
-                raise TrainingDiverged(self._nan_message(done, loss_value, run_dir), done)
+                raise TrainingDiverged(self._nan_message(done, f"{loss_value}{where}", run_dir), done)
             self.step = done
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
@@ -576,10 +577,17 @@ class Trainer:
                 hook(done, self)
 
         def report_late(before: int | None = None) -> None:
-            """Read the losses still on the GPU: of every step, or of the steps before `before`."""
+            """Read the losses still on the GPU: of every step, or of the steps before `before`.
+
+            Every process reads at the same points of the loop (each step, and the checkpoints and
+            evaluations, which are the same for all), so they stop at the same step."""
+            nonlocal stop_agreed
             while late and (oldest := late.oldest()) is not None and (before is None or oldest < before):
-                done, value = late.read()
-                step_done(done, value, unreported[done + 1].started if done + 1 in unreported else time.perf_counter())
+                read = late.read()
+                stop_agreed = stop_agreed or read.stop_asked
+                where = f" (on {read.not_finite_on} of the {world.size} processes)" if world.size > 1 else ""
+                step_done(read.step, read.loss, unreported[read.step + 1].started if read.step + 1 in unreported
+                          else time.perf_counter(), where)
 
         def report_late_if_possible() -> None:
             """On the way out with another error: report the steps that did finish, if the GPU can still tell."""
@@ -612,6 +620,8 @@ class Trainer:
                             prefetched = self._prefetch(index + world.size, plan, data, device, weight_dtype)
                         if late:
                             late.add(loss)
+                            if accelerator.sync_gradients:  # this micro-batch's optimizer.step() updates
+                                late.agree()
                         else:
                             # Checked after backward is queued, and before any weight changes.
                             loss_value = loss.item()
@@ -653,21 +663,26 @@ class Trainer:
                 report_late_if_possible()
                 raise
             step += 1
+            last = step == cfg.steps
             unreported[step].lr = float(lr_scheduler.get_last_lr()[0])
             if late:
-                late.end_step(step)
+                # Several processes send a stop asked of any of them (Ctrl-C) with the step's loss.
+                asked = world.size > 1 and not last and self.should_stop()
+                self._together(lambda: late.end_step(step, asked), step, run_dir)
                 report_late(before=step)  # the step before this one, while the GPU runs this one
             else:
                 total = self._sum([sum(micro_losses)], device, step, run_dir)[0]
                 step_done(step, total / (len(micro_losses) * world.size), time.perf_counter())
 
-            last = step == cfg.steps
             if last or self.step_hooks or self.watcher.due(step, last):
                 report_late()  # the weights checked before they are evaluated; hooks see their own step
             self._watch(step, last, device, state, micro_step, losses)
-            stop = not last and self.should_stop()
-            if world.size > 1 and not last:  # a stop asked of any process (Ctrl-C) stops all of them
-                stop = self._sum([float(stop)], device, step, run_dir)[0] > 0
+            if world.size == 1:
+                stop = not last and self.should_stop()
+            elif late:  # as read with the losses: the step after the one it was asked in, or a checkpoint's
+                stop = not last and stop_agreed
+            else:  # a stop asked of any process stops all of them
+                stop = not last and self._sum([float(self.should_stop())], device, step, run_dir)[0] > 0
             if last or stop or (cfg.save_every and step % cfg.save_every == 0):
                 report_late()  # a checkpoint holds every loss up to its step
                 path = self._save_checkpoint(state, step, micro_step, losses)
@@ -675,7 +690,8 @@ class Trainer:
                 self.events.emit(StatusEvent("checkpoint", f"checkpoint at step {step}: {path}", step=step,
                                              total=cfg.steps, data={"path": str(path)}))
                 # A stop asked while the checkpoint was written ends the run on it, not a step later.
-                stop = stop or (not last and world.size == 1 and self.should_stop())
+                asked_since = self.should_stop() if world.size == 1 else late is not None and stop_agreed
+                stop = stop or (not last and asked_since)
             if stop:
                 raise TrainingCancelled(f"stopped at step {step} of {cfg.steps}; checkpoint {checkpoints[-1]} "
                                         "holds the run: resume from it to continue", step, str(checkpoints[-1]))
@@ -879,8 +895,12 @@ class Trainer:
 
     def _sum(self, values, device, step, run_dir) -> list[float]:
         """`World.sum`, naming a process that is gone."""
+        return self._together(lambda: self.world.sum(values, device), step, run_dir)
+
+    def _together(self, collective: Callable[[], Any], step, run_dir) -> Any:
+        """`collective()`, a call every process makes, naming a process that is gone."""
         try:
-            return self.world.sum(values, device)
+            return collective()
         except RuntimeError as e:
             if self.world.size > 1 and lost_a_process(e):
                 raise ProcessLost(self._lost_message(step, run_dir, e)) from None

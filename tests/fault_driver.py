@@ -4,9 +4,15 @@
                                                      first file whose path contains `at`
     python tests/fault_driver.py disk_full '<json>'  fills the disk of `out` after step `at`, then
                                                      frees it and resumes; prints a JSON report
+    accelerate launch ... tests/fault_driver.py nan_on_rank_1 '<json>'
+                                                     the CLI's `train` with `argv`, where process 1's
+                                                     output is NaN at its `at`-th training prediction; each
+                                                     process that stops on the NaN writes its LoRA
+                                                     weights to `out`/rank-<rank>.safetensors
 
-The JSON gives model, dataset, out, cache, steps, save_every and at. Run `disk_full` inside a
-private tmpfs (see tests/test_faults.py): it fills the whole filesystem of `out`.
+The JSON gives model, dataset, out, cache, steps, save_every and at (nan_on_rank_1: argv, out and
+at). Run `disk_full` inside a private tmpfs (see tests/test_faults.py): it fills the whole
+filesystem of `out`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 from flux2_train import checkpoint as ckpt
 from flux2_train import fsutil
@@ -82,6 +90,36 @@ def fill_the_disk(args: dict) -> None:
     print(json.dumps(report))
 
 
+def nan_on_rank_1(args: dict) -> None:
+    from safetensors.torch import save_file
+
+    from flux2_train import cli, model, train
+    from flux2_train.errors import TrainingDiverged
+
+    rank = os.environ["RANK"]
+    if rank == "1":
+        predict, calls = model.DiffusersFlux2Backbone.predict, []
+
+        def poisoned(self, *a, **kw):
+            calls.append(torch.is_grad_enabled())  # training's calls; validation's have no gradients
+            out = predict(self, *a, **kw)
+            return out * float("nan") if calls[-1] and sum(calls) == args["at"] else out
+
+        model.DiffusersFlux2Backbone.predict = poisoned
+    run = train.Trainer.run
+
+    def run_keeping_the_weights(self):
+        try:
+            return run(self)
+        except TrainingDiverged:
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.backbone.lora_state_dict().items()}
+            save_file(weights, str(Path(args["out"]) / f"rank-{rank}.safetensors"))
+            raise
+
+    train.Trainer.run = run_keeping_the_weights
+    sys.exit(cli.main(["train", *args["argv"]]))
+
+
 def _loads(checkpoint: Path) -> bool:
     ckpt.load_checkpoint(checkpoint)
     return True
@@ -89,4 +127,4 @@ def _loads(checkpoint: Path) -> bool:
 
 if __name__ == "__main__":
     mode, arguments = sys.argv[1], json.loads(sys.argv[2])
-    {"kill": die_halfway_through, "disk_full": fill_the_disk}[mode](arguments)
+    {"kill": die_halfway_through, "disk_full": fill_the_disk, "nan_on_rank_1": nan_on_rank_1}[mode](arguments)

@@ -37,7 +37,8 @@ def options(model: Path, dataset: Path, out: Path, cache: Path, **kw) -> list[st
 
 
 def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -214,6 +215,42 @@ def test_ctrl_c_stops_every_process_at_a_checkpoint(tiny_pipeline_dir, demo_data
     saved = sorted((out / "run" / "checkpoints").glob("step-*"))
     assert len(saved) == 1
     assert json.loads((saved[0] / "checkpoint.json").read_text())["step"] == len(step_losses(out / "run"))
+
+
+@pytest.mark.failure_case("NaN or infinite loss")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_nan_on_one_process_stops_them_all_at_its_step_with_the_weights_before_it(device, one_process_batch_two,
+                                                                                    tiny_pipeline_dir, demo_dataset,
+                                                                                    tmp_path):
+    """Each loss is read a step late here too: the processes agree on the device to skip the NaN step's
+    update (DDP's averaged gradients hold the NaN on every process), and on the step they stop at."""
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    reference = one_process_batch_two  # one process with their batch: the same losses and weights
+    if device == "cuda":  # the same two processes without the NaN, on the same GPUs
+        reference = tmp_path / "clean"
+        done = launch(options(tiny_pipeline_dir, demo_dataset, reference, tmp_path / "cache", device=device, steps=2)
+                      + ["--num-gpus", "2"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        reference = reference / "run"
+    out = tmp_path / "out"
+    argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0)
+    out.mkdir()
+    path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", str(REPO / "tests" / "fault_driver.py"), "nan_on_rank_1",
+                           json.dumps(dict(argv=argv, out=str(out), at=3))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("the loss became nan (on 1 of the 2 processes) at step 3") == 2, done.stderr[-3000:]
+    assert step_losses(out / "run") == pytest.approx(step_losses(reference)[:2], rel=1e-5)
+    # Both processes hold the weights of step 2.
+    after_2 = reference / "checkpoints" / "step-000002" / "adapter.safetensors"
+    for rank in (0, 1):
+        assert_same_lora(out / f"rank-{rank}.safetensors", after_2)
 
 
 def _children(pid: int) -> list[int]:
