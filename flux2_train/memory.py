@@ -103,8 +103,6 @@ _EFFECTIVE_FLOPS = 300e12  # what a training step sustains on an H100 (MFU about
 # run, which took about 0.3 s), so that it scales with the model and the image size. Fitted on
 # one H100 host (PCIe 5); a slower bus or a slower card is not measured.
 ACTIVATION_BYTES_PER_MODELLED_FORWARD_SECOND = 23 * GIB
-# PyTorch's pinned allocator rounds each buffer up to a power of two: up to twice the bytes.
-PINNED_ROUNDING = 2.0
 # What offloading a block's activations costs, as a share of what checkpointing it costs: the
 # 16 blocks above made a step 8.7% faster than checkpointing them did, where the checkpointing
 # cost predicts 10.7%.
@@ -363,8 +361,7 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
                                   else f"{recomputed} of {blocks} blocks"), "optimizer": cfg.optimizer}
     if kept_out:
         pinned = (kept_out - min(kept_out, ACTIVATIONS_IN_FLIGHT)) * per_block * vector / GIB
-        settings["activations offloaded"] = (f"{kept_out} blocks' ({pinned:.1f} GiB in pinned CPU memory, up to "
-                                             f"{PINNED_ROUNDING * pinned:.1f} as PyTorch rounds its buffers)")
+        settings["activations offloaded"] = f"{kept_out} blocks' ({pinned:.1f} GiB in pinned CPU memory)"
     streamable = 0
     if placement.can_offload and offloaded < stored:  # what streaming every weight would save, casts included
         everything = dataclasses.replace(placement, offloaded_bytes=stored)
@@ -411,7 +408,7 @@ def activation_offload_budget(spec: ModelSpec, cfg: TrainConfig, placement: Plac
     if not placement.offloads_activations(cfg) or est.block_activations <= 0:
         return 0
     by_bus = ACTIVATION_BYTES_PER_MODELLED_FORWARD_SECOND * step_seconds(spec, cfg, buckets) / 3
-    by_host = 0.5 * placement.host_free / PINNED_ROUNDING
+    by_host = 0.5 * placement.host_free
     return int(min(by_bus, by_host) // est.block_activations)
 
 

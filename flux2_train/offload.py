@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import mmap
 from collections.abc import Iterable
 
 import torch
@@ -36,6 +37,7 @@ from .speed import checkpointed_count, is_checkpointed
 log = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes: each tensor starts where cuBLAS and Inductor's kernels want it
+_PAGE = mmap.PAGESIZE
 
 
 def spread(count: int, candidates: int) -> list[int]:
@@ -250,6 +252,45 @@ class _Stored:
         self.uses = 0  # saved tensors in it whose backward pass has not read them yet
 
 
+class PinnedBuffers:
+    """CPU buffers pinned at their own size, kept from one step to the next.
+
+    PyTorch's pinned allocator rounds each buffer up to a power of two, up to twice the memory
+    asked for. These are plain CPU tensors whose pages CUDA registers (each buffer on pages of its
+    own), so the copies to and from them run asynchronously, and a step's buffers are taken
+    again by the next step (the same bucket saves tensors of the same sizes).
+    """
+
+    def __init__(self):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._registered: list[torch.Tensor] = []  # whole page-aligned regions, until `release`
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() for r in self._registered)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        free = self._free.get(nbytes)
+        if free:
+            return free.pop()
+        size = -(-nbytes // _PAGE) * _PAGE
+        raw = torch.empty(size + _PAGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % _PAGE
+        region = raw[start:start + size]
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0))
+        self._registered.append(region)
+        return region[:nbytes]
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.setdefault(buffer.numel(), []).append(buffer)
+
+    def release(self) -> None:
+        """Unregister every buffer; the memory goes back to the system as the last reference to it goes."""
+        for region in self._registered:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(region.data_ptr()))
+        self._free, self._registered = {}, []
+
+
 class ActivationOffload:
     """Keeps what chosen blocks save for their backward pass in (pinned) CPU memory.
 
@@ -281,6 +322,7 @@ class ActivationOffload:
         self._order: list[int] = []  # offloaded blocks in the order this forward pass ran them
         self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its memory
         self._copied_out: dict[int, torch.cuda.Event] = {}
+        self._pinned = PinnedBuffers() if self.stream is not None else None
         self.offloaded_bytes = 0  # by the last forward pass
 
     @contextlib.contextmanager
@@ -305,6 +347,11 @@ class ActivationOffload:
         """Drop what the last pass left (a run that ended mid-step, or its last backward pass)."""
         if self.stream is not None:  # copies back into memory the compute stream never read may still run
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self._pinned is not None:  # the next pass's copies out queue on the side stream behind these
+            for group in self._stored.values():
+                for stored in group.values():
+                    if stored.home is not None:
+                        self._pinned.give_back(stored.home)
         self._order, self._stored, self._copied_out = [], {}, {}
 
     def release(self) -> None:
@@ -312,7 +359,7 @@ class ActivationOffload:
         self.clear()
         if self.stream is not None:
             self.stream.synchronize()
-            _empty_pinned_cache()
+            self._pinned.release()
 
     def _pack(self, index: int, t: torch.Tensor):
         if type(t) is not torch.Tensor or t.device.type != self.device.type:
@@ -325,10 +372,11 @@ class ActivationOffload:
         if stored is None:  # the first tensor saved in this memory: copy all of it out
             memory, home = _bytes_of(storage, t.device), None
             if index not in self._stay:
-                home = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.stream is not None)
                 if self.stream is None:
+                    home = torch.empty(storage.nbytes(), dtype=torch.uint8)
                     home.copy_(memory)
                 else:
+                    home = self._pinned.take(storage.nbytes())
                     self.stream.wait_stream(torch.cuda.current_stream(self.device))
                     with torch.cuda.stream(self.stream):
                         home.copy_(memory, non_blocking=True)
@@ -393,16 +441,6 @@ def _addresses(t: torch.Tensor) -> set[int]:
         names, _ = t.__tensor_flatten__()
         return set().union(*(_addresses(getattr(t, name)) for name in names))
     return {t.untyped_storage().data_ptr()}
-
-
-def _empty_pinned_cache() -> None:
-    """Return the pinned CPU memory PyTorch keeps cached for reuse to the system."""
-    # Public in recent torch (torch.accelerator), private names in older ones.
-    empty = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-             or getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None))
-    if empty is not None:
-        with contextlib.suppress(RuntimeError):  # a courtesy to the host process: never the run's failure
-            empty()
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:

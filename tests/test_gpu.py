@@ -186,6 +186,53 @@ def test_offloaded_activations_wait_for_their_copies_when_the_bus_is_slow(monkey
 
 
 @pytest.mark.gpu
+def test_offloaded_activations_are_pinned_at_their_own_size_and_reused_by_the_next_step(demo_dataset,
+                                                                                        tiny_pipeline_dir, tmp_path,
+                                                                                        tiny_activations_move):
+    """PyTorch's pinned allocator would round each buffer up to a power of two; these are registered
+    with CUDA at their own size (to a page), and each step takes the buffers the step before gave back."""
+    from flux2_train.offload import _PAGE
+
+    cfg = resolve_config(overrides=dict(
+        dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path), name="run",
+        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=4, rank=4,
+        dtype="bfloat16", device="cuda", save_every=0, tensorboard=False, validate_every=0, offload_activations=2))
+    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
+    trainer = Trainer(cfg, load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16), encoder=encoder)
+    seen = []
+
+    def look(step, t):
+        offload = t.activation_offload
+        homes = [s.home for group in offload._stored.values() for s in group.values() if s.home is not None]
+        seen.append((offload._pinned.nbytes, offload.offloaded_bytes, homes, step == cfg.steps and queues(homes)))
+
+    def queues(homes) -> bool:
+        """Pinned (PyTorch's is_pinned() knows only its own allocator's): a copy into each queues behind
+        the GPU's work and the host goes on, where a copy into pageable memory waits for it."""
+        def went_on(buffers) -> bool:
+            torch.cuda._sleep(200_000_000)
+            for buffer in buffers:
+                buffer.copy_(torch.zeros(buffer.numel(), dtype=torch.uint8, device="cuda"), non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            queued = not copied.query()
+            torch.cuda.synchronize()
+            return queued
+
+        # The last backward pass has read the buffers; a pageable one shows the check tells them apart.
+        return went_on(homes) and not went_on([torch.empty(homes[0].numel(), dtype=torch.uint8)])
+
+    trainer.step_hooks.append(look)
+    trainer.run()
+    pinned, offloaded, homes, pinned_copies = seen[-1]
+    assert homes and pinned_copies
+    assert offloaded <= pinned <= offloaded + len(homes) * _PAGE  # one step's buffers, each to a page
+    assert [s[0] for s in seen] == [pinned] * len(seen)  # no step pinned more
+    assert {h.data_ptr() for h in seen[0][2]} == {h.data_ptr() for h in homes}  # the same buffers again
+    assert trainer.activation_offload._pinned.nbytes == 0  # unregistered at the end of the run
+
+
+@pytest.mark.gpu
 def test_comfyuis_model_compiles_and_multiplies_its_fp8_weights_in_fp8_on_the_gpu(tmp_path):
     """The training node's path on ComfyUI's own FLUX.2 class, fully on the GPU (a regular ModelPatcher):
     bf16 weights and fp8 ones (the loader's fp8_e4m3fn, an fp8 "mixed" file) train with compiled blocks,

@@ -494,13 +494,12 @@ def test_auto_keeps_activations_in_cpu_memory_instead_of_checkpointing_where_the
 
     assert slower(plan) < slower(without)
     assert "pinned CPU memory" in plan.estimate.summary()
-    # Half the free CPU memory at most, pinned, which PyTorch may round up to twice the bytes:
-    # with 20 GiB free, 5 GiB of activations.
-    small = plan_auto(spec, given, Placement("engine", host_free=20 * GIB), card)
+    # Half the free CPU memory at most (pinned at their own size): with 10 GiB free, 5 GiB of activations.
+    small = plan_auto(spec, given, Placement("engine", host_free=10 * GIB), card)
     assert 2 < small.cfg.offload_activations < 16
     assert small.cfg.offload_activations * small.estimate.block_activations <= 5 * GIB
     # Fewer than three blocks would save nothing (the last two keep theirs on the GPU): none.
-    assert not plan_auto(spec, given, Placement("engine", host_free=8 * GIB), card).cfg.offload_activations
+    assert not plan_auto(spec, given, Placement("engine", host_free=4 * GIB), card).cfg.offload_activations
     # Never where weights already cross the bus: streamed by ComfyUI, or offloaded by the engine.
     streamed = plan_auto(spec, cfg(compile=True, quick_preset="auto"),
                          Placement("comfyui", "fp8", streamed=True, host_free=100 * GIB), card)
