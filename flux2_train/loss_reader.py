@@ -14,7 +14,7 @@ Several processes must skip the same updates and stop at the same step. Before e
 their flags are all-reduced on the device (one process's NaN skips every process's update);
 after it, one all-reduce carries the sum of their losses, how many saw one that is not
 finite and how many were asked to stop. Every process reads it at the same point of the loop,
-so they agree without the host waiting on a collective.
+so they agree, and on GPUs (NCCL) the host does not wait on a collective.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ is PCIe bandwidth, which is free while the copies hide behind other blocks' comp
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -253,42 +254,68 @@ class _Stored:
 
 
 class PinnedBuffers:
-    """CPU buffers pinned at their own size, kept from one step to the next.
+    """CPU buffers for offloaded tensors, pinned at their own size and kept from one step to the next.
 
     PyTorch's pinned allocator rounds each buffer up to a power of two, up to twice the memory
     asked for. These are plain CPU tensors whose pages CUDA registers (each buffer on pages of its
-    own), so the copies to and from them run asynchronously, and a step's buffers are taken
-    again by the next step (the same bucket saves tensors of the same sizes).
+    own; `pin=False` on a machine without CUDA), so the copies to and from them run asynchronously.
+    A buffer given back is taken again for the smallest request it holds: a step takes the buffers
+    of the step before (the same bucket saves tensors of the same sizes), and a smaller bucket's
+    step those of a larger one. A larger bucket's step after smaller ones adds buffers of its own.
     """
 
-    def __init__(self):
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._registered: list[torch.Tensor] = []  # whole page-aligned regions, until `release`
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self._regions: dict[int, torch.Tensor] = {}  # address -> a whole page-aligned buffer
+        self._free: list[tuple[int, int]] = []  # (size, address) of those no step holds, smallest first
 
     @property
     def nbytes(self) -> int:
-        return sum(r.numel() for r in self._registered)
+        return sum(r.numel() for r in self._regions.values())
 
     def take(self, nbytes: int) -> torch.Tensor:
-        free = self._free.get(nbytes)
-        if free:
-            return free.pop()
+        i = bisect.bisect_left(self._free, (nbytes, 0))
+        if i < len(self._free):
+            _, address = self._free.pop(i)
+            return self._regions[address][:nbytes]
         size = -(-nbytes // _PAGE) * _PAGE
         raw = torch.empty(size + _PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % _PAGE
         region = raw[start:start + size]
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0))
-        self._registered.append(region)
+        if self.pin:
+            error = torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0)
+            if int(error) != 0:
+                _take_cuda_error()
+                log.warning("could not pin %.2f GiB of CPU memory at its own size (%s); using PyTorch's pinned "
+                            "allocator, which may take up to twice that", size / 2**30,
+                            torch.cuda.cudart().cudaGetErrorString(error))
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # not kept: freed by PyTorch
+        self._regions[region.data_ptr()] = region
         return region[:nbytes]
 
     def give_back(self, buffer: torch.Tensor) -> None:
-        self._free.setdefault(buffer.numel(), []).append(buffer)
+        """A buffer `take` gave, for a later `take`: the copies through it must be queued by then."""
+        region = self._regions.get(buffer.data_ptr())
+        if region is not None:
+            bisect.insort(self._free, (region.numel(), buffer.data_ptr()))
 
     def release(self) -> None:
-        """Unregister every buffer; the memory goes back to the system as the last reference to it goes."""
-        for region in self._registered:
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(region.data_ptr()))
-        self._free, self._registered = {}, []
+        """Unregister every buffer (their copies must be done); the memory goes back to the system as
+        the last reference to it goes."""
+        if self.pin:
+            for address, region in self._regions.items():
+                error = torch.cuda.cudart().cudaHostUnregister(address)
+                if int(error) != 0:  # a courtesy to the host process: never the run's failure
+                    _take_cuda_error()
+                    log.warning("could not unpin %.2f GiB of CPU memory (%s)", region.numel() / 2**30,
+                                torch.cuda.cudart().cudaGetErrorString(error))
+        self._regions, self._free = {}, []
+
+
+def _take_cuda_error() -> None:
+    """CUDA keeps a failed call's error for the next call that checks: a kernel launch takes it here."""
+    with contextlib.suppress(RuntimeError):
+        torch.zeros(1, device="cuda")
 
 
 class ActivationOffload:
@@ -322,7 +349,7 @@ class ActivationOffload:
         self._order: list[int] = []  # offloaded blocks in the order this forward pass ran them
         self._stored: dict[int, dict[int, _Stored]] = {}  # block -> storage address -> its memory
         self._copied_out: dict[int, torch.cuda.Event] = {}
-        self._pinned = PinnedBuffers() if self.stream is not None else None
+        self._pinned = PinnedBuffers(pin=self.stream is not None)
         self.offloaded_bytes = 0  # by the last forward pass
 
     @contextlib.contextmanager
@@ -347,11 +374,10 @@ class ActivationOffload:
         """Drop what the last pass left (a run that ended mid-step, or its last backward pass)."""
         if self.stream is not None:  # copies back into memory the compute stream never read may still run
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        if self._pinned is not None:  # the next pass's copies out queue on the side stream behind these
-            for group in self._stored.values():
-                for stored in group.values():
-                    if stored.home is not None:
-                        self._pinned.give_back(stored.home)
+        for group in self._stored.values():  # the next pass's copies out queue on the side stream behind these
+            for stored in group.values():
+                if stored.home is not None:
+                    self._pinned.give_back(stored.home)
         self._order, self._stored, self._copied_out = [], {}, {}
 
     def release(self) -> None:
@@ -359,7 +385,7 @@ class ActivationOffload:
         self.clear()
         if self.stream is not None:
             self.stream.synchronize()
-            self._pinned.release()
+        self._pinned.release()
 
     def _pack(self, index: int, t: torch.Tensor):
         if type(t) is not torch.Tensor or t.device.type != self.device.type:
@@ -372,11 +398,10 @@ class ActivationOffload:
         if stored is None:  # the first tensor saved in this memory: copy all of it out
             memory, home = _bytes_of(storage, t.device), None
             if index not in self._stay:
+                home = self._pinned.take(storage.nbytes())
                 if self.stream is None:
-                    home = torch.empty(storage.nbytes(), dtype=torch.uint8)
                     home.copy_(memory)
                 else:
-                    home = self._pinned.take(storage.nbytes())
                     self.stream.wait_stream(torch.cuda.current_stream(self.device))
                     with torch.cuda.stream(self.stream):
                         home.copy_(memory, non_blocking=True)
@@ -409,6 +434,7 @@ class ActivationOffload:
         stored.uses -= 1
         if stored.uses <= 0 and stored.home is not None:
             stored.gpu = None  # the backward pass holds it now, and frees it when done
+        offset += memory.storage_offset() // dtype.itemsize  # a CPU buffer may start inside its storage
         return torch.empty(0, dtype=dtype, device=memory.device).set_(memory.untyped_storage(), offset, shape, stride)
 
     def _away(self, index: int) -> bool:

@@ -522,6 +522,24 @@ def test_the_last_offloaded_blocks_keep_their_memory_and_copy_nothing_out():
     assert not offload._stored
 
 
+def test_offload_buffers_are_taken_again_by_the_smallest_request_they_hold():
+    """A step takes the buffers of the step before; a smaller bucket's step, a larger one's (no new
+    memory). Each buffer starts a page of its own (CUDA registers whole pages; tests/test_gpu.py)."""
+    from flux2_train.offload import _PAGE, PinnedBuffers
+
+    pool = PinnedBuffers(pin=False)
+    big, small = pool.take(3 * _PAGE + 1), pool.take(_PAGE)
+    assert big.numel() == 3 * _PAGE + 1 and big.data_ptr() % _PAGE == 0 == small.data_ptr() % _PAGE
+    assert pool.nbytes == 5 * _PAGE
+    for buffer in (big, small):
+        pool.give_back(buffer)
+    assert pool.take(_PAGE).data_ptr() == small.data_ptr()  # the same size again
+    assert pool.take(2 * _PAGE).data_ptr() == big.data_ptr()  # the smallest that holds it
+    assert pool.take(1).data_ptr() not in (big.data_ptr(), small.data_ptr()) and pool.nbytes == 6 * _PAGE
+    pool.release()
+    assert pool.nbytes == 0
+
+
 def test_activation_offload_is_checked_before_any_work(demo_dataset, tiny_pipeline_dir, tmp_path):
     run = functools.partial(refused_run, demo_dataset, tiny_pipeline_dir, tmp_path)
 
