@@ -179,8 +179,12 @@ class LoraPair(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.down(x)) * self.scaling
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank-wide down-projection of the dropped-out input."""
         x = x.to(self.lora_A.weight.dtype)  # as PEFT does; autocast then picks the matmul dtype
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return self.lora_A(self.dropout(x))
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -113,7 +113,7 @@ class FusedLoraAdapter(nn.Module):
         hs, ups = [], []
         for piece, on, width in zip(self.pieces, self.active, self.widths):
             if on:
-                hs.append(piece.lora_A(piece.dropout(x.to(piece.lora_A.weight.dtype))))
+                hs.append(piece.down(x))
                 ups.append(piece.lora_B.weight * piece.scaling)
             else:
                 ups.append(x.new_zeros((width, 0), dtype=dtype))
