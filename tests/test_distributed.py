@@ -36,19 +36,23 @@ def options(model: Path, dataset: Path, out: Path, cache: Path, **kw) -> list[st
     return args + ["--flip", "--no-tensorboard"]
 
 
-def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+def child_env(*paths: Path) -> dict[str, str]:
+    """This environment for a training process: the repo (and `paths`) importable, one thread each, and
+    no launcher's WORLD_SIZE."""
+    path = [str(REPO), *map(str, paths), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
+    return env
+
+
+def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start_training(args: list[str], new_session: bool = False) -> subprocess.Popen:
     """`python -m flux2_train train ARGS` in the background, as a user starts it in a terminal."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flux2_train", "train", *args], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
@@ -236,14 +240,11 @@ def test_a_nan_on_one_process_stops_them_all_at_its_step_with_the_weights_before
     out = tmp_path / "out"
     argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0)
     out.mkdir()
-    path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
                            "--dynamo_backend", "no", str(REPO / "tests" / "fault_driver.py"), "nan_on_rank_1",
                            json.dumps(dict(argv=argv, out=str(out), at=3))],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=child_env(REPO / "tests"), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("the loss became nan (on 1 of the 2 processes) at step 3") == 2, done.stderr[-3000:]
     assert step_losses(out / "run") == pytest.approx(step_losses(reference)[:2], rel=1e-5)

@@ -135,6 +135,11 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
 
 def bf16_losses(dataset, model, out, events: EventBus | None = None, **options) -> list[float]:
     """bf16 steps of the tiny model on the GPU (16 image and 48 text tokens): five unless `steps` is given."""
+    return bf16_trainer(dataset, model, out, events, **options).run().losses
+
+
+def bf16_trainer(dataset, model, out, events: EventBus | None = None, **options) -> Trainer:
+    """The Trainer of `bf16_losses`."""
     cfg = resolve_config(overrides=dict(
         dataset=str(dataset), model=str(model), output_dir=str(out), name="run", cache_dir=str(out / "cache"),
         trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=5, rank=4,
@@ -142,7 +147,7 @@ def bf16_losses(dataset, model, out, events: EventBus | None = None, **options) 
         lora_dropout=0.0, caption_dropout=0.0) | options)
     backbone = load_transformer(model, dtype=torch.bfloat16)
     encoder = load_pipeline_encoders(model, device="cuda", dtype=torch.float32)
-    return Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free, events=events).run().losses
+    return Trainer(cfg, backbone, encoder=encoder, free_encoder=encoder.free, events=events)
 
 
 @pytest.mark.gpu
@@ -194,12 +199,8 @@ def test_offloaded_activations_are_pinned_at_their_own_size_and_reused_by_the_ne
 
     from flux2_train.offload import _PAGE
 
-    cfg = resolve_config(overrides=dict(
-        dataset=str(demo_dataset), model=str(tiny_pipeline_dir), output_dir=str(tmp_path), name="run",
-        trigger_word="r0b0t", resolution=64, max_upscale=4.0, max_sequence_length=48, steps=4, rank=4,
-        dtype="bfloat16", device="cuda", save_every=0, tensorboard=False, validate_every=0, offload_activations=2))
-    encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cuda", dtype=torch.float32)
-    trainer = Trainer(cfg, load_transformer(tiny_pipeline_dir, dtype=torch.bfloat16), encoder=encoder)
+    steps = 4
+    trainer = bf16_trainer(demo_dataset, tiny_pipeline_dir, tmp_path, steps=steps, offload_activations=2)
     seen = []
 
     def copies_queue(buffers) -> bool:
@@ -217,7 +218,7 @@ def test_offloaded_activations_are_pinned_at_their_own_size_and_reused_by_the_ne
         offload = t.activation_offload
         homes = [s.home for group in offload._stored.values() for s in group.values() if s.home is not None]
         # At the last step the last backward pass has read them; a pageable buffer shows the check tells.
-        pinned = step == cfg.steps and copies_queue(homes) and not copies_queue([torch.empty(_PAGE, dtype=torch.uint8)])
+        pinned = step == steps and copies_queue(homes) and not copies_queue([torch.empty(_PAGE, dtype=torch.uint8)])
         seen.append((offload._pinned.nbytes, offload.offloaded_bytes, homes, pinned))
 
     trainer.step_hooks.append(look)
