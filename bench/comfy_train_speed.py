@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+from flux2_train.config import ATTENTION_BACKENDS  # noqa: E402
 from train_speed import TEXT_TOKENS, SyntheticEncoder, env_info, family_config, write_dataset  # noqa: E402
 
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_mixed": None}
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
     p.add_argument("--offload-activations", type=int, default=0, metavar="N",
                    help="keep the activations of N blocks that are not checkpointed in pinned CPU memory")
-    p.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--compile", action="store_true",
                    help="compile the blocks (where ComfyUI holds the weights on the GPU as they are)")
     p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default")

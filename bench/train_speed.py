@@ -63,6 +63,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from flux2_train.config import ATTENTION_BACKENDS  # noqa: E402
+
 # Dense bf16 peak of one H100 SXM by the vendor's datasheet; a large bf16 matmul
 # reaches about 790-800 TFLOP/s on the card in practice.
 H100_BF16_PEAK = 989.4e12
@@ -617,7 +619,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--checkpoint-blocks", type=int, default=0, help="with checkpointing: the first N blocks only")
     ap.add_argument("--quantize-base", default="none", choices=("none", "fp8", "int8", "nf4"))
-    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
     ap.add_argument("--offload-blocks", default="0",
                     help="keep N checkpointed blocks' weights in CPU memory; auto: as many as the trainer's auto "

@@ -19,7 +19,8 @@ from .config import ATTENTION_BACKENDS
 from .errors import ConfigError
 
 _SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+         "fa4": SDPBackend.FLASH_ATTENTION}  # with FlashAttention 4 behind it (`attention_implementation`)
 # "auto": PyTorch's own order, pinned, so a checkpoint's recomputation picks the kernel its forward
 # pass picked (cuDNN and FlashAttention keep different tensors, and the checkpoint checks them).
 # cuDNN is faster on an H100/H200 (a [klein] 4B step: 0.151 s against 0.195 s with FlashAttention 2,
@@ -65,18 +66,64 @@ def pinned_attention():
     return sdpa_kernel(_allowed or _WITHOUT_CUDNN, set_priority=True)
 
 
+@contextlib.contextmanager
+def attention_implementation(name: str, device: torch.device):
+    """Context for a whole run: with --attention fa4, SDPA's FlashAttention kernels (forward and
+    backward) are FlashAttention 4's (the `flash-attn-4` package) until it ends, and PyTorch's own
+    after it, for the process that hosts the run (ComfyUI samples with them)."""
+    if name != "fa4" or device.type != "cuda":
+        yield
+        return
+    try:
+        from torch.nn.attention import _fa4
+    except ImportError:
+        raise ConfigError(f"--attention fa4 needs a PyTorch that can use FlashAttention 4 (2.10 or newer; this is "
+                          f"{torch.__version__}); use cudnn or flash") from None
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        raise ConfigError("--attention fa4 runs on Hopper (H100, H200) and Blackwell data-center GPUs (B200) only; "
+                          "use cudnn or flash")
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--attention fa4 needs the flash-attn-4 package ({e}): pip install --pre flash-attn-4; "
+                          "or use cudnn or flash") from e
+    # PyTorch's registration reads the package through this module's two functions below.
+    registration = _fa4.register_flash_attention_fa4(module_path=__name__)
+    try:
+        yield
+    finally:
+        registration.remove()  # the kernels it registered go with it
+
+
+def _flash_attn_fwd(*args, **kwargs):
+    """The package's forward; it returns more than the output and log-sum-exp PyTorch reads."""
+    from flash_attn.cute.interface import _flash_attn_fwd as forward
+
+    out, lse, *_ = forward(*args, **kwargs)
+    return out, lse
+
+
+def _flash_attn_bwd(*args, **kwargs):
+    from flash_attn.cute.interface import _flash_attn_bwd as backward
+
+    return backward(*args, **kwargs)
+
+
 def check_attention(name: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
     """Refuse before any work a kernel this GPU cannot run for this model, naming the ones it can."""
     if device.type != "cuda" or name in ("auto", "math"):
         return
+    if name == "fa4":
+        with attention_implementation(name, device):  # says what is missing: the package, the PyTorch, the GPU
+            pass
     q = torch.zeros(1, 1, 64, head_dim, device=device, dtype=dtype)
     usable = []
     for other, backend in _SDPA.items():
         try:
-            with sdpa_kernel([backend]):
+            with attention_implementation(other, device), sdpa_kernel([backend]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
             usable.append(other)
-        except RuntimeError:
+        except (RuntimeError, ConfigError):
             pass
     if name not in usable:
         raise ConfigError(f"--attention {name} does not run on this GPU for this model; use auto or one of "

@@ -42,7 +42,8 @@ from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offlo
                       check_activation_offload, check_offload, offloaded_indices)
 from .plot import Smoother, save_loss_plot
 from .quantize import check_quantize
-from .speed import attention_kernels, check_attention, checkpointed_count, compile_unavailable
+from .speed import (attention_implementation, attention_kernels, check_attention, checkpointed_count,
+                    compile_unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,8 @@ class Trainer:
         try:
             # The loop reseeds the global RNG (LoRA dropout) every micro-step; fork it so the
             # host process (ComfyUI, a test session) keeps its own random state.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+                  attention_implementation(cfg.attention, device)):
                 return self._run(cfg, spec, device, weight_dtype, mixed_precision, precision_text, run_dir,
                                  resume_info)
         except TrainingCancelled as e:

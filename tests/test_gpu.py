@@ -79,6 +79,7 @@ GPU_MODES = {
     "flash attention": (dict(attention="flash"), 0.02),
     "cudnn attention": (dict(attention="cudnn"), 0.02),
     "efficient attention": (dict(attention="efficient"), 0.02),
+    "fa4 attention": (dict(attention="fa4"), 0.02),
     "fp8 + compile + checkpointing": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True), 0.05),
     "offload every block": (dict(gradient_checkpointing=True, offload_blocks=3), 0.02),
     "fp8 + compile + offload": (dict(quantize_base="fp8", compile=True, gradient_checkpointing=True,
@@ -88,6 +89,32 @@ GPU_MODES = {
     # trains that mix on five blocks): block 0's memory moves here.
     "fp8 + compile + offloaded activations": (dict(quantize_base="fp8", compile=True, offload_activations=2), 0.05),
 }
+
+
+@pytest.mark.gpu
+def test_flash_attention_4_serves_sdpa_for_the_run_and_flash_attention_2_after_it(monkeypatch):
+    """ComfyUI samples in the process that trained: FlashAttention 4 must not outlive the run."""
+    pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flux2_train import speed
+
+    calls = []
+    forward = speed._flash_attn_fwd
+    monkeypatch.setattr(speed, "_flash_attn_fwd", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    q, k, v = (torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def flash():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    before = flash()
+    with speed.attention_implementation("fa4", torch.device("cuda")):
+        during = flash()
+    assert len(calls) == 1
+    torch.testing.assert_close(during, before, atol=2e-3, rtol=0)  # another kernel, the same attention
+    flash()
+    assert len(calls) == 1
 
 
 @pytest.mark.gpu
@@ -123,6 +150,8 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
     options, tolerance = GPU_MODES[mode]
     if options.get("quantize_base") in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
+    if options.get("attention") == "fa4":
+        pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
 
     def losses(name, **extra):
         return bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / name, **extra)
