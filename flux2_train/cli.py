@@ -159,6 +159,30 @@ def _resolve(args: argparse.Namespace, config_file=None):
     return cfg, report, spec, stored
 
 
+def _config_file(args: argparse.Namespace):
+    """--config, or with --resume and no --config the run's own config.yaml."""
+    if args.resume and not args.config:
+        from .checkpoint import find_checkpoint
+
+        saved = find_checkpoint(args.resume).parent.parent / "config.yaml"
+        return saved if saved.is_file() else None
+    return args.config
+
+
+def check_before_launch(args: argparse.Namespace) -> None:
+    """What every process of a --num-gpus run would refuse, said once before any starts: the
+    options, the model's files, the dataset, an accumulation the processes cannot share."""
+    from .data import scan_dataset_for
+    from .distributed import accumulation_per_process
+
+    if args.save_config or args.num_gpus < 2:  # launch_processes names a count it cannot use
+        return
+    cfg, report, _, _ = _resolve(args, _config_file(args))
+    if report is None:
+        scan_dataset_for(cfg)  # names what is wrong with the folder
+    accumulation_per_process(cfg.gradient_accumulation, args.num_gpus, cfg.keep_effective_batch)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .encoders import load_pipeline_encoders
     from .memory import Placement, device_available_memory, host_memory_free, plan_processes
@@ -166,12 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .distributed import World, check_precision
     from .train import Trainer, precision_plan, resolve_device
 
-    config_file = args.config
-    if args.resume and not config_file:
-        from .checkpoint import find_checkpoint
-
-        saved = find_checkpoint(args.resume).parent.parent / "config.yaml"
-        config_file = saved if saved.is_file() else None
+    config_file = _config_file(args)
     if args.save_config:
         save_yaml(resolve_config(args.preset, args.quick, config_file, _overrides(args)), args.save_config)
         print(f"config written to {args.save_config}")
@@ -384,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f" (process {os.environ.get('RANK', '?')} of {processes})" if processes > 1 else ""
     try:
         if args.command == "train" and args.num_gpus != 1 and processes == 1:
+            check_before_launch(args)
             return launch_processes(argv, args.num_gpus, args.device or "auto")
         if args.command == "train":
             return run_train(args)

@@ -99,14 +99,19 @@ class World:
 
     def accumulation(self, configured: int, keep_effective_batch: bool) -> int:
         """Micro-batches per process and step: the configured count, or its share of it."""
-        if not keep_effective_batch or self.size == 1:
-            return configured
-        if configured % self.size:
-            raise ConfigError(
-                f"--keep-effective-batch divides --gradient-accumulation ({configured}) among {self.size} "
-                f"processes, and it does not divide evenly; use a multiple of {self.size}, or drop "
-                "--keep-effective-batch to train with a larger effective batch")
-        return configured // self.size
+        return accumulation_per_process(configured, self.size, keep_effective_batch)
+
+
+def accumulation_per_process(configured: int, processes: int, keep_effective_batch: bool) -> int:
+    """--gradient-accumulation per process: as configured, or with --keep-effective-batch its share."""
+    if not keep_effective_batch or processes == 1:
+        return configured
+    if configured % processes:
+        raise ConfigError(
+            f"--keep-effective-batch divides --gradient-accumulation ({configured}) among {processes} "
+            f"processes, and it does not divide evenly; use a multiple of {processes}, or drop "
+            "--keep-effective-batch to train with a larger effective batch")
+    return configured // processes
 
 
 def check_launch_config() -> None:

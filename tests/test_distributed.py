@@ -171,14 +171,20 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batc
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
 
 
-def test_an_accumulation_that_cannot_be_shared_is_named_before_any_work(tiny_pipeline_dir, demo_dataset, tmp_path):
-    out = tmp_path / "out"
-    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", gradient_accumulation=3,
-                          keep_effective_batch=True) + ["--num-gpus", "2"])
-    assert done.returncode != 0
-    assert "--keep-effective-batch divides --gradient-accumulation (3) among 2 processes" in done.stderr
-    assert "the 2-process run ended with exit code" in done.stderr
-    assert not out.exists()
+@pytest.mark.parametrize("problem", ["accumulation", "empty dataset"])
+def test_what_every_process_would_refuse_is_named_once_before_any_starts(problem, tiny_pipeline_dir, demo_dataset,
+                                                                         tmp_path, capsys, caplog):
+    out, dataset, extra = tmp_path / "out", demo_dataset, dict(gradient_accumulation=3, keep_effective_batch=True)
+    if problem == "empty dataset":
+        dataset, extra = tmp_path / "empty", {}
+        dataset.mkdir()
+    caplog.set_level("INFO")
+    assert main(["train", *options(tiny_pipeline_dir, dataset, out, tmp_path / "cache", **extra),
+                 "--num-gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "launching" not in caplog.text and not out.exists()
+    if problem == "accumulation":
+        assert "--keep-effective-batch divides --gradient-accumulation (3) among 2 processes" in err
 
 
 @pytest.mark.failure_case("a process of a multi-GPU run dies")
