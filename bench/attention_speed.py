@@ -5,7 +5,7 @@ head size 128, bf16), timed with CUDA events, median of `--repeats` after warm-u
 FlashAttention 2 ("flash"), cuDNN ("cudnn"), memory-efficient ("efficient"), and
 FlashAttention 4 ("fa4": the `flash-attn-4` package behind SDPA's FlashAttention
 kernel, Hopper and Blackwell) where it is installed. The outputs and gradients of each
-kernel are compared with cuDNN's.
+kernel are compared with cuDNN's where cuDNN runs first (the default order).
 
     python3 bench/attention_speed.py --families klein-4b klein-9b dev
 
@@ -47,7 +47,7 @@ def time_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(kernel: str, heads: int, tokens: int, repeats: int, reference: dict | None) -> dict:
+def measure(kernel: str, heads: int, tokens: int, repeats: int, reference: dict | None) -> tuple[dict, dict]:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)

@@ -170,12 +170,14 @@ def _config_file(args: argparse.Namespace):
 
 
 def check_before_launch(args: argparse.Namespace) -> None:
-    """What every process of a --num-gpus run would refuse, said once before any starts: the
-    options, the model's files, the dataset, an accumulation the processes cannot share."""
+    """What every process of a --num-gpus run would refuse, said once before any starts: a count
+    it cannot use, the options, the model's files, the dataset, an accumulation the processes
+    cannot share."""
     from .data import scan_dataset_for
     from .distributed import accumulation_per_process
 
-    if args.save_config or args.num_gpus < 2:  # launch_processes names a count it cannot use
+    check_process_count(args.num_gpus, args.device or "auto")
+    if args.save_config:
         return
     cfg, report, _, _ = _resolve(args, _config_file(args))
     if report is None:
@@ -246,10 +248,8 @@ def without_option(argv: list[str], option: str) -> list[str]:
     return rest
 
 
-def launch_processes(argv: list[str], count: int, device: str) -> int:
-    """Run this train command again under `accelerate launch` with `count` processes (--num-gpus)."""
-    import subprocess
-
+def check_process_count(count: int, device: str) -> None:
+    """--num-gpus: 2 or more, and no more than the GPUs PyTorch sees (unless the processes run on the CPU)."""
     import torch
 
     if count < 2:
@@ -260,6 +260,13 @@ def launch_processes(argv: list[str], count: int, device: str) -> int:
             fewer = f"use --num-gpus {visible}, or " if visible > 1 else "leave out --num-gpus, or use "
             raise ConfigError(f"--num-gpus {count}, but {visible} GPU(s) are visible to PyTorch; {fewer}"
                               "--device cpu for CPU processes")
+
+
+def launch_processes(argv: list[str], count: int, device: str) -> int:
+    """Run this train command again under `accelerate launch` with `count` processes (--num-gpus)."""
+    import subprocess
+
+    check_process_count(count, device)
     rest = without_option(argv, "--num-gpus")
     # The launcher waits this long for its processes to finish their step and checkpoint after
     # Ctrl-C, before it kills them (PyTorch's default, 30 s, can be shorter than a [dev] step and save).

@@ -105,7 +105,7 @@ class TrainConfig:
     quantize_base: str = _opt("none", "Store the frozen block weights as fp8 (scaled, with fp8 matmuls on Ada/Hopper), int8 or nf4 (QLoRA; both need bitsandbytes). Engine path only: in ComfyUI pick the weight dtype in the model loader.", BASE_FORMATS)
     offload_blocks: int = _opt(0, "Keep the frozen weights of N checkpointed blocks in CPU memory and copy each in on a side stream while the block before it computes (needs --gradient-checkpointing; engine path only; the auto preset picks the fewest that fit).")
     offload_activations: int = _opt(0, "Keep the activations of N blocks that are not checkpointed in pinned CPU memory, copied out and back on a side stream while other blocks compute: memory of checkpointing without its recomputation, where the copies keep up (spread over those blocks; the last one stays).")
-    attention: str = _opt("auto", "Attention kernel (PyTorch SDPA): auto, or one of flash, cudnn, efficient, math; fa4: FlashAttention 4 (pip install flash-attn-4; Hopper, Blackwell).", ATTENTION_BACKENDS)
+    attention: str = _opt("auto", "Attention kernel (PyTorch SDPA): auto, or one of flash, cudnn, efficient, math; fa4: FlashAttention 4 (pip install --pre flash-attn-4; Hopper and data-center Blackwell GPUs).", ATTENTION_BACKENDS)
     compile: bool = _opt(False, "torch.compile each transformer block (regional): the first step compiles for tens of seconds, later steps run faster.")
     device: str = _opt("auto", "Device to train on: auto, cuda, cuda:N, cpu.")
     memory_check: bool = _opt(True, "Refuse, before any heavy work, a run whose estimated peak exceeds the GPU's free memory (--no-memory-check: try anyway).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.utils.checkpoint
@@ -77,18 +78,22 @@ def attention_implementation(name: str, device: torch.device):
     try:
         from torch.nn.attention import _fa4
     except ImportError:
-        raise ConfigError(f"--attention fa4 needs a PyTorch that can use FlashAttention 4 (2.10 or newer; this is "
-                          f"{torch.__version__}); use cudnn or flash") from None
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
-        raise ConfigError("--attention fa4 runs on Hopper (H100, H200) and Blackwell data-center GPUs (B200) only; "
-                          "use cudnn or flash")
+        _fa4 = None
+    if not hasattr(_fa4, "_FA4Handle"):  # the registration whose handle lets it go (PyTorch 2.11)
+        raise ConfigError(f"--attention fa4 needs PyTorch 2.11 or newer (this is {torch.__version__}); "
+                          "use auto or cudnn")
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        raise ConfigError("--attention fa4 runs on NVIDIA Hopper (H100, H200) and data-center Blackwell (B200, "
+                          "B300) GPUs only; use auto or cudnn")
     try:
         import flash_attn.cute.interface  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"--attention fa4 needs the flash-attn-4 package ({e}): pip install --pre flash-attn-4; "
-                          "or use cudnn or flash") from e
-    # PyTorch's registration reads the package through this module's two functions below.
-    registration = _fa4.register_flash_attention_fa4(module_path=__name__)
+    except Exception as e:  # not installed, or installed for another CUDA
+        raise ConfigError(f"--attention fa4 needs the flash-attn-4 package, which did not load ({e}): "
+                          "pip install --pre flash-attn-4; or use auto or cudnn") from e
+    with warnings.catch_warnings():  # PyTorch says it overrides its own FlashAttention kernels: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        # PyTorch's registration reads the package through this module's two functions below.
+        registration = _fa4.register_flash_attention_fa4(module_path=__name__)
     try:
         yield
     finally:
@@ -113,21 +118,25 @@ def check_attention(name: str, device: torch.device, head_dim: int, dtype: torch
     """Refuse before any work a kernel this GPU cannot run for this model, naming the ones it can."""
     if device.type != "cuda" or name in ("auto", "math"):
         return
-    if name == "fa4":
-        with attention_implementation(name, device):  # says what is missing: the package, the PyTorch, the GPU
-            pass
     q = torch.zeros(1, 1, 64, head_dim, device=device, dtype=dtype)
-    usable = []
-    for other, backend in _SDPA.items():
+
+    def runs(kernel: str) -> bool:
         try:
-            with attention_implementation(other, device), sdpa_kernel([backend]):
+            with attention_implementation(kernel, device), sdpa_kernel([_SDPA[kernel]]):
                 torch.nn.functional.scaled_dot_product_attention(q, q, q)
-            usable.append(other)
-        except (RuntimeError, ConfigError):
-            pass
-    if name not in usable:
-        raise ConfigError(f"--attention {name} does not run on this GPU for this model; use auto or one of "
-                          f"{', '.join(usable)}")
+            return True
+        except ConfigError:
+            if kernel == name:  # what is missing for it: the package, the PyTorch, the GPU
+                raise
+            return False
+        except Exception:
+            return False
+
+    if runs(name):
+        return
+    usable = [other for other in _SDPA if other not in (name, "fa4") and runs(other)]
+    raise ConfigError(f"--attention {name} does not run on this GPU for this model; use auto or one of "
+                      f"{', '.join(usable)}")
 
 
 def checkpoint_blocks(blocks: list[nn.Module], count: int) -> None:

@@ -183,8 +183,8 @@ def test_what_every_process_would_refuse_is_named_once_before_any_starts(problem
                  "--num-gpus", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and "launching" not in caplog.text and not out.exists()
-    if problem == "accumulation":
-        assert "--keep-effective-batch divides --gradient-accumulation (3) among 2 processes" in err
+    assert ("--keep-effective-batch divides --gradient-accumulation (3) among 2 processes" if problem == "accumulation"
+            else "has 0 images") in err
 
 
 @pytest.mark.failure_case("a process of a multi-GPU run dies")

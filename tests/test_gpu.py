@@ -91,30 +91,58 @@ GPU_MODES = {
 }
 
 
-@pytest.mark.gpu
-def test_flash_attention_4_serves_sdpa_for_the_run_and_flash_attention_2_after_it(monkeypatch):
-    """ComfyUI samples in the process that trained: FlashAttention 4 must not outlive the run."""
+def count_flash_attention_4_calls(monkeypatch) -> list:
+    """Skips where FlashAttention 4 cannot run; else a list that grows by one per FlashAttention 4 forward."""
     pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("FlashAttention 4 runs on Hopper and data-center Blackwell GPUs")
     from flux2_train import speed
 
     calls = []
     forward = speed._flash_attn_fwd
     monkeypatch.setattr(speed, "_flash_attn_fwd", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def speed_attention(name: str):
+    from flux2_train.speed import attention_implementation
+
+    return attention_implementation(name, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_flash_attention_4_serves_sdpa_for_a_run_and_flash_attention_2_after_it_even_a_failed_one(
+        monkeypatch, demo_dataset, tiny_pipeline_dir, tmp_path):
+    """ComfyUI samples in the process that trained: FlashAttention 4 must not outlive the run."""
+    calls = count_flash_attention_4_calls(monkeypatch)
     q, k, v = (torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-
-    def flash():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    before = flash()
-    with speed.attention_implementation("fa4", torch.device("cuda")):
-        during = flash()
+    before = sdpa_flash(q, k, v)
+    with speed_attention("fa4"):
+        during = sdpa_flash(q, k, v)
     assert len(calls) == 1
     torch.testing.assert_close(during, before, atol=2e-3, rtol=0)  # another kernel, the same attention
-    flash()
+    sdpa_flash(q, k, v)
     assert len(calls) == 1
+
+    def fail(step, trainer):
+        if step == 2:
+            raise RuntimeError("a failure mid-run")
+
+    trainer = bf16_trainer(demo_dataset, tiny_pipeline_dir, tmp_path, attention="fa4")
+    trainer.step_hooks.append(fail)
+    with pytest.raises(RuntimeError, match="a failure mid-run"):
+        trainer.run()
+    ran = len(calls)
+    assert ran > 1
+    sdpa_flash(q, k, v)
+    assert len(calls) == ran
 
 
 @pytest.mark.gpu
@@ -142,7 +170,7 @@ def test_between_its_reports_a_run_makes_no_blocking_copy_or_stream_sync(demo_da
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", list(GPU_MODES))
 def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo_dataset, tiny_pipeline_dir,
-                                                                      tmp_path, tiny_activations_move):
+                                                                      tmp_path, tiny_activations_move, monkeypatch):
     """bf16 on the GPU is not bit-reproducible across kernels: a mode's losses stay within its tolerance.
 
     16 image and 48 text tokens: a sequence length cuDNN's attention handles (a multiple of 64).
@@ -150,14 +178,14 @@ def test_each_speed_and_memory_mode_tracks_the_bf16_losses_on_the_gpu(mode, demo
     options, tolerance = GPU_MODES[mode]
     if options.get("quantize_base") in ("int8", "nf4"):
         pytest.importorskip("bitsandbytes")
-    if options.get("attention") == "fa4":
-        pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
+    fa4_calls = count_flash_attention_4_calls(monkeypatch) if options.get("attention") == "fa4" else None
 
     def losses(name, **extra):
         return bf16_losses(demo_dataset, tiny_pipeline_dir, tmp_path / name, **extra)
 
     plain, moded = losses("plain"), losses("mode", **options)
     assert all(math.isfinite(x) for x in moded)
+    assert fa4_calls is None or fa4_calls  # the run's attention was FlashAttention 4's
     gaps = [abs(a - b) / abs(b) for a, b in zip(moded, plain)]
     assert max(gaps) < tolerance, (mode, moded, plain)
 
