@@ -263,10 +263,10 @@ def check_process_count(count: int, device: str) -> None:
 
 
 def launch_processes(argv: list[str], count: int, device: str) -> int:
-    """Run this train command again under `accelerate launch` with `count` processes (--num-gpus)."""
+    """Run this train command again under `accelerate launch` with `count` processes (--num-gpus),
+    once `check_before_launch` has passed."""
     import subprocess
 
-    check_process_count(count, device)
     rest = without_option(argv, "--num-gpus")
     # The launcher waits this long for its processes to finish their step and checkpoint after
     # Ctrl-C, before it kills them (PyTorch's default, 30 s, can be shorter than a [dev] step and save).
