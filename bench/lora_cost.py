@@ -10,7 +10,7 @@ as in a block. Against:
 * the up-projection added into the layer's output by one `addmm` (the fusion cuBLAS
   offers: no separate output for the adapter, no separate add) in the forward pass, and
   the adapter's input gradient added the same way in the backward pass;
-* the engine's forward (`lora.Fp8AdapterLinear`): the up-projection added into the fp8
+* the engine's forward (`lora_fp8.Fp8AdapterLinear`): the up-projection added into the fp8
   product in place, inside the fp8 layer's own op.
 
 Each variant with the adapter is checked against PEFT's forward for the same output and gradients
@@ -99,7 +99,8 @@ def variants(layer):
 
 
 def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS) -> dict:
-    from flux2_train.lora import add_adapters_into_fp8_matmuls, add_lora
+    from flux2_train.lora import add_lora
+    from flux2_train.lora_fp8 import add_adapters_into_fp8_matmuls
     from flux2_train.quantize import Float8Linear
 
     torch.manual_seed(0)

@@ -186,12 +186,6 @@ def check_before_launch(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .encoders import load_pipeline_encoders
-    from .memory import Placement, device_available_memory, host_memory_free, plan_processes
-    from .model import load_transformer
-    from .distributed import World, check_precision
-    from .train import Trainer, precision_plan, resolve_device
-
     config_file = _config_file(args)
     if args.save_config:
         save_yaml(resolve_config(args.preset, args.quick, config_file, _overrides(args)), args.save_config)
@@ -203,6 +197,15 @@ def run_train(args: argparse.Namespace) -> int:
 
         report = scan_dataset_for(cfg)  # names what is wrong with the folder
 
+    # Imported once the options, the paths and the dataset have passed: a mistyped path is named
+    # in a second or two, not after the seconds diffusers and PEFT take to import.
+    from .distributed import World, check_precision
+    from .encoders import load_pipeline_encoders
+    from .memory import Placement, device_available_memory, host_memory_free, plan_processes
+    from .model import load_transformer
+    from .train import Trainer, precision_plan, resolve_device
+
+    quiet_libraries()
     device = resolve_device(cfg.device)
     world = World.join(device)  # under a launcher: this process's GPU from here on
     device = world.device(device)
@@ -382,7 +385,8 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def quiet_libraries() -> None:
-    """Keep the console to the trainer's own lines: no loader progress bars or cast notices."""
+    """Keep the console to the trainer's own lines: no loader progress bars or cast notices.
+    Called where a command starts on the models, not before its checks: importing these takes seconds."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
@@ -401,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
     try:
         processes = launched_processes()
     except ConfigError as e:
@@ -414,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             return launch_processes(argv, args.num_gpus, args.device or "auto")
         if args.command == "train":
             return run_train(args)
-        if args.command == "estimate":
-            return run_estimate(args)
         if args.command == "runs":
             return run_runs(args)
+        quiet_libraries()
+        if args.command == "estimate":
+            return run_estimate(args)
         from .demo import run_demo
 
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)

@@ -7,13 +7,18 @@ import re
 import zlib
 from collections.abc import Mapping
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from .errors import ConfigError
-from .quantize import Float8Linear
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# PEFT is imported where it is used: importing it takes seconds (it imports transformers and
+# bitsandbytes), which the command line's checks, its --help and the vRAM estimate do without.
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,8 @@ def check_rank(layers: nn.Module | LayerShapes, targets: list[str], rank: int) -
 def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
              seed: int = 0) -> LoraConfig:
     """Inject PEFT LoRA layers into `module` in place; the base weights stay frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     check_rank(module, targets, rank)
     config = LoraConfig(
         r=rank,
@@ -122,32 +129,6 @@ def add_lora(module: nn.Module, targets: list[str], rank: int, alpha: float, dro
             layer.lora_A[ADAPTER_NAME].weight.copy_(a)
             layer.lora_B[ADAPTER_NAME].weight.copy_(b)
     return config
-
-
-def add_adapters_into_fp8_matmuls(module: nn.Module) -> int:
-    """Route each adapter on an fp8 layer through the layer's own matmul (`fp8_linear`'s `lora`):
-    its up-projection adds into the fp8 product's output in place, where PEFT's forward would write
-    the product and then the sum. Returns how many layers."""
-    layers = [m for m in module.modules() if type(m) is LoraLinear and isinstance(m.base_layer, Float8Linear)]
-    for layer in layers:
-        # A class, not a per-layer forward: compiled blocks then share one graph per kind.
-        layer.__class__ = Fp8AdapterLinear
-    return len(layers)
-
-
-class Fp8AdapterLinear(LoraLinear):
-    """PEFT's LoRA layer over a `Float8Linear` whose adapter adds into the fp8 matmul's output.
-    PEFT's forward still runs where it must: adapters disabled or merged, another adapter or a
-    variant (DoRA) active, an adapter with a bias, input casts off."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER_NAME]
-                or ADAPTER_NAME in self.lora_variant or self.lora_B[ADAPTER_NAME].bias is not None
-                or not self.cast_input_dtype_enabled):
-            return super().forward(x, *args, **kwargs)
-        down, up = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
-        h = down(self.lora_dropout[ADAPTER_NAME](x.to(down.weight.dtype)))  # as PEFT computes it
-        return self.base_layer(x, lora=(h, up.weight, self.scaling[ADAPTER_NAME]))
 
 
 def initial_lora_weights(name: str, in_features: int, out_features: int, rank: int,
@@ -193,6 +174,8 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-format adapter weights: `<module>.lora_A.weight` / `<module>.lora_B.weight`, unscaled."""
+    from peft import get_peft_model_state_dict
+
     sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
     return {k: full_tensor(v).detach().float().cpu().clone() for k, v in sd.items()}
 
@@ -207,6 +190,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", []) or []
     if unexpected:

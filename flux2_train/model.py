@@ -22,8 +22,7 @@ from torch import nn
 
 from . import speed
 from .errors import ModelError
-from .lora import (add_adapters_into_fp8_matmuls, add_lora, linear_shapes, load_lora_state_dict, lora_parameters,
-                   lora_state_dict)
+from .lora import add_lora, linear_shapes, load_lora_state_dict, lora_parameters, lora_state_dict
 from .offload import BlockOffload
 from .quantize import has_fp8_matmul, quantize_base
 
@@ -281,6 +280,8 @@ class DiffusersFlux2Backbone:
                         t.data = t.data.to(dtype)
 
     def add_lora(self, targets, rank, alpha, dropout, seed):
+        from .lora_fp8 import add_adapters_into_fp8_matmuls
+
         add_lora(self.transformer, targets, rank, alpha, dropout, seed=seed)
         add_adapters_into_fp8_matmuls(self.transformer)
         return lora_parameters(self.transformer)

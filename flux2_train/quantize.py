@@ -13,7 +13,7 @@ fp8 matmul (before Ada / Hopper) the weight is dequantized per layer instead, in
 both passes, so the memory saving stays and the speed-up goes. `fp8_linear` is
 the one entry point; ComfyUI's fp8 weights go through it too. A LoRA adapter on a
 `Float8Linear` adds its up-projection into the fp8 product in place
-(`lora.add_adapters_into_fp8_matmuls`).
+(`lora_fp8.add_adapters_into_fp8_matmuls`).
 """
 
 from __future__ import annotations

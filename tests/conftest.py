@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- torch.compile
+# On a CPU, Inductor's cost is its C++ code generation: a minute or more per compiled test with a cold
+# cache on a 2-core machine. Tests capture and run their graphs through Dynamo and AOTAutograd with
+# Inductor's decompositions and partitioner, but run them eagerly (`aot_eager_decomp_partition`); the
+# graph counts, graph breaks, saved tensors and losses they check are decided before code generation.
+# Tests marked `inductor` compile with Inductor as users do, and so do the GPU tests (Triton). The
+# test ComfyUI server compiles as the other tests do (tests/comfy_test_nodes reads the variable).
+TEST_COMPILE_BACKEND = "aot_eager_decomp_partition"
+_TORCH_COMPILE = torch.compile
+
+
+@pytest.fixture(autouse=True)
+def _compile_without_cpu_code_generation(request, monkeypatch):
+    if request.node.get_closest_marker("inductor") or torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch, "compile", functools.partial(_TORCH_COMPILE, backend=TEST_COMPILE_BACKEND))
 
 
 # --------------------------------------------------------------------------- failure cases
@@ -139,7 +158,8 @@ def comfy_server(comfyui_dir, tmp_path_factory):
     models/diffusion_models/ under the names of ComfyUI's templates (TINY_MODEL_FILES)."""
     from comfyui_harness import ComfyServer, write_tiny_models
 
-    server = ComfyServer(comfyui_dir, tmp_path_factory.mktemp("comfyui-base"), extra_args=["--disable-api-nodes"])
+    server = ComfyServer(comfyui_dir, tmp_path_factory.mktemp("comfyui-base"), extra_args=["--disable-api-nodes"],
+                         env={"FLUX2_TEST_COMPILE_BACKEND": TEST_COMPILE_BACKEND})
     write_tiny_models(server.models_dir)
     with server:
         yield server

@@ -128,7 +128,8 @@ def test_an_fp8_layers_adapter_adds_into_its_matmul_as_peft_adds_it(fp8_matmul, 
 
     from peft.tuners.lora import Linear as LoraLinear
 
-    from flux2_train.lora import add_adapters_into_fp8_matmuls, add_lora
+    from flux2_train.lora import add_lora
+    from flux2_train.lora_fp8 import add_adapters_into_fp8_matmuls
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -188,7 +189,8 @@ def test_fp8_adapters_compile_to_one_graph_per_block_kind_and_train_as_peft_does
     (a per-layer forward would compile every block anew, and past the recompile limit run eager)."""
     from torch._dynamo.utils import counters
 
-    from flux2_train.lora import Fp8AdapterLinear, add_adapters_into_fp8_matmuls, add_lora, resolve_targets
+    from flux2_train.lora import add_lora, resolve_targets
+    from flux2_train.lora_fp8 import Fp8AdapterLinear, add_adapters_into_fp8_matmuls
     from flux2_train.model import DiffusersFlux2Backbone
     from flux2_train.tiny import tiny_transformer
 
@@ -282,6 +284,7 @@ def test_checkpointing_some_or_all_blocks_gives_the_same_losses(demo_dataset, ti
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_blocks_give_the_eager_losses(demo_dataset, tiny_pipeline_dir, tmp_path):
     eager, _ = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "eager", steps=3)
     compiled, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "compiled", steps=3, compile=True,

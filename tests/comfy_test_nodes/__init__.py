@@ -13,8 +13,12 @@ The text encoders keep ComfyUI's tokenizers and the hidden layers it stacks
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
+import os
+
+import torch
 
 TEXT_HIDDEN = 32
 # Enough layers for the deepest stacked index; ComfyUI stacks three hidden states.
@@ -42,8 +46,6 @@ VAE_PARAMS = {
 
 def random_state_dict(shapes: dict, seed: int) -> dict:
     """Seeded random weights shaped like `shapes`: unit norms, fan-in scaled matrices."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(shapes):
@@ -76,7 +78,6 @@ def tiny_clip(kind: str = "klein", seed: int = 0):
     import comfy.sd
     import comfy.supported_models_base
     import comfy.text_encoders.flux as flux
-    import torch
 
     if kind not in TEXT_LAYERS:
         raise ValueError(f"kind must be 'klein' or 'dev', not {kind!r}")
@@ -135,6 +136,11 @@ class Flux2TestTinyVAE:
     def load(self):
         return (tiny_vae(),)
 
+
+# The test server compiles as the in-process CPU tests do (tests/conftest.py): without Inductor's
+# C++ code generation, which costs a minute a compile on a small CPU.
+if _backend := os.environ.get("FLUX2_TEST_COMPILE_BACKEND"):
+    torch.compile = functools.partial(torch.compile, backend=_backend)
 
 NODE_CLASS_MAPPINGS = {"Flux2TestTinyCLIP": Flux2TestTinyCLIP, "Flux2TestTinyVAE": Flux2TestTinyVAE}
 NODE_DISPLAY_NAME_MAPPINGS = {"Flux2TestTinyCLIP": "Tiny FLUX.2 CLIP (test)", "Flux2TestTinyVAE": "Tiny FLUX.2 VAE (test)"}
