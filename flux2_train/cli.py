@@ -307,7 +307,6 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .config import suggest_schedule
     from .memory import (DTYPE_FORMATS, GIB, Placement, choose_strategy, device_available_memory, estimate_memory,
                          host_memory_free, plan_auto, stored_format)
-    from .train import resolve_device
 
     cfg, report, spec, stored = _resolve(args, args.config)
     if args.host == "engine":
@@ -326,8 +325,12 @@ def run_estimate(args: argparse.Namespace) -> int:
                               host_free=host_memory_free())
     if args.gpu_memory is not None:
         available = int(args.gpu_memory * GIB)
+    elif cfg.device != "cpu":
+        from .train import resolve_device
+
+        available = device_available_memory(resolve_device(cfg.device))
     else:
-        available = device_available_memory(resolve_device(cfg.device)) if cfg.device != "cpu" else None
+        available = None
     buckets = list(report.bucket_counts) if report else None
     strategy_line = ""
     if args.num_gpus > 1:
@@ -417,13 +420,13 @@ def main(argv: list[str] | None = None) -> int:
             return launch_processes(argv, args.num_gpus, args.device or "auto")
         if args.command == "train":
             return run_train(args)
-        if args.command == "runs":
-            return run_runs(args)
-        quiet_libraries()
         if args.command == "estimate":
             return run_estimate(args)
+        if args.command == "runs":
+            return run_runs(args)
         from .demo import run_demo
 
+        quiet_libraries()
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)
     except TrainingCancelled as e:
         print(f"cancelled{where}: {e}", file=sys.stderr)

@@ -6,7 +6,6 @@ import logging
 import re
 import zlib
 from collections.abc import Mapping
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -37,4 +37,3 @@ class Fp8AdapterLinear(LoraLinear):
         down, up = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
         h = down(self.lora_dropout[ADAPTER_NAME](x.to(down.weight.dtype)))  # as PEFT computes it
         return self.base_layer(x, lora=(h, up.weight, self.scaling[ADAPTER_NAME]))
-

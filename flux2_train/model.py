@@ -196,10 +196,16 @@ def spec_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 def _count_params(config: dict) -> int:
     """Parameter count from the real class, built on the meta device (no memory used)."""
     from diffusers import Flux2Transformer2DModel
+    from diffusers.utils import logging as diffusers_logging
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel.from_config(cfg)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # keys this diffusers does not know are the loader's to report
+    try:
+        with torch.device("meta"):
+            model = Flux2Transformer2DModel.from_config(cfg)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return sum(p.numel() for p in model.parameters())
 
 

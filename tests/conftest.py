@@ -23,12 +23,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------- torch.compile
-# On a CPU, Inductor's cost is its C++ code generation: a minute or more per compiled test with a cold
-# cache on a 2-core machine. Tests capture and run their graphs through Dynamo and AOTAutograd with
-# Inductor's decompositions and partitioner, but run them eagerly (`aot_eager_decomp_partition`); the
-# graph counts, graph breaks, saved tensors and losses they check are decided before code generation.
-# Tests marked `inductor` compile with Inductor as users do, and so do the GPU tests (Triton). The
-# test ComfyUI server compiles as the other tests do (tests/comfy_test_nodes reads the variable).
+# Without a GPU, Inductor's cost is its C++ code generation: a minute or more per compiled test with a
+# cold cache on a 2-core machine. There the tests capture their graphs through Dynamo and AOTAutograd,
+# with Inductor's decompositions and partitioner, and run them eagerly (`aot_eager_decomp_partition`):
+# what they check of the compile is its graphs (how many, no breaks) and that training through them
+# gives the eager losses. Tests that need Inductor's own code (its stride checks on the tensors an
+# offload gives back) are marked `inductor` and compile with it, as the GPU tests do (Triton). The test
+# ComfyUI server compiles as the other tests do (tests/comfy_test_nodes reads the variable).
 TEST_COMPILE_BACKEND = "aot_eager_decomp_partition"
 _TORCH_COMPILE = torch.compile
 

@@ -284,7 +284,6 @@ def test_checkpointing_some_or_all_blocks_gives_the_same_losses(demo_dataset, ti
 
 
 @pytest.mark.slow
-@pytest.mark.inductor
 def test_compiled_blocks_give_the_eager_losses(demo_dataset, tiny_pipeline_dir, tmp_path):
     eager, _ = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "eager", steps=3)
     compiled, backbone = run_losses(demo_dataset, tiny_pipeline_dir, tmp_path, "compiled", steps=3, compile=True,
@@ -427,7 +426,7 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
     assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.inductor])])
 def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path, tiny_activations_move,
                                                     compile):
     """Saved tensors leave for CPU memory and come back as the same views: compiled code checks their strides."""
