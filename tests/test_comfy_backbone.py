@@ -113,9 +113,6 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
     assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
-# Inductor's checks of the strides the offload gives back run in the engine's test of the same
-# offload (test_offloaded_activations_give_the_same_losses): on the CPU, a cold compile of ComfyUI's
-# blocks with Inductor takes more than a minute more.
 @pytest.mark.parametrize("compiled", [False, True])
 def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pack, tmp_path, tiny_pipeline_dir,
                                                             tiny_activations_move):

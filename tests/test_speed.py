@@ -349,6 +349,7 @@ def saved_for_backward_bytes(backbone) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_pipeline_dir):
     def saved(compile, checkpoint):
         backbone = load_transformer(tiny_pipeline_dir, dtype=torch.float32)
@@ -426,7 +427,7 @@ def test_offload_needs_checkpointed_blocks_and_plain_or_fp8_weights(demo_dataset
     assert not list((tmp_path / "runs").glob("*"))  # refused before a run folder exists
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.inductor])])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_offloaded_activations_give_the_same_losses(demo_dataset, tiny_pipeline_dir, tmp_path, tiny_activations_move,
                                                     compile):
     """Saved tensors leave for CPU memory and come back as the same views: compiled code checks their strides."""
