@@ -113,17 +113,12 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
     assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pack, tmp_path, tiny_pipeline_dir,
+def test_offloaded_activations_train_exactly_like_kept_ones(comfy, pack, tmp_path, tiny_pipeline_dir,
                                                             tiny_activations_move):
-    from torch._dynamo.utils import counters
-
-    common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=3, save_every=0, cache_dir=str(tmp_path / "cache"),
-                  compile=compiled)
+    """Eager here; compiled with offloaded activations in test_fp8_weights_are_read_in_place_and_the_blocks_compile."""
+    common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=3, save_every=0, cache_dir=str(tmp_path / "cache"))
     losses, offloads = {}, {}
     for count in (0, 2):
-        torch._dynamo.reset()
-        counters.clear()
         backbone = pack.ComfyFlux2Backbone(comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32)))
         cfg = make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / f"offload-{count}", offload_activations=count,
                        **common)
@@ -137,8 +132,6 @@ def test_offloaded_activations_train_exactly_like_kept_ones(compiled, comfy, pac
     assert losses[2] == losses[0]
     offload, patched_with, blocks = offloads[2]
     assert patched_with is offload and blocks == {0, 1} and offload.offloaded_bytes > 0 and not offload._stored
-    if compiled:  # the offloaded blocks run the same compiled runners as the others
-        assert 2 <= counters["stats"]["unique_graphs"] <= 8 and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("mask_shape", [None, (6, 6), (2, 6, 6), (2, 1, 6, 6)])
