@@ -139,8 +139,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
 
 
-def _resolve(args: argparse.Namespace, config_file=None):
-    """The config, the model's spec (headers only), and the dataset's scan when it names one.
+def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool = False):
+    """The config, the model's spec (headers only), and the dataset's scan when it names one, or
+    always with `dataset_required` (the scan names what is wrong: no folder, no images, ...).
 
     The scan gives the buckets for the estimate and the image count for the `auto` schedule.
     """
@@ -153,7 +154,7 @@ def _resolve(args: argparse.Namespace, config_file=None):
         raise ConfigError("--model is required: a FLUX.2 file or diffusers folder"
                           + (" (or dev, klein-4b, klein-9b)" if args.command == "estimate" else ""))
     spec, stored = spec_for(cfg.model)
-    report = scan_dataset_for(cfg) if cfg.dataset else None
+    report = scan_dataset_for(cfg) if cfg.dataset or dataset_required else None
     if report and cfg.quick_preset == "auto":
         cfg = resolve_config(args.preset, args.quick, config_file, overrides, image_count=len(report.items))
     return cfg, report, spec, stored
@@ -173,15 +174,12 @@ def check_before_launch(args: argparse.Namespace) -> None:
     """What every process of a --num-gpus run would refuse, said once before any starts: a count
     it cannot use, the options, the model's files, the dataset, an accumulation the processes
     cannot share."""
-    from .data import scan_dataset_for
     from .distributed import accumulation_per_process
 
     check_process_count(args.num_gpus, args.device or "auto")
     if args.save_config:
         return
-    cfg, report, _, _ = _resolve(args, _config_file(args))
-    if report is None:
-        scan_dataset_for(cfg)  # names what is wrong with the folder
+    cfg, _, _, _ = _resolve(args, _config_file(args), dataset_required=True)
     accumulation_per_process(cfg.gradient_accumulation, args.num_gpus, cfg.keep_effective_batch)
 
 
@@ -191,11 +189,7 @@ def run_train(args: argparse.Namespace) -> int:
         save_yaml(resolve_config(args.preset, args.quick, config_file, _overrides(args)), args.save_config)
         print(f"config written to {args.save_config}")
         return 0
-    cfg, report, spec, _ = _resolve(args, config_file)
-    if report is None:
-        from .data import scan_dataset_for
-
-        report = scan_dataset_for(cfg)  # names what is wrong with the folder
+    cfg, report, spec, _ = _resolve(args, config_file, dataset_required=True)
 
     # Imported once the options, the paths and the dataset have passed: a mistyped path is named
     # in a second or two, not after the seconds diffusers and PEFT take to import.

@@ -138,7 +138,7 @@ class Flux2TestTinyVAE:
 
 
 # The test server compiles as the in-process CPU tests do (tests/conftest.py): without Inductor's
-# C++ code generation, which costs a minute a compile on a small CPU.
+# C++ code generation, slow on a small CPU (README, Tests).
 if _backend := os.environ.get("FLUX2_TEST_COMPILE_BACKEND"):
     torch.compile = functools.partial(torch.compile, backend=_backend)
 
