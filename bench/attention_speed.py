@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,22 +28,9 @@ import torch  # noqa: E402
 
 from flux2_train.model import KNOWN_FAMILIES  # noqa: E402
 from flux2_train.speed import attention_implementation, attention_kernels  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 HEAD_DIM = 128
-
-
-def time_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(kernel: str, heads: int, tokens: int, repeats: int, reference: dict | None) -> tuple[dict, dict]:
@@ -58,13 +44,13 @@ def measure(kernel: str, heads: int, tokens: int, repeats: int, reference: dict 
         out = sdpa(q, k, v)
         out.backward(grad)
         result = dict(out=out.detach(), grads=[t.grad.detach().clone() for t in (q, k, v)])
-        forward = time_ms(lambda: sdpa(q, k, v), repeats)
+        forward = median_ms(lambda: sdpa(q, k, v), repeats, warmup=3)
 
         def both():
             q.grad = k.grad = v.grad = None
             sdpa(q, k, v).backward(grad)
 
-        forward_backward = time_ms(both, repeats)
+        forward_backward = median_ms(both, repeats, warmup=3)
     flops = 4 * tokens * tokens * heads * HEAD_DIM
     row = dict(kernel=kernel, heads=heads, tokens=tokens, forward_ms=round(forward, 3),
                backward_ms=round(forward_backward - forward, 3), step_ms=round(forward_backward, 3),

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from timing import median_ms  # noqa: E402
 from train_speed import env_info  # noqa: E402
 
 TOKENS = 4608
@@ -121,13 +120,13 @@ def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS
         compiled = torch.compile(fn, fullgraph=True)
 
         def step():
+            x.grad = a.grad = b.grad = None
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 y = compiled(x)
             y.backward(g)
             return y
 
         for _ in range(3):  # compile and warm up
-            x.grad = a.grad = b.grad = None
             y = step()
         if a.grad is not None:
             got = [y.float(), x.grad.float(), a.grad, b.grad]
@@ -135,21 +134,7 @@ def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS
                 reference = got
             for mine, theirs in zip(got, reference):
                 torch.testing.assert_close(mine, theirs, rtol=0.05, atol=0.05 * theirs.abs().max().item())
-        times = []
-        for _ in range(repeat):
-            x.grad = a.grad = b.grad = None
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize(device)
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1000)
-        row[label] = statistics.median(times)
+        row[label] = median_ms(step, repeat, device)
     return row
 
 

@@ -21,9 +21,7 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,18 +29,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
+from timing import median_ms  # noqa: E402
 from train_speed import TEXT_TOKENS, build_transformer, env_info, family_config  # noqa: E402
 
 
 def timed(fn, device, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Seconds, the median of `repeat` calls."""
+    return median_ms(fn, repeat, device) / 1000
 
 
 def run_one(args, family: str) -> dict:

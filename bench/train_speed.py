@@ -375,7 +375,7 @@ class StepProfiler:
             self.prof.stop()
             self.running = False
 
-    def finish(self, top: int = 20) -> str:
+    def finish(self, top: int = 40) -> str:
         if self.running:
             self.prof.stop()
         try:

@@ -1,5 +1,5 @@
-"""The benchmark's own diagnostics: where the GPU idles in a profile, the host's time per part of the loop, and
-the LoRA-cost variants agreeing with PEFT's forward."""
+"""The benchmark's own diagnostics: where the GPU idles in a profile, the host's time per part of the loop,
+the LoRA-cost variants agreeing with PEFT's forward, and the layers the step floor times."""
 
 from __future__ import annotations
 
@@ -92,3 +92,15 @@ def test_lora_cost_variants_give_peft_forwards_output_and_gradients(capsys):
                            "--shape", "[klein] 4B single-block input (3072 → 27648)"]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split("|")
     assert len(row) == 10 and row[1].strip().startswith("[klein] 4B single-block input")
+
+
+def test_the_step_floor_counts_the_fp8_products_a_klein_4b_step_runs():
+    """bench/step_floor.py's layer list from the real model class: 100 forward products (12 Linears in each
+    of 5 double blocks, 2 in each of 20 single blocks), and the 94 input gradients a profiled step runs
+    (the first block's image and text q/k/v read only the frozen embedders)."""
+    from step_floor import IMAGE_TOKENS, TEXT_TOKENS, block_matmuls
+
+    forward, backward = block_matmuls("klein-4b")
+    assert sum(forward.values()) == 100 and sum(backward.values()) == 94
+    assert forward[(IMAGE_TOKENS + TEXT_TOKENS, 3072, 27648)] == 20 and forward[(TEXT_TOKENS, 3072, 3072)] == 20
+    assert backward[(IMAGE_TOKENS, 3072, 3072)] == backward[(TEXT_TOKENS, 3072, 3072)] == 17
