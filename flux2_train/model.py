@@ -438,9 +438,32 @@ def spec_for(model: str) -> tuple[ModelSpec, int | None]:
     if (folder / "config.json").is_file():
         cfg = _read_json(folder / "config.json")
         _check_diffusers_class(cfg)
-        return spec_from_config(cfg, distilled=_klein_distilled_hint(p)), None
+        return spec_from_config(cfg, distilled=_klein_distilled_hint(p), param_count=_stored_param_count(folder)), None
     raise ModelError(f"--model {model!r} is neither a FLUX.2 name ({', '.join(KNOWN_FAMILIES)}), a .safetensors "
                      "file, nor a diffusers folder with a config.json")
+
+
+def _stored_param_count(folder: Path) -> int | None:
+    """The parameter count of a diffusers model folder's safetensors weights, from their headers; None
+    where they are stored otherwise. Without it the count builds the model class, and importing
+    diffusers alone takes seconds: a --num-gpus launcher would wait on it before any process starts."""
+    from safetensors import safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in _read_json(index).get("weight_map", {}).values()})
+    else:
+        files = [folder / "diffusion_pytorch_model.safetensors"]
+    if not files or not all(f.is_file() for f in files):
+        return None
+    count = 0
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    except Exception:  # a damaged file: loading the model names it
+        return None
+    return count
 
 
 def _check_diffusers_class(config: dict) -> None:

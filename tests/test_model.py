@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from flux2_train import keys
 from flux2_train.errors import ModelError
 from flux2_train.model import (DiffusersFlux2Backbone, _klein_distilled_hint, load_transformer,
-                               spec_from_config)
+                               spec_for, spec_from_config)
 from flux2_train.tiny import tiny_transformer
 
 # Transformer configs of the released models, as their diffusers config.json files give them.
@@ -69,6 +70,29 @@ def test_spec_of_the_tiny_model_is_custom():
     assert spec.param_count == sum(p.numel() for p in tiny_transformer().parameters())
     assert "custom size" in spec.title and "[klein]-like" in spec.title
     assert "[dev]-like" in DiffusersFlux2Backbone(tiny_transformer(guidance_embeds=True)).spec.title
+
+
+def test_a_folders_parameter_count_comes_from_its_weights_headers_without_importing_diffusers(tmp_path):
+    """What a --num-gpus launcher checks before any process starts: importing diffusers to build the
+    class would take seconds. One file or shards, the count is the class's own."""
+    import subprocess
+    import sys
+
+    model = tiny_transformer()
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    model.save_pretrained(whole)
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    assert (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    code = ("import sys\nfrom flux2_train.model import spec_for\n"
+            f"print(*(spec_for(p)[0].param_count for p in {[str(whole), str(sharded)]!r}), 'diffusers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    count = sum(p.numel() for p in model.parameters())
+    assert res.stdout.split() == [str(count), str(count), "False"]
+    # Weights stored otherwise (here: none at all) are counted through the class, as before.
+    (whole / "diffusion_pytorch_model.safetensors").unlink()
+    assert spec_for(str(whole))[0].param_count == count
 
 
 @pytest.mark.parametrize("family", ["klein-4b", "klein-9b"])
