@@ -460,7 +460,8 @@ def _stored_param_count(folder: Path) -> int | None:
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
-                count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+                count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys()
+                             if not key.endswith(_NOT_WEIGHTS))
     except Exception:  # a damaged file: loading the model names it
         return None
     return count
@@ -488,11 +489,11 @@ def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
             stored += math.prod(shape) * _DTYPE_BYTES.get(dtype, 2)
             if key.startswith(prefix):
                 shapes[key[len(prefix):]] = shape
-    params = sum(math.prod(s) for k, s in shapes.items()
-                 if not k.endswith((".weight_scale", ".comfy_quant", ".input_scale")))  # fp8 scales are not weights
+    params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith(_NOT_WEIGHTS))
     return spec_from_config(config_from_bfl_state_dict(shapes), param_count=params), stored
 
 
+_NOT_WEIGHTS = (".weight_scale", ".comfy_quant", ".input_scale")  # an fp8 file's scales: not parameters
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I64": 8, "I32": 4}
 
 
