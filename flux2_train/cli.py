@@ -154,10 +154,24 @@ def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool 
         raise ConfigError("--model is required: a FLUX.2 file or diffusers folder"
                           + (" (or dev, klein-4b, klein-9b)" if args.command == "estimate" else ""))
     spec, stored = spec_for(cfg.model)
+    if args.command == "train":
+        _check_training_files(cfg)
     report = scan_dataset_for(cfg) if cfg.dataset or dataset_required else None
     if report and cfg.quick_preset == "auto":
         cfg = resolve_config(args.preset, args.quick, config_file, overrides, image_count=len(report.items))
     return cfg, report, spec, stored
+
+
+def _check_training_files(cfg) -> None:
+    """What `train` loads besides the transformer, checked before anything loads: files, not a size
+    name (those are for `estimate`), and a FLUX.2 pipeline folder for the text encoder and VAE."""
+    from .encoders import pipeline_class
+    from .model import KNOWN_FAMILIES
+
+    if cfg.model in KNOWN_FAMILIES and not Path(cfg.model).expanduser().exists():
+        raise ConfigError(f"--model {cfg.model} names a FLUX.2 size, which estimate takes; train needs the model's "
+                          "files: a FLUX.2 diffusers pipeline folder, or a transformer .safetensors file with --encoders")
+    pipeline_class(cfg.encoders or cfg.model)
 
 
 def _config_file(args: argparse.Namespace):
@@ -171,15 +185,13 @@ def _config_file(args: argparse.Namespace):
 
 
 def check_before_launch(args: argparse.Namespace) -> None:
-    """What every process of a --num-gpus run would refuse, said once before any starts: a count
-    it cannot use, the options, the model's files, the dataset, an accumulation the processes
-    cannot share."""
+    """What every process of a --num-gpus run would refuse, said once before any starts: the
+    options, the model's files, the dataset, a count it cannot use on the run's device (from
+    --device or --config), an accumulation the processes cannot share."""
     from .distributed import accumulation_per_process
 
-    check_process_count(args.num_gpus, args.device or "auto")
-    if args.save_config:
-        return
     cfg, _, _, _ = _resolve(args, _config_file(args), dataset_required=True)
+    check_process_count(args.num_gpus, cfg.device)
     accumulation_per_process(cfg.gradient_accumulation, args.num_gpus, cfg.keep_effective_batch)
 
 
@@ -259,7 +271,7 @@ def check_process_count(count: int, device: str) -> None:
                               "--device cpu for CPU processes")
 
 
-def launch_processes(argv: list[str], count: int, device: str) -> int:
+def launch_processes(argv: list[str], count: int) -> int:
     """Run this train command again under `accelerate launch` with `count` processes (--num-gpus),
     once `check_before_launch` has passed."""
     import subprocess
@@ -302,6 +314,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     from .memory import (DTYPE_FORMATS, GIB, Placement, choose_strategy, device_available_memory, estimate_memory,
                          host_memory_free, plan_auto, stored_format)
 
+    if args.num_gpus < 1:
+        raise ConfigError(f"--num-gpus {args.num_gpus}: give 1 or more")
     cfg, report, spec, stored = _resolve(args, args.config)
     if args.host == "engine":
         if args.offload_gb:
@@ -409,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = f" (process {os.environ.get('RANK', '?')} of {processes})" if processes > 1 else ""
     try:
-        if args.command == "train" and args.num_gpus != 1 and processes == 1:
+        # --save-config writes the options and trains nothing: no processes to start for it.
+        if args.command == "train" and args.num_gpus != 1 and processes == 1 and not args.save_config:
             check_before_launch(args)
-            return launch_processes(argv, args.num_gpus, args.device or "auto")
+            return launch_processes(argv, args.num_gpus)
         if args.command == "train":
             return run_train(args)
         if args.command == "estimate":

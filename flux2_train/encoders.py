@@ -118,10 +118,9 @@ class PipelineEncoders:
             torch.cuda.empty_cache()
 
 
-def load_pipeline_encoders(path: str | Path, device: str | torch.device = "cpu",
-                           dtype: torch.dtype = torch.bfloat16, text_layers=None) -> PipelineEncoders:
-    import diffusers
-
+def pipeline_class(path: str | Path) -> str:
+    """The FLUX.2 pipeline class a folder's model_index.json names; a ModelError for any other folder.
+    Reads that file only: the command line checks the encoders' folder before anything loads."""
     p = Path(path).expanduser()
     index = p / "model_index.json"
     if not index.is_file():
@@ -133,7 +132,15 @@ def load_pipeline_encoders(path: str | Path, device: str | torch.device = "cpu",
     if cls_name not in _DEFAULT_LAYERS:
         raise ModelError(f"{p} holds a {cls_name or 'unknown'} pipeline; the encoders must come from a FLUX.2 "
                          "[dev] (Flux2Pipeline) or [klein] (Flux2KleinPipeline) folder")
-    cls = getattr(diffusers, cls_name)
+    return cls_name
+
+
+def load_pipeline_encoders(path: str | Path, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.bfloat16, text_layers=None) -> PipelineEncoders:
+    import diffusers
+
+    p = Path(path).expanduser()
+    cls = getattr(diffusers, pipeline_class(p))
     pipe = cls.from_pretrained(p, transformer=None, dtype=dtype)
     pipe.vae.to(device, torch.float32)  # the VAE encodes in float32: latents are cached once
     pipe.text_encoder.to(device)

@@ -421,9 +421,9 @@ def spec_for(model: str) -> tuple[ModelSpec, int | None]:
 
     Reads headers and config files only: fast enough for the preflight before a model is loaded.
     """
-    if model in KNOWN_FAMILIES:
-        return family_spec(model), None
     p = Path(model).expanduser()
+    if model in KNOWN_FAMILIES and not p.exists():
+        return family_spec(model), None
     if not p.exists():
         raise ModelError(f"model path {p} does not exist; pass --model with a FLUX.2 transformer file or diffusers "
                          f"folder (or one of {', '.join(KNOWN_FAMILIES)} to estimate)")
@@ -438,32 +438,42 @@ def spec_for(model: str) -> tuple[ModelSpec, int | None]:
     if (folder / "config.json").is_file():
         cfg = _read_json(folder / "config.json")
         _check_diffusers_class(cfg)
-        return spec_from_config(cfg, distilled=_klein_distilled_hint(p), param_count=_stored_param_count(folder)), None
+        return spec_from_config(cfg, distilled=_klein_distilled_hint(p), param_count=_param_count(_weight_files(folder))), None
     raise ModelError(f"--model {model!r} is neither a FLUX.2 name ({', '.join(KNOWN_FAMILIES)}), a .safetensors "
                      "file, nor a diffusers folder with a config.json")
 
 
-def _stored_param_count(folder: Path) -> int | None:
-    """The parameter count of a diffusers model folder's safetensors weights, from their headers; None
-    where they are stored otherwise. Without it the count builds the model class, and importing
-    diffusers alone takes seconds: a --num-gpus launcher would wait on it before any process starts."""
-    from safetensors import safe_open
-
+def _weight_files(folder: Path) -> list[Path]:
+    """A diffusers model folder's safetensors weights: one file, or the shards its index names; a
+    ModelError naming what is missing, before anything loads."""
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         files = sorted({folder / name for name in _read_json(index).get("weight_map", {}).values()})
-    else:
-        files = [folder / "diffusion_pytorch_model.safetensors"]
-    if not files or not all(f.is_file() for f in files):
-        return None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing or not files:
+            raise ModelError(f"{folder} is missing {', '.join(missing) or 'every shard'}, which {index.name} "
+                             "lists; download the model again")
+        return files
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        raise ModelError(f"{folder} has no {single.name} (nor a sharded index); FLUX.2 weights are loaded from "
+                         "safetensors only, without variants (.fp16 and such): download the model's safetensors files")
+    return [single]
+
+
+def _param_count(files: list[Path]) -> int:
+    """The parameters in safetensors files, from their headers (an fp8 file's scales left out). Fast:
+    building the class to count them would import diffusers, seconds before a --num-gpus launch."""
+    from safetensors import safe_open
+
     count = 0
-    try:
-        for file in files:
+    for file in files:
+        try:
             with safe_open(str(file), framework="pt") as f:
                 count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys()
                              if not key.endswith(_NOT_WEIGHTS))
-    except Exception:  # a damaged file: loading the model names it
-        return None
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"{file} is not a readable safetensors file ({e}); download it again") from None
     return count
 
 
@@ -482,7 +492,8 @@ def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
     shapes, stored = {}, 0
     with safe_open(str(path), framework="pt") as f:
         prefix, _ = _strip_prefix(list(f.keys()))
-        identify_checkpoint(list(f.keys()))
+        if identify_checkpoint(list(f.keys())) == "flux2-diffusers":
+            raise _diffusers_named_file(path)
         for key in f.keys():
             s = f.get_slice(key)
             shape, dtype = tuple(s.get_shape()), s.get_dtype()
@@ -537,7 +548,8 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> D
             raise ModelError(f"{p} has no config.json or transformer/config.json; is it a diffusers FLUX.2 folder?")
         cfg = _read_json(cfg_path)
         _check_diffusers_class(cfg)
-        model = Flux2Transformer2DModel.from_pretrained(folder, dtype=dtype)
+        _weight_files(folder)
+        model = Flux2Transformer2DModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     elif p.suffix == ".safetensors":
         model = _load_single_file(p, dtype)
     else:
@@ -549,6 +561,11 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> D
             "%s is the step-distilled klein; LoRAs train better on klein base (e.g. FLUX.2-klein-base-4B) "
             "and load on both.", spec.title)
     return DiffusersFlux2Backbone(model, spec)
+
+
+def _diffusers_named_file(p: Path) -> ModelError:
+    return ModelError(f"{p} holds diffusers-named FLUX.2 weights; put it in a folder with its config.json and pass "
+                      "the folder")
 
 
 def _load_single_file(p: Path, dtype: torch.dtype):
@@ -566,7 +583,7 @@ def _load_single_file(p: Path, dtype: torch.dtype):
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ModelError(f"{p} is not a readable safetensors file ({e}); download it again") from None
     if kind == "flux2-diffusers":
-        raise ModelError(f"{p} holds diffusers-named FLUX.2 weights; put it in a folder with its config.json and pass the folder")
+        raise _diffusers_named_file(p)
     config = config_from_bfl_state_dict(shapes)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))

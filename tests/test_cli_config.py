@@ -74,6 +74,22 @@ def test_bad_input_exits_with_a_message_and_no_traceback(tmp_path):
     assert "error:" in res.stderr and "does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.failure_case("bad input on the command line")
+def test_what_train_would_load_is_named_before_anything_loads(tiny_pipeline_dir, tmp_path):
+    from flux2_train.demo import DEMO_DATA
+
+    data = ["--dataset", str(DEMO_DATA), "--trigger-word", "r0b0t", "--device", "cpu"]
+    size_name = run_cli("train", "--model", "klein-4b", *data)
+    assert size_name.returncode == 2 and "names a FLUX.2 size, which estimate takes" in size_name.stderr
+    # A transformer folder has no text encoder or VAE: --encoders must name a pipeline folder.
+    transformer_only = run_cli("train", "--model", str(tiny_pipeline_dir / "transformer"), *data)
+    assert transformer_only.returncode == 2
+    assert "no model_index.json" in transformer_only.stderr and "--encoders" in transformer_only.stderr
+    no_count = run_cli("estimate", "--model", "klein-4b", "--num-gpus", "0")
+    assert no_count.returncode == 2 and "--num-gpus 0: give 1 or more" in no_count.stderr
+    assert not any("Traceback" in r.stderr for r in (size_name, transformer_only, no_count))
+
+
 def test_demo_trains_and_its_lora_loads_in_diffusers_with_the_same_output(tmp_path):
     from diffusers import Flux2KleinPipeline
     from safetensors.torch import load_file

@@ -285,6 +285,20 @@ def test_num_gpus_asks_for_gpus_that_are_there(tiny_pipeline_dir, demo_dataset, 
     assert "give 2 or more" in capsys.readouterr().err
 
 
+def test_num_gpus_takes_the_device_from_the_config_and_save_config_starts_no_processes(tiny_pipeline_dir,
+                                                                                      demo_dataset, tmp_path):
+    from flux2_train.cli import build_parser, check_before_launch
+
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text("device: cpu\n")
+    given = options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache", device=False)
+    # CPU processes need no GPU: the count is checked against the device the config names.
+    check_before_launch(build_parser().parse_args(["train", *given, "--config", str(cpu), "--num-gpus", "2"]))
+    saved = tmp_path / "saved.yaml"
+    assert main(["train", "--rank", "8", "--num-gpus", "64", "--save-config", str(saved)]) == 0
+    assert "rank: 8" in saved.read_text()
+
+
 def test_auto_takes_ddp_where_the_model_fits_one_gpu_and_fsdp_where_it_does_not(capsys):
     from flux2_train.config import resolve_config
     from flux2_train.memory import CUDA_CONTEXT, GIB, Placement, choose_strategy, estimate_memory

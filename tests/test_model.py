@@ -90,9 +90,21 @@ def test_a_folders_parameter_count_comes_from_its_weights_headers_without_import
     assert res.returncode == 0, res.stderr
     count = sum(p.numel() for p in model.parameters())
     assert res.stdout.split() == [str(count), str(count), "False"]
-    # Weights stored otherwise (here: none at all) are counted through the class, as before.
-    (whole / "diffusion_pytorch_model.safetensors").unlink()
-    assert spec_for(str(whole))[0].param_count == count
+
+
+@pytest.mark.failure_case("model folder missing a weight file")
+def test_a_folder_missing_a_shard_or_its_safetensors_is_named_before_anything_loads(tmp_path):
+    model = tiny_transformer()
+    sharded, variant = tmp_path / "sharded", tmp_path / "variant"
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    shard = sorted(sharded.glob("*-of-*.safetensors"))[-1]
+    shard.unlink()
+    model.save_pretrained(variant, variant="fp16")
+    for read in (spec_for, load_transformer):
+        with pytest.raises(ModelError, match=f"missing {shard.name}, which .*download the model again"):
+            read(str(sharded))
+        with pytest.raises(ModelError, match="safetensors only, without variants"):
+            read(str(variant))
 
 
 @pytest.mark.parametrize("family", ["klein-4b", "klein-9b"])
@@ -233,8 +245,9 @@ def test_unknown_single_file_is_refused(tmp_path):
 def test_diffusers_named_single_file_asks_for_its_folder(tmp_path):
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_transformer().state_dict().items()}, str(path))
-    with pytest.raises(ModelError, match="diffusers-named FLUX.2 weights.*config.json"):
-        load_transformer(path)
+    for read in (spec_for, load_transformer):
+        with pytest.raises(ModelError, match="diffusers-named FLUX.2 weights.*config.json"):
+            read(str(path))
 
 
 def test_missing_model_path_is_refused(tmp_path):
