@@ -15,7 +15,7 @@ Random weights at the family's real size, 1024², batch 1, LoRA rank 16 on every
 Linear (the peers' default-target row excepted), median s/step after the warm-up, peak
 memory allocated (and reserved) by PyTorch. MFU = (2 x the Linear FLOPs of one forward
 pass of the frozen model + 3 x its attention FLOPs) / 989 TFLOP/s (H100 dense bf16),
-the same FLOP count for every row of a family (`train_speed.py` counts it); LoRA
+the same FLOP count for every row of a family (the engine's run counts it); LoRA
 FLOPs (under 1% at rank 16) and recomputation are not counted.
 
     python3 bench/compare.py --family klein-4b --comfyui /path/to/ComfyUI
@@ -218,7 +218,9 @@ def main(argv=None) -> int:
                 checkpointing_label(rec)) + (
                 ", compiled" if rec.get("compiled") else "")
             rows.append(dict(rec, tool="ours, ComfyUI node", label=label))
-    flops = next((r["model_tflop_per_step"] * 1e12 for r in rows
+    # The engine's count: a peer counts after adding PEFT's adapter Linears, which the MFU leaves out.
+    engine_first = sorted(rows, key=lambda r: not r.get("tool", "").startswith("ours, engine"))
+    flops = next((r["model_tflop_per_step"] * 1e12 for r in engine_first
                   if r.get("model_tflop_per_step") and r.get("forward_linear_tflop")), None)
     env = next((r for r in rows if r.get("gpu")), {})
     print(f"\n{fam}, {args.resolution}², rank 16, batch 1; {env.get('gpu', args.device)}; "

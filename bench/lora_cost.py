@@ -8,8 +8,9 @@ as in a block. Against:
 
 * the fp8 Linear alone: what the adapter adds, the most any fusion of it could remove;
 * the up-projection added into the layer's output by one `addmm` (the fusion cuBLAS
-  offers: no separate output for the adapter, no separate add) in the forward pass, and
-  the adapter's input gradient added the same way in the backward pass;
+  offers: no separate output for the adapter, no separate add) in the forward pass; the
+  backward pass returns the adapter's share of the input gradient as a tensor of its own,
+  which autograd adds to the base layer's;
 * the engine's forward (`lora_fp8.Fp8AdapterLinear`): the up-projection added into the fp8
   product in place, inside the fp8 layer's own op.
 
@@ -52,8 +53,8 @@ SHAPES = {
 
 
 class _AddmmLora(torch.autograd.Function):
-    """out + s·(x Aᵀ) Bᵀ with the up-projection accumulated into `out` by cuBLAS (beta = 1), and the
-    adapter's share of the input gradient accumulated into the base's the same way."""
+    """out + s·(x Aᵀ) Bᵀ with the up-projection accumulated into `out` by cuBLAS (beta = 1). The
+    adapter's share of the input gradient goes back as a tensor of its own (autograd adds it)."""
 
     @staticmethod
     def forward(ctx, out, x, a, b, scale):

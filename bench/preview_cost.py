@@ -34,8 +34,8 @@ from train_speed import TEXT_TOKENS, build_transformer, env_info, family_config 
 
 
 def timed(fn, device, repeat: int) -> float:
-    """Seconds, the median of `repeat` calls."""
-    return median_ms(fn, repeat, device) / 1000
+    """Seconds, the median of `repeat` calls after one untimed call (which pays one-time costs)."""
+    return median_ms(fn, repeat, device, warmup=1) / 1000
 
 
 def run_one(args, family: str) -> dict:

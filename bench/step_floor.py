@@ -6,9 +6,9 @@ For one family at 1024x1024 (4096 image + 512 text tokens, batch 1) this times, 
   (the layer's weight transposed, its scale folded into the gradient);
 - the joint attention, forward and backward, with cuDNN's kernel through SDPA (as
   `bench/attention_speed.py` times it).
-Each product is timed in runs of ten back to back, as a step queues them (timed one at a time,
-the host's launch of each would count too), with CUDA events, the median of `--repeats` runs;
-each is counted as often as a step runs it, the layers read from the real model class built on
+Each product is timed in runs of ten back to back, queued behind a sleep kernel so that the
+host's launches do not count (a small product takes less time than its launch), with CUDA
+events, the median of `--repeats` runs; each is counted as often as a step runs it, the layers read from the real model class built on
 the meta device. The sum is what a step of fp8 matmuls and cuDNN attention costs with nothing
 else in it: no LoRA, norms, modulation, activations, quantization of inputs and gradients,
 optimizer or idle time. With `--step S` it says how much of a step of S seconds that leaves for
@@ -38,7 +38,7 @@ from timing import median_ms  # noqa: E402
 
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
 E4M3 = torch.float8_e4m3fn
-BURST = 10  # products timed back to back per timed run
+BURST = 10  # products queued back to back per timed run
 
 
 def block_matmuls(family: str) -> tuple[Counter, Counter]:
@@ -85,7 +85,8 @@ def time_fp8_matmul(tokens: int, k: int, n: int, repeats: int) -> tuple[float, f
         for _ in range(BURST):
             torch._scaled_mm(grad, weight_t.t(), scale_a=grad_scale, scale_b=ones, out_dtype=torch.bfloat16)
 
-    return median_ms(forward, repeats, warmup=1) / BURST, median_ms(backward, repeats, warmup=1) / BURST
+    return (median_ms(forward, repeats, warmup=1, gpu_only=True) / BURST,
+            median_ms(backward, repeats, warmup=1, gpu_only=True) / BURST)
 
 
 def main(argv=None) -> int:
