@@ -501,10 +501,13 @@ def spec_from_file(path: str | Path) -> tuple[ModelSpec, int]:
             if key.startswith(prefix):
                 shapes[key[len(prefix):]] = shape
     params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith(_NOT_WEIGHTS))
-    return spec_from_config(config_from_bfl_state_dict(shapes), param_count=params), stored
+    return spec_from_config(config_from_bfl_state_dict(shapes), distilled=_klein_distilled_hint(Path(path)),
+                            param_count=params), stored
 
 
-_NOT_WEIGHTS = (".weight_scale", ".comfy_quant", ".input_scale")  # an fp8 file's scales: not parameters
+# Scales beside quantized weights (ComfyUI's fp8 layouts, NVFP4), not parameters of the model.
+_NOT_WEIGHTS = (".weight_scale", ".weight_scale_2", ".comfy_quant", ".input_scale", ".scale_weight", ".scale_input",
+                "scaled_fp8")
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I64": 8, "I32": 4}
 
 

@@ -293,6 +293,18 @@ def test_truncated_safetensors_file_is_refused(tmp_path):
         load_transformer(path)
 
 
+def test_a_files_quantization_scales_are_not_counted_as_parameters(tmp_path):
+    """ComfyUI's fp8 files (older and newer layouts) and NVFP4 files carry scales beside the weights."""
+    model = tiny_transformer()
+    bfl = {k: v.contiguous() for k, v in keys.diffusers_to_bfl_state_dict(model.state_dict()).items()}
+    layer = "double_blocks.0.img_attn.qkv"
+    scales = {f"{layer}.{name}": torch.ones(4) for name in ("weight_scale", "weight_scale_2", "input_scale",
+                                                             "scale_weight", "scale_input", "comfy_quant")}
+    path = tmp_path / "flux2-scaled.safetensors"
+    save_file({**bfl, **scales, "scaled_fp8": torch.zeros(2)}, str(path))
+    assert spec_for(str(path))[0].param_count == sum(p.numel() for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------
 # 8. the backbone's latent layout is the pipelines' own
 # ---------------------------------------------------------------------------
