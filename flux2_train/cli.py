@@ -146,6 +146,7 @@ def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool 
     The scan gives the buckets for the estimate and the image count for the `auto` schedule.
     """
     from .data import scan_dataset_for
+    from .encoders import pipeline_class
     from .model import spec_for
 
     overrides = _overrides(args)
@@ -153,25 +154,25 @@ def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool 
     if not cfg.model:
         raise ConfigError("--model is required: a FLUX.2 file or diffusers folder"
                           + (" (or dev, klein-4b, klein-9b)" if args.command == "estimate" else ""))
-    spec, stored = spec_for(cfg.model)
     if args.command == "train":
-        _check_training_files(cfg)
+        _refuse_size_name(cfg.model)
+    spec, stored = spec_for(cfg.model)
+    if args.command == "train":  # the text encoder and VAE come from a pipeline folder
+        pipeline_class(cfg.encoders or cfg.model)
     report = scan_dataset_for(cfg) if cfg.dataset or dataset_required else None
     if report and cfg.quick_preset == "auto":
         cfg = resolve_config(args.preset, args.quick, config_file, overrides, image_count=len(report.items))
     return cfg, report, spec, stored
 
 
-def _check_training_files(cfg) -> None:
-    """What `train` loads besides the transformer, checked before anything loads: files, not a size
-    name (those are for `estimate`), and a FLUX.2 pipeline folder for the text encoder and VAE."""
-    from .encoders import pipeline_class
+def _refuse_size_name(model: str) -> None:
+    """`train` needs files: a size name (dev, klein-4b, klein-9b) is for `estimate`. Checked before
+    `spec_for`, which would build the named size's class to count it."""
     from .model import KNOWN_FAMILIES
 
-    if cfg.model in KNOWN_FAMILIES and not Path(cfg.model).expanduser().exists():
-        raise ConfigError(f"--model {cfg.model} names a FLUX.2 size, which estimate takes; train needs the model's "
+    if model in KNOWN_FAMILIES and not Path(model).expanduser().exists():
+        raise ConfigError(f"--model {model} names a FLUX.2 size, which estimate takes; train needs the model's "
                           "files: a FLUX.2 diffusers pipeline folder, or a transformer .safetensors file with --encoders")
-    pipeline_class(cfg.encoders or cfg.model)
 
 
 def _config_file(args: argparse.Namespace):
