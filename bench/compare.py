@@ -227,6 +227,9 @@ def main(argv=None) -> int:
           f"model TFLOP per step {flops / 1e12:.2f}" if flops else f"\n{fam}")
     print(table(rows, flops))
     targets = verdicts(fam, rows)
+    if targets and "H100" not in env.get("gpu", ""):
+        # The targets are set for one H100: on another card the verdicts only say how far this one is.
+        targets.insert(0, f"the targets are for one H100; this run's GPU: {env.get('gpu', args.device)}")
     for line in targets:
         print(line)
     if os.environ.get("OUT"):
