@@ -8,11 +8,11 @@ For one family at 1024x1024 (4096 image + 512 text tokens, batch 1) this times, 
   `bench/attention_speed.py` times it).
 Each product is timed in runs of ten back to back, queued behind a sleep kernel so that the
 host's launches do not count (a small product takes less time than its launch), with CUDA
-events, the median of `--repeats` runs; each is counted as often as a step runs it, the layers read from the real model class built on
-the meta device. The sum is what a step of fp8 matmuls and cuDNN attention costs with nothing
-else in it: no LoRA, norms, modulation, activations, quantization of inputs and gradients,
-optimizer or idle time. With `--step S` it says how much of a step of S seconds that leaves for
-the rest.
+events, the median of `--repeats` runs; each is counted as often as a step runs it, the layers
+read from the real model class built on the meta device (`spec_linear_shapes`). The sum is what
+a step of fp8 matmuls and cuDNN attention costs with nothing else in it: no LoRA, norms,
+modulation, activations, quantization of inputs and gradients, optimizer or idle time. With
+`--step S` it says how much of a step of S seconds that leaves for the rest.
 
     python3 bench/step_floor.py --family klein-4b --step 0.114
 """
@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from attention_speed import measure as measure_attention  # noqa: E402
-from flux2_train.model import KNOWN_FAMILIES  # noqa: E402
+from flux2_train.model import KNOWN_FAMILIES, family_spec, spec_linear_shapes  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
@@ -44,25 +44,20 @@ BURST = 10  # products queued back to back per timed run
 def block_matmuls(family: str) -> tuple[Counter, Counter]:
     """How many of each block Linear's products, keyed (tokens, in_features, out_features), a step
     runs forward, and backward for the input's gradient."""
-    from diffusers import Flux2Transformer2DModel
-
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**KNOWN_FAMILIES[family])
     forward, backward = Counter(), Counter()
-    for index, block in enumerate(model.transformer_blocks):  # double blocks: image and text streams apart
-        for name, layer in block.named_modules():
-            if isinstance(layer, torch.nn.Linear):
-                text = "add_" in name or "ff_context" in name
-                shape = (TEXT_TOKENS if text else IMAGE_TOKENS, layer.in_features, layer.out_features)
-                forward[shape] += 1
-                # The first block's q/k/v read the frozen embedders' output alone: no input gradient.
-                first_projection = index == 0 and name.endswith(("to_q", "to_k", "to_v", "_proj"))
-                backward[shape] += 0 if first_projection else 1
-    for block in model.single_transformer_blocks:
-        for layer in block.modules():
-            if isinstance(layer, torch.nn.Linear):
-                forward[(IMAGE_TOKENS + TEXT_TOKENS, layer.in_features, layer.out_features)] += 1
-                backward[(IMAGE_TOKENS + TEXT_TOKENS, layer.in_features, layer.out_features)] += 1
+    for name, (k, n) in spec_linear_shapes(family_spec(family)).items():
+        if name.startswith("single_transformer_blocks."):
+            tokens, needs_input_grad = IMAGE_TOKENS + TEXT_TOKENS, True
+        elif name.startswith("transformer_blocks."):  # double blocks: image and text streams apart
+            text = "add_" in name or "ff_context" in name
+            tokens = TEXT_TOKENS if text else IMAGE_TOKENS
+            # The first block's q/k/v read the frozen embedders' output alone: no input gradient.
+            needs_input_grad = not (name.startswith("transformer_blocks.0.")
+                                    and name.endswith(("to_q", "to_k", "to_v", "_proj")))
+        else:  # embedders, modulation, the output layer: not block Linears
+            continue
+        forward[(tokens, k, n)] += 1
+        backward[(tokens, k, n)] += needs_input_grad
     return forward, backward
 
 

@@ -168,9 +168,9 @@ def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool 
 def _refuse_size_name(model: str) -> None:
     """`train` needs files: a size name (dev, klein-4b, klein-9b) is for `estimate`. Checked before
     `spec_for`, which would build the named size's class to count it."""
-    from .model import KNOWN_FAMILIES
+    from .model import is_size_name
 
-    if model in KNOWN_FAMILIES and not Path(model).expanduser().exists():
+    if is_size_name(model):
         raise ConfigError(f"--model {model} names a FLUX.2 size, which estimate takes; train needs the model's "
                           "files: a FLUX.2 diffusers pipeline folder, or a transformer .safetensors file with --encoders")
 

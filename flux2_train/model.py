@@ -193,6 +193,11 @@ def spec_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     return linear_shapes(model)
 
 
+def _parameters_of(model: nn.Module) -> int:
+    """A loaded model's own count: no second model built on the meta device to count it again."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def _count_params(config: dict) -> int:
     """Parameter count from the real class, built on the meta device (no memory used)."""
     from diffusers import Flux2Transformer2DModel
@@ -214,7 +219,7 @@ class DiffusersFlux2Backbone:
 
     def __init__(self, transformer: nn.Module, spec: ModelSpec | None = None):
         self.transformer = transformer
-        self.spec = spec or spec_from_config(dict(transformer.config))
+        self.spec = spec or spec_from_config(dict(transformer.config), param_count=_parameters_of(transformer))
         self._forward: nn.Module = transformer  # what predict() calls: the model, or its DDP wrapper
 
     @property
@@ -416,13 +421,18 @@ def family_spec(family: str) -> ModelSpec:
                                  guidance_embeds=family == "dev"))
 
 
+def is_size_name(model: str) -> bool:
+    """A released FLUX.2 named by size (dev, klein-4b, klein-9b), not a path that happens to exist."""
+    return model in KNOWN_FAMILIES and not Path(model).expanduser().exists()
+
+
 def spec_for(model: str) -> tuple[ModelSpec, int | None]:
     """ModelSpec and stored weight bytes (None when not known) of a family name, file or diffusers folder.
 
     Reads headers and config files only: fast enough for the preflight before a model is loaded.
     """
     p = Path(model).expanduser()
-    if model in KNOWN_FAMILIES and not p.exists():
+    if is_size_name(model):
         return family_spec(model), None
     if not p.exists():
         raise ModelError(f"model path {p} does not exist; pass --model with a FLUX.2 transformer file or diffusers "
@@ -438,7 +448,8 @@ def spec_for(model: str) -> tuple[ModelSpec, int | None]:
     if (folder / "config.json").is_file():
         cfg = _read_json(folder / "config.json")
         _check_diffusers_class(cfg)
-        return spec_from_config(cfg, distilled=_klein_distilled_hint(p), param_count=_param_count(_weight_files(folder))), None
+        params = _param_count(_weight_files(folder))
+        return spec_from_config(cfg, distilled=_klein_distilled_hint(p), param_count=params), None
     raise ModelError(f"--model {model!r} is neither a FLUX.2 name ({', '.join(KNOWN_FAMILIES)}), a .safetensors "
                      "file, nor a diffusers folder with a config.json")
 
@@ -558,7 +569,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> D
     else:
         raise ModelError(f"{p} is neither a folder nor a .safetensors file; FLUX.2 weights are loaded from safetensors only")
     model.requires_grad_(False)
-    spec = spec_from_config(dict(model.config), distilled=distilled)
+    spec = spec_from_config(dict(model.config), distilled=distilled, param_count=_parameters_of(model))
     if spec.family.startswith("klein") and spec.distilled:
         log.warning(
             "%s is the step-distilled klein; LoRAs train better on klein base (e.g. FLUX.2-klein-base-4B) "

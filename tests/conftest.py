@@ -27,10 +27,10 @@ def pytest_collection_modifyitems(config, items):
 # compiled test on a 2-core machine (README, Tests). There the tests capture their graphs through
 # Dynamo and AOTAutograd, with Inductor's decompositions and partitioner, and run them eagerly
 # (`aot_eager_decomp_partition`): what they check of the compile is its graphs (how many, no breaks)
-# and that training through them gives the eager losses. Inductor's own code (its fusions, its checks of the strides of saved tensors,
-# an offload's included) is what the GPU tests compile (Triton); on the CPU, the tests marked `inductor`
-# compile with it. The test ComfyUI server compiles as the other tests do (tests/comfy_test_nodes
-# reads the variable).
+# and that training through them gives the eager losses. Inductor's own code (its fusions, its checks
+# of the strides of saved tensors, an offload's included) is what the GPU tests compile (Triton); on
+# the CPU, the tests marked `inductor` compile with it. The test ComfyUI server compiles as the other
+# tests do (tests/comfy_test_nodes reads the variable).
 TEST_COMPILE_BACKEND = "aot_eager_decomp_partition"
 _TORCH_COMPILE = torch.compile
 
