@@ -175,7 +175,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     gradients for h and B. Its product is taken in `out_dtype` (PEFT's is in autocast's dtype, the
     same while training; without autocast PEFT keeps a float32 adapter's product in float32).
     """
-    if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None:
+    # No rows (an empty batch): `_scaled_mm` refuses the empty scales; the plain path gives the empty result.
+    if fp8_matmul and out_dtype == torch.bfloat16 and weight_scale is not None and x.numel() > 0:
         # Shaped outside the Function: callers add into the output in place (ComfyUI's blocks do),
         # which autograd refuses on a view made inside one.
         shape = x.shape

@@ -92,6 +92,18 @@ def test_fp8_linear_output_takes_in_place_adds(fp8_matmul):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_fp8_linear_takes_an_input_without_rows():
+    torch.manual_seed(0)
+    layer = Float8Linear(torch.nn.Linear(32, 48).to(torch.bfloat16))
+    x = torch.randn(2, 0, 32, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(2, 0, 4, dtype=torch.bfloat16, requires_grad=True)
+    lora_b = torch.randn(48, 4, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x, (h, lora_b, 0.5))
+    assert y.shape == (2, 0, 48)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and lora_b.grad.shape == lora_b.shape and not lora_b.grad.any()
+
+
 def test_a_cpu_matmul_without_row_scales_makes_fp8_layers_dequantize(monkeypatch, caplog):
     """Some torch builds' CPU `_scaled_mm` takes one scale per tensor and asserts on row scales."""
     from flux2_train import quantize
