@@ -15,7 +15,9 @@ data only (tensors and JSON), so loading one can never run code.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,17 @@ def save_checkpoint(
     state: dict[str, Any],
     info: dict[str, Any],
     keep: int,
+    best_step: int | None = None,
 ) -> Path:
-    """Write a checkpoint folder under a temporary name, then rename it into place."""
+    """Write a checkpoint folder under a temporary name, then rename it into place; prune the
+    older ones (`prune_checkpoints`)."""
     final = checkpoint_dir(run_dir, step)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        # mkdtemp's 0700 would follow the folder through the rename: take the mode of the folder
+        # it sits in, which mkdir gave as an ordinary new folder (0777 less the umask).
+        os.chmod(tmp, stat.S_IMODE(os.stat(final.parent).st_mode))
     except OSError as e:  # a new folder needs a free block on most filesystems
         if out_of_space(e):
             raise disk_full(final) from None
@@ -67,8 +74,13 @@ def save_checkpoint(
         if isinstance(e, DiskFull):
             raise disk_full(final) from None  # named by the checkpoint, not its temporary folder
         raise
-    prune_checkpoints(run_dir, keep)
+    prune_checkpoints(run_dir, keep, best_step)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (`step-000250`)."""
+    return int(path.name.split("-")[1])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -76,12 +88,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "checkpoint.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=checkpoint_step)
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def nearest_checkpoint(checkpoints: list[Path], step: int) -> Path | None:
+    """The checkpoint nearest `step` (the later one of two as near)."""
+    return min(reversed(checkpoints), key=lambda c: abs(checkpoint_step(c) - step), default=None)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None = None) -> None:
+    """All but the newest `keep` checkpoints go, except the one nearest `best_step` (the best
+    validation loss so far): the run's summary names that one as the one to keep."""
+    checkpoints = list_checkpoints(run_dir)
+    best = nearest_checkpoint(checkpoints, best_step) if best_step is not None else None
+    for old in checkpoints[:-keep]:
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_leftovers(run_dir: Path) -> None:

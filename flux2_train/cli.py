@@ -27,7 +27,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
-        kw = dict(dest=f.name, default=None, help=help_text)
+        # default=SUPPRESS keeps ArgumentDefaultsHelpFormatter from adding "(default: None)";
+        # `_overrides` reads a missing option as not given.
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if f.metadata.get("choices"):
             kw["choices"] = [c for c in f.metadata["choices"] if c]
         if isinstance(default, bool):
@@ -136,10 +138,10 @@ def _install_sigint(flag: dict) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+    return {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
 
 
-def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool = False):
+def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool = False, check_places: bool = True):
     """The config, the model's spec (headers only), and the dataset's scan when it names one, or
     always with `dataset_required` (the scan names what is wrong: no folder, no images, ...).
 
@@ -159,10 +161,23 @@ def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool 
     spec, stored = spec_for(cfg.model)
     if args.command == "train":  # the text encoder and VAE come from a pipeline folder
         pipeline_class(cfg.encoders or cfg.model)
+        if check_places:
+            _check_run_places(cfg)
     report = scan_dataset_for(cfg) if cfg.dataset or dataset_required else None
     if report and cfg.quick_preset == "auto":
         cfg = resolve_config(args.preset, args.quick, config_file, overrides, image_count=len(report.items))
     return cfg, report, spec, stored
+
+
+def _check_run_places(cfg) -> None:
+    """Where the run would go, before anything loads: its device, name, and folders."""
+    from .config import check_output_folders, check_run_name
+    from .distributed import resolve_device
+
+    resolve_device(cfg.device)
+    if cfg.name:
+        check_run_name(cfg.name)
+    check_output_folders(cfg)
 
 
 def _refuse_size_name(model: str) -> None:
@@ -191,26 +206,25 @@ def check_before_launch(args: argparse.Namespace) -> None:
     --device or --config), an accumulation the processes cannot share."""
     from .distributed import accumulation_per_process
 
-    cfg, _, _, _ = _resolve(args, _config_file(args), dataset_required=True)
-    check_process_count(args.num_gpus, cfg.device)
+    cfg, _, _, _ = _resolve(args, _config_file(args), dataset_required=True, check_places=False)
+    check_process_count(args.num_gpus, cfg.device)  # before the device: it says how many there are
+    _check_run_places(cfg)
     accumulation_per_process(cfg.gradient_accumulation, args.num_gpus, cfg.keep_effective_batch)
 
 
 def run_train(args: argparse.Namespace) -> int:
     config_file = _config_file(args)
     if args.save_config:
-        save_yaml(resolve_config(args.preset, args.quick, config_file, _overrides(args)), args.save_config)
-        print(f"config written to {args.save_config}")
-        return 0
+        return save_config(args, config_file)
     cfg, report, spec, _ = _resolve(args, config_file, dataset_required=True)
 
     # Imported once the options, the paths and the dataset have passed: a mistyped path is named
     # in a second or two, not after the seconds diffusers and PEFT take to import.
-    from .distributed import World, check_precision
+    from .distributed import World, check_precision, resolve_device
     from .encoders import load_pipeline_encoders
     from .memory import Placement, device_available_memory, host_memory_free, plan_processes
     from .model import load_transformer
-    from .train import Trainer, precision_plan, resolve_device
+    from .train import Trainer, precision_plan
 
     quiet_libraries()
     device = resolve_device(cfg.device)
@@ -218,6 +232,8 @@ def run_train(args: argparse.Namespace) -> int:
     device = world.device(device)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    else:  # what the scan found and left out, before the minutes the models take to load
+        print(report.summary(max_warnings=0))
     # Preflight before the model and the encoders load: refuse (or, with auto, adjust) a run
     # that cannot fit. The Trainer repeats it on the loaded model.
     available = world.smallest(device_available_memory(device), device)  # one verdict for every process
@@ -242,6 +258,35 @@ def run_train(args: argparse.Namespace) -> int:
     world.barrier()  # the main process has written the LoRA: now all leave the process group together
     if world.is_main:
         print(result.summary)
+    return 0
+
+
+def save_config(args: argparse.Namespace, config_file) -> int:
+    """--save-config: the options as the run would take them, written to a file; nothing trains.
+
+    With --quick auto and a dataset, the schedule auto picks for that dataset (steps, learning rate,
+    repeats): the file's values win over auto's when it is used again.
+    """
+    cfg = resolve_config(args.preset, args.quick, config_file, _overrides(args))
+    note = ""
+    if cfg.quick_preset == "auto":
+        if cfg.dataset:
+            from .data import scan_dataset_for
+
+            count = len(scan_dataset_for(cfg).items)
+            cfg = resolve_config(args.preset, args.quick, config_file, _overrides(args), image_count=count)
+            note = f" (steps, learning rate and repeats as auto picks them for the {count} images of {cfg.dataset})"
+        else:
+            note = (" (without --dataset: steps, learning rate and repeats are the defaults, and the file's values "
+                    "win over auto's; add --dataset to write the schedule auto picks)")
+    path = Path(args.save_config).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--save-config {args.save_config} is a folder; give a file name such as run.yaml")
+    try:
+        save_yaml(cfg, path)
+    except OSError as e:
+        raise ConfigError(f"--save-config {args.save_config}: cannot write it ({e.strerror or e})") from None
+    print(f"config written to {path}{note}")
     return 0
 
 
@@ -335,7 +380,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None:
         available = int(args.gpu_memory * GIB)
     elif cfg.device != "cpu":
-        from .train import resolve_device
+        from .distributed import resolve_device
 
         available = device_available_memory(resolve_device(cfg.device))
     else:
@@ -377,6 +422,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     if report:
         plan = suggest_schedule(len(report.items), cfg.subject_preset, cfg.effective_batch, cfg.rank)
         print(f"\nfor this dataset: {plan['reason']}")
+        for warning in report.warnings:
+            print(f"  warning: {warning}")
     return 0
 
 

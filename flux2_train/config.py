@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,7 @@ class TrainConfig:
     model: str = _opt("", "FLUX.2 transformer: a diffusers pipeline or transformer folder, or a single .safetensors file.")
     encoders: str = _opt("", "Diffusers FLUX.2 pipeline folder with text_encoder/, tokenizer/ and vae/ (default: --model when it is a pipeline).")
     guidance_scale: float = _opt(1.0, "Guidance input fed to FLUX.2 [dev] while training; [klein] has none.")
-    text_encoder_layers: list = _opt([], "Hidden layers of the text encoder stacked into the embedding (default: the pipeline's own).")
+    text_encoder_layers: list = _opt([], "Hidden layers of the text encoder stacked into the embedding (default: the pipeline's own). Other layers give the transformer conditioning it was not trained on: the LoRA then works only with the same layers at inference.")
 
     # --- LoRA -------------------------------------------------------------
     rank: int = _opt(16, "LoRA rank: size of the low-rank update (16 for a subject, 32 for a style).")
@@ -114,7 +117,7 @@ class TrainConfig:
     output_dir: str = _opt("runs", "Folder that receives one sub-folder per run.")
     name: str = _opt("", "Run name (default: flux2-<family>-lora-<date>-<time>).")
     save_every: int = _opt(250, "Write a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = _opt(3, "Checkpoints kept in the run folder (older ones are removed).")
+    keep_checkpoints: int = _opt(3, "Checkpoints kept in the run folder (older ones are removed, except the one nearest the best validation loss).")
     lora_format: str = _opt("diffusers", "Key format of the final LoRA file.", LORA_FORMATS)
     extra_formats: list = _opt([], "Further LoRA files to write next to the main one, by format name.")
     smoothing: float = _opt(0.9, "Exponential smoothing of the displayed loss.")
@@ -158,6 +161,10 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"--{_flag(f.name)} is {getattr(self, f.name)!r}; choose one of {', '.join(c for c in choices if c)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{_flag(f.name)} must be a finite number (got {value})")
         need(self.rank > 0, f"--rank must be at least 1 (got {self.rank})")
         need(self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
         need(self.steps > 0, f"--steps must be at least 1 (got {self.steps})")
@@ -175,6 +182,16 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})")
         need(self.max_sequence_length > 0, f"--max-sequence-length must be positive (got {self.max_sequence_length})")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be 0 or more (got {self.max_grad_norm})")
+        need(self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        need(0.0 <= self.adam_beta1 < 1.0, f"--adam-beta1 must be in [0, 1) (got {self.adam_beta1})")
+        need(0.0 <= self.adam_beta2 < 1.0, f"--adam-beta2 must be in [0, 1) (got {self.adam_beta2})")
+        need(self.adam_epsilon > 0, f"--adam-epsilon must be positive (got {self.adam_epsilon})")
+        need(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be 0 or more (got {self.lr_warmup_steps})")
+        need(self.lr_num_cycles >= 1, f"--lr-num-cycles must be at least 1 (got {self.lr_num_cycles})")
+        need(self.logit_std > 0, f"--logit-std must be positive (got {self.logit_std})")
+        need(self.guidance_scale >= 0, f"--guidance-scale must be 0 or more (got {self.guidance_scale})")
+        need(all(layer >= 0 for layer in self.text_encoder_layers),
+             f"--text-encoder-layers are hidden-layer numbers, 0 or more (got {self.text_encoder_layers})")
         need(0.0 <= self.smoothing < 1.0, f"--smoothing must be in [0, 1) (got {self.smoothing})")
         need(self.validate_every >= 0, f"--validate-every must be 0 or more (got {self.validate_every})")
         need(0.0 <= self.validation_split < 0.5, f"--validation-split must be in [0, 0.5) (got {self.validation_split})")
@@ -193,7 +210,8 @@ class TrainConfig:
             need(fmt in LORA_FORMATS, f"--extra-formats has {fmt!r}; choose from {', '.join(LORA_FORMATS)}")
         if self.timestep_shift not in ("auto", "none"):
             try:
-                need(float(self.timestep_shift) > 0, f"--timestep-shift must be positive (got {self.timestep_shift})")
+                shift = float(self.timestep_shift)
+                need(math.isfinite(shift) and shift > 0, f"--timestep-shift must be a positive number (got {self.timestep_shift})")
             except ValueError:
                 problems.append(f"--timestep-shift is {self.timestep_shift!r}; use 'auto', 'none' or a number such as 3.0")
         if self.optimizer == "prodigy" and self.learning_rate < 0.1:
@@ -264,15 +282,23 @@ def suggest_schedule(image_count: int, subject_preset: str = "", effective_batch
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder; give the path of a YAML file written by 'flux2_train train --save-config'")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; give the path of a YAML file written by 'flux2_train train --save-config'")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option: value, not {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {p}: {key!r} is not an option name (YAML reads unquoted on, off, yes "
+                              "and no as true and false, and numbers as numbers); write option names as text")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -328,6 +354,9 @@ def resolve_config(
     values.update(overrides)
     cfg = TrainConfig(**values)
     _coerce_types(cfg)
+    for name in _PATH_OPTIONS:  # `~/...` from a YAML file or a quoted option is the home folder, as in a shell
+        if getattr(cfg, name).startswith("~"):
+            setattr(cfg, name, os.path.expanduser(getattr(cfg, name)))
     return cfg.validate()
 
 
@@ -339,8 +368,14 @@ def _coerce_types(cfg: TrainConfig) -> None:
         try:
             if isinstance(default, bool):
                 if isinstance(v, str):
-                    v = v.strip().lower() in ("1", "true", "yes", "on")
+                    words = {"1": True, "true": True, "yes": True, "on": True,
+                             "0": False, "false": False, "no": False, "off": False}
+                    v = words[v.strip().lower()]  # KeyError: neither, said below
+                elif not isinstance(v, (bool, int)) or v not in (0, 1):
+                    raise ValueError
                 setattr(cfg, f.name, bool(v))
+            elif isinstance(v, bool) and isinstance(default, (int, float)):
+                raise ValueError  # `steps: true` is not 1 step
             elif isinstance(default, float):
                 setattr(cfg, f.name, float(v))
             elif isinstance(default, int):
@@ -350,11 +385,47 @@ def _coerce_types(cfg: TrainConfig) -> None:
             elif isinstance(default, list):
                 if isinstance(v, str):
                     v = [s.strip() for s in v.split(f.metadata["separator"]) if s.strip()]
+                if f.name == "text_encoder_layers":  # layer numbers, from the command line as text
+                    v = [_whole_number(x) for x in v]
                 setattr(cfg, f.name, list(v))
             elif isinstance(default, str):
                 setattr(cfg, f.name, "" if v is None else str(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             raise ConfigError(f"--{_flag(f.name)} must be a {type(default).__name__}, got {v!r}") from None
+
+
+_PATH_OPTIONS = ("dataset", "cache_dir", "model", "encoders", "output_dir", "clip_model")
+
+
+def check_run_name(name: str) -> None:
+    # Letters of any script: `\w` matches them in a str pattern.
+    if not re.fullmatch(r"[^\W_][\w. -]{0,120}", name) or ".." in name:
+        raise ConfigError(f"run name {name!r} must be a plain name (letters, digits, . _ - and spaces, starting "
+                          "with a letter or digit), no folders")
+
+
+def check_output_folders(cfg: TrainConfig) -> None:
+    """The folders a run writes, before any model loads: a file in the way, or a folder this user
+    cannot write (read-only, another owner's), is named now, not after minutes of loading."""
+    for option, folder in (("--output-dir", cfg.output_dir), ("--cache-dir", cfg.cache_dir)):
+        if not folder:
+            continue
+        path = Path(folder).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder; give another folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {folder}: this user cannot write in {existing} (read-only, or another "
+                              "user's); give a folder you can write to")
+
+
+def _whole_number(x: Any) -> int:
+    try:
+        if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+            raise ValueError
+        return int(x)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--text-encoder-layers takes hidden-layer numbers such as 9,18,27 (got {x!r})") from None
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

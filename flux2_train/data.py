@@ -76,8 +76,10 @@ class DatasetReport:
         counts = Counter(item.bucket for item in self.items)
         return dict(sorted(counts.items()))
 
-    def summary(self) -> str:
-        """A few human-readable lines: count, buckets, caption sources, warnings."""
+    def summary(self, max_warnings: int | None = None) -> str:
+        """A few human-readable lines: count, buckets, caption sources, warnings (the first
+        `max_warnings`, default a screenful; 0 for all)."""
+        shown = max_warnings if max_warnings is not None else _MAX_SUMMARY_WARNINGS
         n = len(self.items)
         lines = [f"{n} image{'s' if n != 1 else ''} in {self.folder} (resolution {self.resolution})"]
         lines.append("buckets:")
@@ -87,9 +89,10 @@ class DatasetReport:
         lines.append("captions: " + ", ".join(f"{sources[s]} {names[s]}" for s in names if sources[s]))
         if self.warnings:
             lines.append(f"warnings ({len(self.warnings)}):")
-            lines += [f"  - {w}" for w in self.warnings[:_MAX_SUMMARY_WARNINGS]]
-            if len(self.warnings) > _MAX_SUMMARY_WARNINGS:
-                lines.append(f"  ... and {len(self.warnings) - _MAX_SUMMARY_WARNINGS} more")
+            shown = shown or len(self.warnings)
+            lines += [f"  - {w}" for w in self.warnings[:shown]]
+            if len(self.warnings) > shown:
+                lines.append(f"  ... and {len(self.warnings) - shown} more")
         return "\n".join(lines)
 
 
@@ -257,9 +260,14 @@ def scan_dataset(
                 if size not in suggestions:
                     suggestions[size] = _suggest_resolution(w, h, int(resolution), float(max_aspect_ratio), max_upscale)
                 r = suggestions[size]
-                fix = f"use a larger image or a lower resolution (e.g. {r})" if r else (
-                    f"use a larger image (it is too small even at resolution {_MIN_RESOLUTION})"
-                )
+                ratio = max(w, h) / min(w, h)
+                if r:
+                    fix = f"use a larger image or a lower resolution (e.g. {r})"
+                elif ratio > max_aspect_ratio:  # the bucket's short side is what asks for the upscale
+                    fix = (f"crop it nearer to square: its sides are {ratio:.0f}:1, and the widest bucket "
+                           f"(--max-aspect-ratio {max_aspect_ratio:g}) needs its short side upscaled")
+                else:
+                    fix = f"use a larger image (it is too small even at resolution {_MIN_RESOLUTION})"
                 problems.append(
                     f"{name} is {w}x{h}; at resolution {resolution} its bucket is {bw}x{bh}, an upscale of "
                     f"{_factor(scale)} (max {max_upscale:g}\u00d7): {fix}"

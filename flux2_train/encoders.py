@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ def pipeline_text_layers(pipeline_class: str, num_hidden_layers: int) -> tuple[i
     return tuple(max(1, round(num_hidden_layers * (i + 1) / 3)) for i in range(3))
 
 
+def check_text_layers(layers, count: int, num_hidden_layers: int) -> None:
+    """The transformer's text input is `count` hidden layers side by side: as many, each one the encoder has."""
+    if len(layers) != count or not all(0 <= layer <= num_hidden_layers for layer in layers):
+        raise ConfigError(f"--text-encoder-layers {','.join(map(str, layers))}: give {count} hidden-layer numbers "
+                          f"from 0 to {num_hidden_layers} (the text encoder's layers; the model takes {count} side "
+                          "by side), or leave it out for the pipeline's own")
+
+
 class PipelineEncoders:
     """`FeatureEncoder` over a diffusers FLUX.2 pipeline without its transformer."""
 
@@ -67,7 +75,10 @@ class PipelineEncoders:
         self.pipeline_class = type(pipeline).__name__
         te = pipeline.text_encoder
         n_layers = getattr(te.config, "num_hidden_layers", None) or te.config.text_config.num_hidden_layers
-        self.text_layers = tuple(text_layers) if text_layers else pipeline_text_layers(self.pipeline_class, n_layers)
+        default = pipeline_text_layers(self.pipeline_class, n_layers)
+        if text_layers:
+            check_text_layers(text_layers, len(default), n_layers)
+        self.text_layers = tuple(text_layers) if text_layers else default
         self.text_identity = f"{module_fingerprint(te)}|{self.text_layers}"
         self.vae_identity = module_fingerprint(pipeline.vae)
         self.identity = hashlib.sha256(f"{self.text_identity}|{self.vae_identity}".encode()).hexdigest()[:32]

@@ -12,8 +12,8 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
+import shlex
 import os
-import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -24,9 +24,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .cache import CachedDataset, FeatureCache, check_unchanged, prepare_cache
-from .config import TrainConfig, save_yaml
+from .config import TrainConfig, check_output_folders, check_run_name, save_yaml
 from .data import DatasetReport, scan_dataset_for
-from .distributed import World, check_precision, lost_a_process
+from .distributed import World, check_precision, lost_a_process, resolve_device
 from .encoders import FeatureEncoder
 from .evaluation import RunWatcher, best_step, load_png, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
@@ -74,15 +74,6 @@ class TrainResult:
     @property
     def best_validation(self) -> tuple[int, float] | None:
         return best_step(self.validation)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    return dev
 
 
 def precision_plan(dtype: str, device: torch.device) -> tuple[torch.dtype, str, str]:
@@ -253,13 +244,8 @@ def default_run_name(spec: ModelSpec) -> str:
     return f"flux2-{spec.family}-lora-{stamp}"
 
 
-def _check_run_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,120}", name) or ".." in name:
-        raise ConfigError(f"run name {name!r} must be a plain name (letters, digits, . _ - and spaces), no folders")
-
-
 def _new_run_dir(output_dir: Path, name: str) -> Path:
-    _check_run_name(name)
+    check_run_name(name)
     run = output_dir / name
     n = 2
     while run.exists() and any(run.iterdir()):
@@ -364,7 +350,8 @@ class Trainer:
             self._note_world_change(resume_info[0], cfg)
         else:
             cfg.name = cfg.name or default_run_name(spec)
-            _check_run_name(cfg.name)  # on every process: the main one alone creates the folder
+            check_run_name(cfg.name)  # on every process: the main one alone creates the folder
+            check_output_folders(cfg)
             # The main process names the folder (a free one); the others write nothing.
             run_dir = world.share(_new_run_dir(Path(cfg.output_dir), cfg.name) if world.is_main else None)
             cfg.name = run_dir.name
@@ -816,6 +803,11 @@ class Trainer:
         Cancel) ends the run with a checkpoint of `step`, as between steps."""
         try:
             self.watcher.after_step(step, last)
+            history = self.watcher.history
+            if history and history[-1][0] == step and not math.isfinite(history[-1][1]):
+                # Before this step's checkpoint: the weights that gave it are not kept as good.
+                raise TrainingDiverged(self._nan_message(step, history[-1][1], st and st["run_dir"], "validation loss",
+                                                         bad_weights_from=step), step)
         except self.stop_exceptions:
             path = self._save_checkpoint(st, step, micro_step, losses) if step > 0 else None
             raise TrainingCancelled(f"stopped at step {step} of {self.cfg.steps}"
@@ -848,6 +840,7 @@ class Trainer:
                 "saved": _dt.datetime.now().isoformat(timespec="seconds")}
         return ckpt.save_checkpoint(
             st["run_dir"], step, adapter=adapter, state=state, info=info, keep=cfg.keep_checkpoints,
+            best_step=self.watcher.best[0] if self.watcher.best else None,
             write_lora=lambda p: save_lora(p, adapter, rank=cfg.rank, alpha=cfg.alpha,
                                                          fmt=cfg.lora_format, metadata=meta))
 
@@ -888,10 +881,13 @@ class Trainer:
         return (f"The last checkpoint, {last[-1]}, is intact: {_resume_hint(run_dir)}" if last
                 else "No checkpoint had been written yet")
 
-    def _nan_message(self, step, value, run_dir) -> str:
-        last = ckpt.list_checkpoints(run_dir)
-        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written before it"
-        return (f"the loss became {value} at step {step}; training stopped and {keep}. "
+    def _nan_message(self, step, value, run_dir, what: str = "loss", bad_weights_from: int | None = None) -> str:
+        """`bad_weights_from`: the first step whose weights gave it. A training loss at step s comes from
+        the weights after step s - 1, so that step's checkpoint would give it again on resume."""
+        bad_from = step - 1 if bad_weights_from is None else bad_weights_from
+        good = [c for c in ckpt.list_checkpoints(run_dir) if ckpt.checkpoint_step(c) < bad_from] if run_dir else []
+        keep = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before it"
+        return (f"the {what} became {value} at step {step}; training stopped and {keep}. "
                 f"Lower --learning-rate (now {self.cfg.learning_rate:g}), keep --max-grad-norm on, "
                 f"or use --dtype bfloat16 instead of float16")
 
@@ -952,7 +948,7 @@ class Trainer:
 
 
 def _resume_hint(run_dir: Path) -> str:
-    return f"resume from it (--resume {run_dir}; in ComfyUI, the training node's resume input {Path(run_dir).name})"
+    return f"resume from it (--resume {shlex.quote(str(run_dir))}; in ComfyUI, the training node's resume input {Path(run_dir).name})"
 
 
 def summarize(result: TrainResult, cfg: TrainConfig) -> str:
@@ -973,13 +969,14 @@ def summarize(result: TrainResult, cfg: TrainConfig) -> str:
     ]
     if result.best_validation:
         (best_step, best), (last_step, last_val) = result.best_validation, result.validation[-1]
-        lines.append(f"validation   best {best:.4f} at step {best_step} (step {last_step}: {last_val:.4f}); "
-                     f"the checkpoint nearest step {best_step} is the one to keep")
+        kept = ckpt.nearest_checkpoint(ckpt.list_checkpoints(result.run_dir), best_step)
+        lines.append(f"validation   best {best:.4f} at step {best_step} (step {last_step}: {last_val:.4f})"
+                     + (f"; the checkpoint nearest it, {kept.name}, is kept" if kept else ""))
     if result.previews:
         lines.append(f"previews     {result.previews[0].parent}  ({len(result.previews)} per round)")
     lines += [
         f"loss curve   {result.run_dir / 'loss.png'}",
         f"metrics      {result.run_dir / 'metrics.jsonl'}",
-        f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: --resume {result.run_dir})",
+        f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: --resume {shlex.quote(str(result.run_dir))})",
     ]
     return "\n".join(lines) + "\n"

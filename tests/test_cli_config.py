@@ -141,3 +141,95 @@ def test_importing_the_pack_does_not_load_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_numbers_out_of_range_and_text_encoder_layers_are_checked_with_the_options():
+    with pytest.raises(ConfigError) as err:
+        resolve_config(overrides={"adam_beta1": 1.5, "learning_rate": float("inf"), "weight_decay": float("nan"),
+                                  "lr_num_cycles": 0, "timestep_shift": "inf"})
+    msg = str(err.value)
+    assert "--adam-beta1 must be in [0, 1)" in msg and "--learning-rate must be a finite number" in msg
+    assert "--weight-decay must be a finite number" in msg and "--lr-num-cycles must be at least 1" in msg
+    assert "--timestep-shift must be a positive number" in msg
+    # From the command line the layers come as text: numbers, or an error naming the option.
+    assert resolve_config(overrides={"text_encoder_layers": ["9", "18", "27"]}).text_encoder_layers == [9, 18, 27]
+    with pytest.raises(ConfigError, match="--text-encoder-layers takes hidden-layer numbers"):
+        resolve_config(overrides={"text_encoder_layers": ["nine"]})
+
+
+def test_text_encoder_layers_must_be_as_many_as_the_model_takes_and_exist(tiny_pipeline_dir):
+    from flux2_train.encoders import load_pipeline_encoders
+
+    with pytest.raises(ConfigError, match=r"give 3 hidden-layer numbers from 0 to \d+"):
+        load_pipeline_encoders(tiny_pipeline_dir, text_layers=(1, 2, 100))
+    with pytest.raises(ConfigError, match="give 3 hidden-layer numbers"):
+        load_pipeline_encoders(tiny_pipeline_dir, text_layers=(1, 2))
+
+
+def test_config_files_with_odd_keys_values_or_encodings_are_named(tmp_path):
+    def refused(text, match, encoding="utf-8"):
+        path = tmp_path / "cfg.yaml"
+        path.write_bytes(text.encode(encoding))
+        with pytest.raises(ConfigError, match=match):
+            resolve_config(config_file=path)
+
+    refused("on: 1\n", "True is not an option name")
+    refused("steps: true\n", "--steps must be a int")
+    refused("flip: maybe\n", "--flip must be a bool")
+    refused("trigger_word: caf\u00e9\n", "not UTF-8 text", encoding="latin-1")
+    with pytest.raises(ConfigError, match="is a folder"):
+        resolve_config(config_file=tmp_path)
+    path = tmp_path / "home.yaml"
+    path.write_text("output_dir: ~/flux2-runs\nflip: off\n")
+    cfg = resolve_config(config_file=path)
+    assert cfg.output_dir == str(Path.home() / "flux2-runs") and cfg.flip is False
+
+
+@pytest.mark.failure_case("bad input on the command line")
+def test_where_a_run_would_go_is_checked_before_anything_loads(tiny_pipeline_dir, tmp_path, capsys):
+    from flux2_train.cli import main
+    from flux2_train.demo import DEMO_DATA
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    base = ["train", "--model", str(tiny_pipeline_dir), "--dataset", str(DEMO_DATA), "--trigger-word", "r0b0t"]
+    cases = [(["--device", "gpu"], "--device gpu: this trainer runs on cpu, cuda or cuda:N"),
+             (["--device", "cpu", "--name", "a/b"], "must be a plain name"),
+             (["--device", "cpu", "--output-dir", str(a_file)], "is a file, not a folder"),
+             (["--device", "cpu", "--cache-dir", str(a_file / "cache")], "is a file, not a folder")]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    from flux2_train.config import check_run_name
+
+    check_run_name("моя лора")  # letters of any script
+
+
+def test_save_config_writes_what_auto_picks_for_the_dataset(tmp_path):
+    from flux2_train.cli import main
+    from flux2_train.config import suggest_schedule
+    from flux2_train.demo import DEMO_DATA
+
+    path = tmp_path / "auto.yaml"
+    assert main(["train", "--quick", "auto", "--preset", "character", "--dataset", str(DEMO_DATA), "--resolution", "256",
+                 "--trigger-word", "r0b0t", "--save-config", str(path)]) == 0
+    saved, images = yaml.safe_load(path.read_text()), len(list(Path(DEMO_DATA).glob("*.png")))
+    plan = suggest_schedule(images, "character", 2)
+    assert (saved["steps"], saved["repeats"], saved["learning_rate"]) == (plan["steps"], plan["repeats"],
+                                                                         plan["learning_rate"])
+    assert main(["train", "--save-config", str(tmp_path)]) == 2
+
+
+def test_train_prints_the_datasets_scan_with_its_warnings(tiny_pipeline_dir, demo_dataset, tmp_path, capsys):
+    from flux2_train.cli import main
+
+    (demo_dataset / "phone.heic").write_bytes(b"not read")
+    (demo_dataset / "stray.txt").write_text("a caption without an image")
+    assert main(["train", "--model", str(tiny_pipeline_dir), "--dataset", str(demo_dataset), "--trigger-word",
+                 "r0b0t", "--device", "cpu", "--dtype", "float32", "--resolution", "64", "--steps", "1",
+                 "--max-sequence-length", "32", "--validate-every", "0", "--no-tensorboard",
+                 "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "stray.txt" in out
+    assert out.index("warnings (") < out.index("unsupported formats: .heic") < out.index("LoRA ")

@@ -280,6 +280,12 @@ def test_too_small_image_is_an_error_suggesting_a_resolution_that_fits(tmp_path)
     assert report.items[0].bucket == (192, 192)
 
 
+def test_a_strip_too_thin_for_any_bucket_is_told_to_be_cropped(tmp_path):
+    make_image(tmp_path / "strip.png", size=(2000, 20))
+    msg = scan_error(tmp_path, trigger_word="sks", resolution=64, max_upscale=2.0)
+    assert "strip.png is 2000x20" in msg and "crop it nearer to square: its sides are 100:1" in msg
+
+
 def test_moderate_upscale_is_a_warning_not_an_error(tmp_path):
     make_image(tmp_path / "a.png", size=(48, 48))
     report = scan(tmp_path, trigger_word="sks", resolution=64, max_upscale=2.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,36 @@ def test_checkpoints_are_complete_and_only_the_last_k_are_kept(demo_dataset, tin
     info = json.loads((kept[-1] / "checkpoint.json").read_text())
     assert info["step"] == 8 and info["config"]["rank"] == 4
     assert not list((result.run_dir / "checkpoints").glob(".*")), "temporary folders left behind"
+
+
+def test_pruning_keeps_the_checkpoint_nearest_the_best_validation_loss(tmp_path):
+    for step in (2, 4, 6, 8):
+        folder = ckpt.checkpoint_dir(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.json").write_text("{}")
+    ckpt.prune_checkpoints(tmp_path, keep=2, best_step=3)  # 2 and 4 are as near: the later one stays
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000004", "step-000006", "step-000008"]
+    ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000006", "step-000008"]
+
+
+@pytest.mark.failure_case("NaN or infinite loss")
+def test_a_validation_loss_that_is_not_finite_stops_before_its_checkpoint(demo_dataset, tiny_pipeline_dir, tmp_path,
+                                                                          monkeypatch):
+    from flux2_train import evaluation
+
+    real, calls = evaluation.validation_loss, []
+
+    def nan_from_step_3(*args, **kwargs):  # steps 0, 1, 2 as they are; step 3's weights give NaN
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) <= 3 else float("nan")
+
+    monkeypatch.setattr(evaluation, "validation_loss", nan_from_step_3)
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=1, validate_every=1)
+    with pytest.raises(TrainingDiverged, match="the validation loss became nan at step 3") as err:
+        train(cfg, tiny_pipeline_dir)
+    assert re.search(r"the last good checkpoint is \S*step-000002\. ", str(err.value))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
 
 
 @pytest.mark.failure_case("NaN or infinite loss")
