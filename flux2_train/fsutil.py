@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -27,15 +28,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _make_folder(path.parent, path)
+        tmp, mode = _new_temp_file(path)
     except OSError as e:
         if out_of_space(e):
             raise disk_full(path) from None
         raise
-    os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # the writer may have made a file of its own (safetensors does, as 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -51,6 +52,33 @@ def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool
             raise disk_full(path) from None
         raise
     return path
+
+
+def _make_folder(folder: Path, target: Path) -> None:
+    """`folder` and its parents; a part of it that exists as a file is named in the error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in [*reversed(folder.parents), folder] if os.path.lexists(p) and not p.is_dir()),
+                        folder)
+        raise PathRefused(f"{target} cannot be written: {blocking} is a file, not a folder, so nothing can be saved "
+                          "inside it; choose a name whose folders are not existing files") from None
+
+
+def _new_temp_file(path: Path) -> tuple[str, int]:
+    """An empty temporary file beside `path`, and the permissions an ordinary open() gave it (0666 less the
+    umask). mkstemp's 0600 would follow the file through the rename and hide it from other users."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return str(tmp), stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
 
 
 def disk_full(target: Path) -> DiskFull:

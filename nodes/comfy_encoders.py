@@ -7,7 +7,6 @@ import hashlib
 import torch
 
 from flux2_train.encoders import module_fingerprint
-from flux2_train.errors import DatasetError
 
 # ComfyUI's FLUX.2 model left-pads text conditioning with zeros to this many tokens at sampling.
 COMFY_TEXT_TOKENS = 512
@@ -29,15 +28,19 @@ class ComfyEncoders:
         self.vae_identity = "comfy-vae|" + module_fingerprint(vae.first_stage_model)
         self.identity = hashlib.sha256(f"{self.text_identity}|{self.vae_identity}".encode()).hexdigest()[:32]
 
+    def caption_tokens(self, caption: str) -> int:
+        """Tokens the text encoder reads for `caption` (prompt template and padding included). The cache
+        warns, naming the images, about captions over `max_sequence_length`; encode_text keeps their first tokens."""
+        return max(sum(len(batch) for batch in batches) for batches in self.clip.tokenize(caption).values())
+
     @torch.no_grad()
     def encode_text(self, captions: list[str], max_sequence_length: int) -> torch.Tensor:
-        """CLIPTextEncode's conditioning, padded as ComfyUI's FLUX.2 model pads it (`max_sequence_length` is ComfyUI's)."""
+        """CLIPTextEncode's conditioning, padded as ComfyUI's FLUX.2 model pads it (`max_sequence_length` is ComfyUI's).
+        A longer caption keeps its first tokens, as the diffusers pipeline's truncation does."""
         out = []
         for caption in captions:
-            cond = self.clip.encode_from_tokens(self.clip.tokenize(caption)).float().cpu()  # (1, L, D)
-            if cond.shape[1] > COMFY_TEXT_TOKENS:
-                raise DatasetError(f"the caption {caption[:60]!r} is {cond.shape[1]} tokens long; training batches "
-                                   f"hold at most {COMFY_TEXT_TOKENS}: shorten it")
+            tokens = _first_tokens(self.clip.tokenize(caption), COMFY_TEXT_TOKENS)
+            cond = self.clip.encode_from_tokens(tokens).float().cpu()  # (1, L, D)
             pad = COMFY_TEXT_TOKENS - cond.shape[1]
             out.append(torch.nn.functional.pad(cond, (0, 0, pad, 0))[0])
         return torch.stack(out)
@@ -49,6 +52,20 @@ class ComfyEncoders:
 
     def decoder(self) -> "ComfyCpuDecoder":
         return ComfyCpuDecoder(self.vae, self.process_latent_out)
+
+
+def _first_tokens(tokens: dict, limit: int) -> dict:
+    """ComfyUI's tokenizer output ({encoder: [batch of tokens, ...]}) cut to its first `limit` tokens."""
+    cut = {}
+    for name, batches in tokens.items():
+        kept, room = [], limit
+        for batch in batches:
+            if room <= 0:
+                break
+            kept.append(batch[:room])
+            room -= len(kept[-1])
+        cut[name] = kept
+    return cut
 
 
 class ComfyCpuDecoder:

@@ -59,13 +59,13 @@ class Flux2LoraDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
                 flip) -> io.NodeOutput:
-        options = dataset_options(str(paths.dataset_folder(folder)), caption_extension, trigger_word, default_caption,
-                                  repeats, resolution, buckets, flip)
+        root = paths.dataset_folder(folder)
+        paths.check_dataset_files(root)
+        options = dataset_options(str(root), caption_extension, trigger_word, default_caption, repeats, resolution,
+                                  buckets, flip)
         report = scan_dataset(options["dataset"], caption_ext=caption_extension, trigger_word=options["trigger_word"],
                               default_caption=default_caption, resolution=resolution,
                               max_aspect_ratio=options["max_aspect_ratio"])
-        paths.check_dataset_files([f for item in report.items
-                                   for f in (item.path, item.path.with_suffix(caption_extension))])
         return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(report.summary()))
 
 

@@ -44,12 +44,18 @@ def allowed_dataset_roots() -> list[Path]:
     return roots + [Path(p).expanduser() for p, _ in extra]
 
 
-def check_dataset_files(files: list[Path]) -> None:
-    """Images and captions linked from outside the allowed folders are refused like the folder would be."""
+def check_dataset_files(folder: Path) -> None:
+    """Files of the dataset folder linked from outside the allowed folders are refused like the folder would be.
+
+    Every file is checked, not only the ones the scan will match: it takes a caption in any letter case
+    (a.TXT for a.png), and none of them may be read before its check."""
     roots = allowed_dataset_roots()
+    try:
+        files = [f for f in folder.iterdir() if f.is_file()]
+    except OSError:
+        return  # the scan says why the folder cannot be listed
     for f in files:
-        if f.exists():
-            resolve_within(str(f), roots, "dataset file")
+        resolve_within(str(f), roots, "dataset file")
 
 
 def dataset_folder(text: str) -> Path:
@@ -82,7 +88,7 @@ def lora_file(name: str, overwrite: bool) -> Path:
     resolve_within(str(base / clean), [base], "LoRA file name")
     path = base / f"{clean}.safetensors"
     counter = 1
-    while path.exists() and not overwrite:
+    while os.path.lexists(path) and not overwrite:  # a broken link is taken too: the save would not replace it
         path = base / f"{clean}_{counter:03d}.safetensors"
         counter += 1
     return path

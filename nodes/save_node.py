@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 from flux2_train.config import LORA_FORMATS
+from flux2_train.errors import PathRefused
 from flux2_train.lora_files import save_lora
 
 from . import paths
 from .training import CATEGORY, LoraType
+
+_SAVE_ATTEMPTS = 100  # free names tried while other saves keep taking them
 
 
 class Flux2SaveLora(io.ComfyNode):
@@ -35,13 +38,17 @@ class Flux2SaveLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, file_name, overwrite, format="diffusers") -> io.NodeOutput:
-        while True:  # another save may take the free name between the check and the write
+        for _ in range(_SAVE_ATTEMPTS):
             path = paths.lora_file(file_name, overwrite)
             try:
                 save_lora(path, lora.adapter, rank=lora.cfg.rank, alpha=lora.cfg.alpha, fmt=format,
                           metadata=lora.metadata(format), overwrite=overwrite)
                 break
-            except FileExistsError:
+            except FileExistsError:  # another save took the free name between the check and the write
                 continue
+        else:
+            raise PathRefused(f"the LoRA was not saved: each of {_SAVE_ATTEMPTS} free names found for {file_name!r} "
+                              f"in {paths.loras_folder()} was taken before it could be written; save again, "
+                              "or choose another file name")
         name = path.relative_to(paths.loras_folder()).as_posix()
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved {path}"))

@@ -25,7 +25,8 @@ class Flux2TrainLora(io.ComfyNode):
                 ConfigType.Input("config", tooltip="Training options from FLUX.2 LoRA Config."),
                 io.String.Input("resume", default="", optional=True,
                                 tooltip="Name of an earlier run in output/flux2_lora/ to continue from its last "
-                                        "checkpoint (e.g. after Cancel); empty starts a new run."),
+                                        "checkpoint (e.g. after Cancel), or one of its checkpoint folders; empty "
+                                        "starts a new run."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input MODEL with the trained LoRA applied."),

@@ -98,16 +98,16 @@ def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume:
     dtype = overrides.pop("dtype", "auto")
     model_dtype = _DTYPE_NAMES.get(compute, "bfloat16")
     if dtype not in ("auto", model_dtype):
-        raise ConfigError(f"dtype is {dtype}, but this MODEL computes in {model_dtype}; set dtype to auto (or "
-                          f"{model_dtype}), or load the model with weight_dtype matching {dtype}")
+        raise ConfigError(f"dtype is {dtype}, but this MODEL computes in {model_dtype} (ComfyUI chooses that from "
+                          f"the model file and the device); set dtype to auto (or {model_dtype}) to train in it")
     overrides.update(dataset.options, dtype=model_dtype, device=str(device), output_dir=str(paths.runs_root()),
                      cache_dir=str(paths.runs_root() / "cache"), max_sequence_length=COMFY_TEXT_TOKENS)
     if config.quick_preset == "auto" and overrides.get("repeats") == 1:
         del overrides["repeats"]  # the dataset node's default: auto plans the repeats from the images
     cfg = resolve_config(config.subject_preset, config.quick_preset, overrides=overrides,
                          image_count=len(dataset.report.items))
-    if resume:
-        cfg.name = paths.run_folder(resume).name
+    if resume:  # the run's own name, also when `resume` is one of its checkpoints
+        cfg.name = ckpt.find_checkpoint(paths.run_folder(resume)).parent.parent.name
     return cfg
 
 
@@ -174,18 +174,21 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
                node_id: str | None = None) -> tuple[object, LoraHandle, dict, torch.Tensor]:
     """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history,
     the last previews as an IMAGE batch)."""
-    cfg = training_config(model, dataset, config, resume)
-    resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
-
-    progress = ComfyProgress(node_id, cfg.steps)
-    encoder = ComfyEncoders(clip, vae, model)
-    backbone = ComfyFlux2Backbone(model)
-    # The Trainer's preflight estimates (and under `auto` plans) the run before any heavy work.
-    trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=EventBus([progress]),
-                      available_memory=device_memory(comfy.model_management.get_torch_device()),
-                      should_stop=progress.should_stop, resume=resume_path,
-                      stop_exceptions=(comfy.model_management.InterruptProcessingException,),
-                      several_processes=False)  # ComfyUI trains in its own process, whatever WORLD_SIZE says
+    progress = ComfyProgress(node_id, total=0)  # each step event gives the total
+    try:
+        cfg = training_config(model, dataset, config, resume)
+        resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
+        encoder = ComfyEncoders(clip, vae, model)
+        backbone = ComfyFlux2Backbone(model)
+        # The Trainer's preflight estimates (and under `auto` plans) the run before any heavy work.
+        trainer = Trainer(cfg, backbone, encoder=encoder, dataset=dataset.report, events=EventBus([progress]),
+                          available_memory=device_memory(comfy.model_management.get_torch_device()),
+                          should_stop=progress.should_stop, resume=resume_path,
+                          stop_exceptions=(comfy.model_management.InterruptProcessingException,),
+                          several_processes=False)  # ComfyUI trains in its own process, whatever WORLD_SIZE says
+    except Exception as e:  # the Trainer reports its own failures; these came before it, so the chart says so
+        progress(StatusEvent("failed", str(e)))
+        raise
     with torch.inference_mode(False):
         try:
             result: TrainResult = trainer.run()

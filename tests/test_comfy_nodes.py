@@ -67,6 +67,19 @@ def sampling_prompt(lora_name: str | None = None, seed: int = 3) -> dict:
     return prompt
 
 
+def estimate_prompt(dataset: str, **dataset_inputs) -> dict:
+    """The dataset and config nodes wired to the estimate node: a dataset checked without training."""
+    prompt = {k: v for k, v in training_prompt(dataset).items() if k in ("1", "4", "5")}
+    prompt["4"]["inputs"].update(dataset_inputs)
+    prompt["8"] = {"class_type": "Flux2VramEstimate",
+                   "inputs": {"model": ["1", 0], "config": ["5", 0], "dataset": ["4", 0]}}
+    return prompt
+
+
+def newest_run(server) -> Path:
+    return max((server.output_dir / "flux2_lora").glob("flux2-*"), key=lambda p: p.stat().st_mtime)
+
+
 def image_bytes(server, entry) -> bytes:
     (path,) = output_images(server, entry)
     return path.read_bytes()
@@ -76,6 +89,12 @@ def node_error(server, prompt) -> str:
     with pytest.raises(ExecutionFailed) as e:
         server.run(prompt, timeout=120)
     return str(e.value)
+
+
+def exception_message(events) -> str:
+    """The message of the node error a run ended with, as the node shows it."""
+    (message,) = [d["exception_message"] for kind, d in events if kind == "execution_error"]
+    return message.strip()
 
 
 def test_the_five_nodes_register_with_a_tooltip_on_every_input(comfy_server):
@@ -177,6 +196,23 @@ def test_saving_twice_adds_a_counter_instead_of_overwriting(comfy_server, datase
     assert (folder / "twice_001.safetensors").is_file()
 
 
+def test_the_files_a_run_writes_get_the_permissions_open_gives_new_files(comfy_server, dataset_name):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)  # the server's too: it inherits this process's
+    comfy_server.run(training_prompt(dataset_name, steps=1, file_name="shared_lora", seed=81), timeout=300)
+    run_dir = newest_run(comfy_server)
+    written = [comfy_server.models_dir / "loras" / "shared_lora.safetensors",
+               *(run_dir / name for name in ("config.yaml", "loss.png", "summary.txt"))]
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in written} == {
+        f.name: oct(0o666 & ~umask) for f in written}
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    assert oct(stat.S_IMODE(checkpoint.stat().st_mode)) == oct(0o777 & ~umask)
+    assert oct(stat.S_IMODE((checkpoint / "lora.safetensors").stat().st_mode)) == oct(0o666 & ~umask)
+
+
 @pytest.mark.failure_case("Cancel during a step")
 def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, dataset_name):
     server = comfy_server
@@ -201,6 +237,20 @@ def test_cancel_writes_a_checkpoint_and_resume_continues_from_it(comfy_server, d
     assert steps == [stopped_at + 1, stopped_at + 2]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m.get("kind") == "step"][-2:] == steps
+
+
+def test_resuming_from_a_checkpoint_folder_keeps_the_runs_own_name(comfy_server, dataset_name):
+    from flux2_train.lora_files import read_metadata
+
+    comfy_server.run(training_prompt(dataset_name, steps=2, save_every=2, file_name="named", seed=91), timeout=300)
+    run_dir = newest_run(comfy_server)
+    checkpoint = run_dir / "checkpoints" / "step-000002"  # the path the Cancel message names
+    entry, events = comfy_server.run(training_prompt(dataset_name, steps=3, save_every=2, file_name="named_more",
+                                                     seed=91, resume=str(checkpoint)), timeout=300)
+    assert [d["step"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"] == [3]
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == [f"{run_dir.name}.safetensors"]
+    saved = read_metadata(comfy_server.models_dir / "loras" / "named_more.safetensors")
+    assert saved["modelspec.title"] == run_dir.name
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +290,41 @@ def test_a_bad_dataset_folder_is_refused_with_its_reason_in_the_ui(comfy_server,
     assert '"exception_type": "flux2_train.errors.' in error  # the trainer's message, not a crash
 
 
+def test_a_caption_extension_without_its_dot_reads_the_captions(comfy_server, dataset_name):
+    entry, _ = comfy_server.run(estimate_prompt(dataset_name, caption_extension="txt"), timeout=120)
+    assert "captions: 5 from caption files, 1 trigger word only" in entry["outputs"]["4"]["text"][0]
+
+
+@pytest.mark.failure_case("symlink pointing outside the allowed folders")
+def test_a_caption_linked_from_outside_is_refused_in_any_letter_case(comfy_server, tmp_path):
+    from PIL import Image
+
+    folder = comfy_server.input_dir / "upper_case_link_set"
+    folder.mkdir()
+    Image.new("RGB", (128, 128), (20, 120, 200)).save(folder / "a.png")
+    outside = tmp_path / "private.txt"
+    outside.write_text("text from outside the allowed folders")
+    (folder / "a.TXT").symlink_to(outside)  # the scan reads a.TXT as a.png's caption
+    entry, events = comfy_server.run(estimate_prompt("upper_case_link_set"), timeout=120, check=False)
+    message = exception_message(events)
+    assert OUTSIDE in message and "a.TXT" in message
+
+
+@pytest.mark.failure_case("caption longer than the text encoder's limit")
+def test_a_caption_over_the_token_limit_trains_truncated_with_a_warning_naming_its_image(comfy_server, dataset_name):
+    import shutil
+
+    folder = comfy_server.input_dir / "long_caption_set"
+    shutil.copytree(comfy_server.input_dir / dataset_name, folder)
+    (folder / "robot_02.txt").write_text("r0b0t, " + "a small robot standing in a sunny field, " * 120)
+    log_start = len(comfy_server.log_text())
+    entry, events = comfy_server.run(training_prompt(dataset_name, steps=1, file_name="long_caption", seed=121,
+                                                     folder=folder.name), timeout=300)
+    assert [d["step"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"] == [1]
+    assert "1 caption(s) are longer than 512 tokens and were truncated: robot_02.png" in (
+        comfy_server.log_text()[log_start:])
+
+
 @pytest.mark.parametrize("file_name, message", [
     pytest.param(name, "must be a plain name", marks=pytest.mark.failure_case("LoRA name with path separators"))
     for name in ("../escape", "/tmp/escape", "a/../../b")
@@ -255,6 +340,18 @@ def test_a_lora_file_name_that_cannot_be_a_file_in_the_loras_folder_is_refused(c
     assert not list((comfy_server.models_dir / "loras").glob("*escape*"))
 
 
+@pytest.mark.failure_case("LoRA name with path separators")
+def test_a_lora_name_inside_an_existing_file_is_refused_naming_that_file(comfy_server, dataset_name):
+    loras = comfy_server.models_dir / "loras"
+    loras.mkdir(exist_ok=True)
+    (loras / "first.safetensors").write_bytes(b"an earlier LoRA")
+    entry, events = comfy_server.run(training_prompt(dataset_name, steps=1, file_name="first.safetensors/v2",
+                                                     seed=71), timeout=300, check=False)
+    message = exception_message(events)
+    assert f"{loras / 'first.safetensors'} is a file, not a folder" in message and "choose a name" in message
+    assert (loras / "first.safetensors").read_bytes() == b"an earlier LoRA"
+
+
 @pytest.mark.failure_case("run to resume outside the runs folder")
 @pytest.mark.parametrize("resume, message", [
     ("../../etc", OUTSIDE),
@@ -263,6 +360,27 @@ def test_a_lora_file_name_that_cannot_be_a_file_in_the_loras_folder_is_refused(c
 ])
 def test_a_run_to_resume_outside_the_runs_folder_is_refused(comfy_server, dataset_name, resume, message):
     assert message in node_error(comfy_server, training_prompt(dataset_name, steps=1, resume=resume))
+
+
+def bfloat16_on_a_float32_model(dataset: str, seed: int) -> dict:
+    prompt = training_prompt(dataset, steps=1, seed=seed)
+    prompt["5"]["inputs"]["dtype"] = "bfloat16"  # the tiny MODEL computes in float32 on the CPU
+    return prompt
+
+
+def test_a_dtype_the_model_does_not_compute_in_is_refused_with_advice_a_widget_can_follow(comfy_server,
+                                                                                         dataset_name):
+    entry, events = comfy_server.run(bfloat16_on_a_float32_model(dataset_name, seed=131), timeout=120, check=False)
+    message = exception_message(events)
+    assert "this MODEL computes in float32" in message and "set dtype to auto (or float32)" in message
+    assert "weight_dtype" not in message  # Load Diffusion Model offers fp8 only
+
+
+def test_an_error_before_training_starts_shows_on_the_chart_as_a_failed_run(comfy_server, dataset_name):
+    entry, events = comfy_server.run(bfloat16_on_a_float32_model(dataset_name, seed=141), timeout=120, check=False)
+    sent = [d for kind, d in events if kind == "flux2_lora.progress"]
+    assert [d["kind"] for d in sent] == ["failed"] and sent[0]["message"] == exception_message(events)
+    assert _http_json(comfy_server, "/flux2_lora/history/6")["events"] == sent  # not an earlier run's
 
 
 @pytest.mark.failure_case("two training prompts queued at once")
@@ -340,6 +458,19 @@ def test_the_example_workflows_are_listed_as_templates_of_the_pack(comfy_server)
     with urllib.request.urlopen(f"{comfy_server.url}/workflow_templates") as r:
         templates = json.load(r)
     assert sorted(templates["comfyui-flux2-lora-trainer"]) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+
+
+def test_requirements_txt_installs_the_runtime_dependencies_but_not_torch():
+    """ComfyUI-Manager and the Comfy Registry install from requirements.txt alone; a torch line there
+    could replace ComfyUI's own torch build."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    runtime = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in (root / "requirements.txt").read_text().splitlines()]
+    assert sorted(line for line in lines if line and not line.startswith("#")) == sorted(
+        d for d in runtime if not d.startswith("torch"))
+    install = (root / "README.md").read_text().split("## Install into ComfyUI", 1)[1].split("\n## ", 1)[0]
+    assert "requirements.txt" in install
 
 
 def _http_json(server, path: str, body: dict | None = None) -> dict:

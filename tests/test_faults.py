@@ -205,8 +205,10 @@ def test_a_disk_too_full_for_a_new_folder_is_named_too(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", no_space)
     with pytest.raises(DiskFull, match=r"the disk is full: .*step-000004 could not be written"):
         ckpt.save_checkpoint(tmp_path / "run", 4, adapter={}, write_lora=lambda p: None, state={}, info={}, keep=2)
-    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    from flux2_train import fsutil
     from flux2_train.fsutil import atomic_write_text
+
+    monkeypatch.setattr(fsutil, "_new_temp_file", no_space)
 
     with pytest.raises(DiskFull, match="summary.txt could not be written"):
         atomic_write_text(tmp_path / "run" / "summary.txt", "x")
