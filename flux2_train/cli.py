@@ -482,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "runs":
             return run_runs(args)
         from .demo import run_demo
+        from .distributed import resolve_device
 
+        resolve_device(args.device)  # named before the tiny model is built
         quiet_libraries()
         return run_demo(steps=args.steps, output_dir=Path(args.output_dir), device=args.device)
     except TrainingCancelled as e:

@@ -201,6 +201,8 @@ def test_where_a_run_would_go_is_checked_before_anything_loads(tiny_pipeline_dir
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    assert main(["demo", "--device", "gpu", "--output-dir", str(tmp_path / "demo")]) == 2
+    assert "--device gpu" in capsys.readouterr().err and not (tmp_path / "demo").exists()
     from flux2_train.config import check_run_name
 
     check_run_name("моя лора")  # letters of any script
