@@ -34,7 +34,7 @@ from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text, out_of_space
 from .lora import full_tensor, resolve_targets
-from .lora_files import lora_metadata, save_lora
+from .lora_files import lora_metadata, read_metadata, save_lora
 from .loss_reader import LateLossReader, skips_updates_on_device
 from .memory import MemoryEstimate, device_available_memory, plan_processes
 from .model import Flux2Backbone, ModelSpec
@@ -253,6 +253,18 @@ def _new_run_dir(output_dir: Path, name: str) -> Path:
         n += 1
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def _keep_earlier_lora(path: Path) -> None:
+    """A finished run continued to more steps: its earlier LoRA keeps its file, renamed by its steps
+    (`name.step-000400.safetensors`), rather than being replaced."""
+    if not path.is_file():
+        return
+    steps = read_metadata(path).get("flux2_train.steps", "")
+    if steps.isdigit():
+        aside = path.with_name(f"{path.name.removesuffix('.safetensors')}.step-{int(steps):06d}.safetensors")
+        if not aside.exists():
+            os.replace(path, aside)
 
 
 class Trainer:
@@ -856,6 +868,7 @@ class Trainer:
                 continue
             meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=len(losses), image_count=n_images, fmt=fmt,
                                  targets=st["targets"])
+            _keep_earlier_lora(run_dir / name)
             paths.append(save_lora(run_dir / name, adapter, rank=cfg.rank, alpha=cfg.alpha, fmt=fmt, metadata=meta))
         if self.world.is_main:
             history = self.watcher.history

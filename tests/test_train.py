@@ -346,6 +346,10 @@ def test_resume_refuses_another_model_or_adapter_shape(demo_dataset, tiny_pipeli
     with pytest.raises(ResumeError, match="no such run folder"):
         train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=4), tiny_pipeline_dir,
               resume=tmp_path / "nope")
+    # Continued to more steps, the run writes its new LoRA and keeps the earlier one, named by its steps.
+    train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=3), tiny_pipeline_dir, resume=run_dir)
+    assert (run_dir / "run.step-000002.safetensors").read_bytes() == lora
+    assert read_metadata(run_dir / "run.safetensors")["flux2_train.steps"] == "3"
 
 
 def test_dev_style_model_trains_with_its_guidance_input(demo_dataset, tiny_dev_pipeline_dir, tmp_path):
