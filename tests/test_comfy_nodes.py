@@ -248,7 +248,9 @@ def test_resuming_from_a_checkpoint_folder_keeps_the_runs_own_name(comfy_server,
     entry, events = comfy_server.run(training_prompt(dataset_name, steps=3, save_every=2, file_name="named_more",
                                                      seed=91, resume=str(checkpoint)), timeout=300)
     assert [d["step"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"] == [3]
-    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == [f"{run_dir.name}.safetensors"]
+    # The run's own name, and its 2-step LoRA kept beside the new one.
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == [f"{run_dir.name}.safetensors",
+                                                                      f"{run_dir.name}.step-000002.safetensors"]
     saved = read_metadata(comfy_server.models_dir / "loras" / "named_more.safetensors")
     assert saved["modelspec.title"] == run_dir.name
 
