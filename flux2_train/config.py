@@ -38,8 +38,10 @@ SUBJECT_PRESETS = ("character", "style", "concept")
 QUICK_PRESETS = ("fast", "quality", "low_vram", "auto")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, separator: str = ",", **kw: Any) -> Any:
-    meta = {"help": help, "separator": separator}  # separator: of a list's items on the command line
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, separator: str = ",",
+         item: type = str, **kw: Any) -> Any:
+    # separator: of a list's items on the command line; item: their type (the command line gives text)
+    meta = {"help": help, "separator": separator, "item": item}
     if choices:
         meta["choices"] = choices
     if isinstance(default, (list, dict)):
@@ -68,7 +70,7 @@ class TrainConfig:
     model: str = _opt("", "FLUX.2 transformer: a diffusers pipeline or transformer folder, or a single .safetensors file.")
     encoders: str = _opt("", "Diffusers FLUX.2 pipeline folder with text_encoder/, tokenizer/ and vae/ (default: --model when it is a pipeline).")
     guidance_scale: float = _opt(1.0, "Guidance input fed to FLUX.2 [dev] while training; [klein] has none.")
-    text_encoder_layers: list = _opt([], "Hidden layers of the text encoder stacked into the embedding (default: the pipeline's own). Other layers give the transformer conditioning it was not trained on: the LoRA then works only with the same layers at inference.")
+    text_encoder_layers: list = _opt([], "Hidden layers of the text encoder stacked into the embedding (default: the pipeline's own). Other layers give the transformer conditioning it was not trained on: the LoRA then works only with the same layers at inference.", item=int)
 
     # --- LoRA -------------------------------------------------------------
     rank: int = _opt(16, "LoRA rank: size of the low-rank update (16 for a subject, 32 for a style).")
@@ -158,11 +160,9 @@ class TrainConfig:
                 problems.append(msg)
 
         for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                problems.append(f"--{_flag(f.name)} is {getattr(self, f.name)!r}; choose one of {', '.join(c for c in choices if c)}")
-        for f in fields(self):
-            value = getattr(self, f.name)
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                problems.append(f"--{_flag(f.name)} is {value!r}; choose one of {', '.join(c for c in choices if c)}")
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"--{_flag(f.name)} must be a finite number (got {value})")
         need(self.rank > 0, f"--rank must be at least 1 (got {self.rank})")
@@ -385,8 +385,8 @@ def _coerce_types(cfg: TrainConfig) -> None:
             elif isinstance(default, list):
                 if isinstance(v, str):
                     v = [s.strip() for s in v.split(f.metadata["separator"]) if s.strip()]
-                if f.name == "text_encoder_layers":  # layer numbers, from the command line as text
-                    v = [_whole_number(x) for x in v]
+                if f.metadata["item"] is int:
+                    v = [_whole_number(x, f.name) for x in v]
                 setattr(cfg, f.name, list(v))
             elif isinstance(default, str):
                 setattr(cfg, f.name, "" if v is None else str(v))
@@ -419,13 +419,13 @@ def check_output_folders(cfg: TrainConfig) -> None:
                               "user's); give a folder you can write to")
 
 
-def _whole_number(x: Any) -> int:
+def _whole_number(x: Any, name: str) -> int:
     try:
         if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
             raise ValueError
         return int(x)
     except (TypeError, ValueError):
-        raise ConfigError(f"--text-encoder-layers takes hidden-layer numbers such as 9,18,27 (got {x!r})") from None
+        raise ConfigError(f"--{_flag(name)} takes whole numbers, such as 9,18,27 (got {x!r})") from None
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

@@ -12,9 +12,9 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
-import shlex
 import os
 import resource
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -960,8 +960,12 @@ class Trainer:
                 + ". The last checkpoint is intact; resume from it with the new settings.")
 
 
+def _resume_option(run_dir: Path) -> str:
+    return f"--resume {shlex.quote(str(run_dir))}"  # pasted into a shell as it is
+
+
 def _resume_hint(run_dir: Path) -> str:
-    return f"resume from it (--resume {shlex.quote(str(run_dir))}; in ComfyUI, the training node's resume input {Path(run_dir).name})"
+    return f"resume from it ({_resume_option(run_dir)}; in ComfyUI, the training node's resume input {Path(run_dir).name})"
 
 
 def summarize(result: TrainResult, cfg: TrainConfig) -> str:
@@ -990,6 +994,6 @@ def summarize(result: TrainResult, cfg: TrainConfig) -> str:
     lines += [
         f"loss curve   {result.run_dir / 'loss.png'}",
         f"metrics      {result.run_dir / 'metrics.jsonl'}",
-        f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: --resume {shlex.quote(str(result.run_dir))})",
+        f"checkpoints  {result.run_dir / ckpt.CHECKPOINTS}  (resume: {_resume_option(result.run_dir)})",
     ]
     return "\n".join(lines) + "\n"

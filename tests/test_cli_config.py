@@ -153,7 +153,7 @@ def test_numbers_out_of_range_and_text_encoder_layers_are_checked_with_the_optio
     assert "--timestep-shift must be a positive number" in msg
     # From the command line the layers come as text: numbers, or an error naming the option.
     assert resolve_config(overrides={"text_encoder_layers": ["9", "18", "27"]}).text_encoder_layers == [9, 18, 27]
-    with pytest.raises(ConfigError, match="--text-encoder-layers takes hidden-layer numbers"):
+    with pytest.raises(ConfigError, match="--text-encoder-layers takes whole numbers"):
         resolve_config(overrides={"text_encoder_layers": ["nine"]})
 
 
