@@ -111,7 +111,9 @@ def lora_metadata(*, cfg, spec, steps: int, image_count: int, fmt: str, targets:
         "modelspec.trigger_phrase": cfg.trigger_word,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(cfg.alpha),
+        # The file's scale: alpha / rank is folded into the up weights, so its alpha is the rank
+        # (the kohya `.alpha` keys say the same). The trained alpha is `flux2_train.alpha`.
+        "ss_network_alpha": str(cfg.rank),
         "ss_base_model_version": arch,
         "ss_steps": str(steps),
         "ss_max_train_steps": str(cfg.steps),

@@ -245,7 +245,8 @@ def test_lora_file_keys_alpha_and_metadata_follow_the_format(tmp_path, fmt):
     meta = lora_files.read_metadata(path)
     assert meta["modelspec.architecture"] == "flux-2/lora"  # the tiny model is no released family
     assert meta["ss_network_dim"] == str(RANK)
-    assert float(meta["ss_network_alpha"]) == ALPHA
+    # alpha / rank is in the weights: a kohya tool reading the header must apply scale 1, as the loaders do.
+    assert meta["ss_network_alpha"] == meta["ss_network_dim"] and float(meta["flux2_train.alpha"]) == ALPHA
     config = json.loads(meta["flux2_train.config"])
     assert config["rank"] == RANK and config["alpha"] == ALPHA
     assert meta["modelspec.trigger_phrase"] == meta["flux2_train.trigger_word"] == "sks_cat"
