@@ -58,13 +58,20 @@ def _gib(allow_zero: bool):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Says an option's default, where it has one: no "(default: None)" on an option that is off unless given."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2_train", description="FLUX.2 [dev] / [klein] LoRA training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="Train a LoRA on an image folder.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
     train.add_argument("--preset", choices=SUBJECT_PRESETS, help="Subject preset: sets defaults for the subject.")
     train.add_argument("--quick", choices=QUICK_PRESETS,
                        help="Quick preset: fast, quality, low_vram, or auto (schedule from the dataset, memory "
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train)
 
     est = sub.add_parser("estimate", help="Peak GPU memory of a run: breakdown, what to change, what fits which card.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_HelpFormatter)
     est.add_argument("--preset", choices=SUBJECT_PRESETS, help="Subject preset: sets defaults for the subject.")
     est.add_argument("--quick", choices=QUICK_PRESETS, help="Quick preset (auto: also shows what it would pick).")
     est.add_argument("--config", help="YAML file of options (explicit options win).")
@@ -178,6 +185,10 @@ def _check_run_places(cfg) -> None:
     if cfg.name:
         check_run_name(cfg.name)
     check_output_folders(cfg)
+    if cfg.clip_model and cfg.preview_every:  # without previews it is unused (the run says so)
+        from .evaluation import check_clip_model
+
+        check_clip_model(cfg.clip_model)
 
 
 def _refuse_size_name(model: str) -> None:

@@ -186,18 +186,24 @@ def load_png(path: Path) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- CLIP score
 
+def check_clip_model(folder: str | Path) -> Path:
+    """The CLIP model's folder, if it holds one (checked before a run loads anything else)."""
+    from .errors import ConfigError
+
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--clip-model {path}: no CLIP model there (config.json missing); give a folder saved by "
+                          "transformers' CLIPModel.save_pretrained, e.g. a download of openai/clip-vit-large-patch14")
+    return path
+
+
 class ClipScorer:
     """CLIPScore (100 x cosine of the image and text embeddings, at least 0) with a transformers CLIPModel."""
 
     def __init__(self, folder: str | Path):
         from transformers import CLIPModel, CLIPProcessor
 
-        from .errors import ConfigError
-
-        path = Path(folder).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--clip-model {path}: no CLIP model there (config.json missing); give a folder saved by "
-                              "transformers' CLIPModel.save_pretrained, e.g. a download of openai/clip-vit-large-patch14")
+        path = check_clip_model(folder)
         self.model = CLIPModel.from_pretrained(path).eval()
         self.processor = CLIPProcessor.from_pretrained(path)
 

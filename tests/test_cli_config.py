@@ -55,6 +55,7 @@ def test_train_help_lists_every_option():
     for f in fields(TrainConfig):
         if f.name not in ("subject_preset", "quick_preset"):
             assert "--" + f.name.replace("_", "-") in out
+    assert "default: None" not in out  # an option that is off unless given says no default
 
 
 def test_save_config_then_train_from_it(tmp_path):
@@ -196,10 +197,12 @@ def test_where_a_run_would_go_is_checked_before_anything_loads(tiny_pipeline_dir
     cases = [(["--device", "gpu"], "--device gpu: this trainer runs on cpu, cuda or cuda:N"),
              (["--device", "cpu", "--name", "a/b"], "must be a plain name"),
              (["--device", "cpu", "--output-dir", str(a_file)], "is a file, not a folder"),
-             (["--device", "cpu", "--cache-dir", str(a_file / "cache")], "is a file, not a folder")]
+             (["--device", "cpu", "--cache-dir", str(a_file / "cache")], "is a file, not a folder"),
+             (["--device", "cpu", "--preview-every", "5", "--clip-model", str(tmp_path)], "no CLIP model there")]
     for extra, message in cases:
         assert main([*base, *extra]) == 2
-        assert message in capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert message in err and out == "", out  # nothing scanned or loaded first
     assert not (tmp_path / "runs").exists()
     assert main(["demo", "--device", "gpu", "--output-dir", str(tmp_path / "demo")]) == 2
     assert "--device gpu" in capsys.readouterr().err and not (tmp_path / "demo").exists()
