@@ -9,6 +9,7 @@ from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig,
 from flux2_train.errors import ConfigError
 from flux2_train.evaluation import preview_prompts
 
+from .messages import widget_words
 from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
 
 PRESET = "preset"  # a combo value that leaves the option to the presets
@@ -79,8 +80,9 @@ class Flux2LoraConfig(io.ComfyNode):
 
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:
-        handle = config_handle(**widgets)
-        return io.NodeOutput(handle, ui=ui.PreviewText(describe(handle)))
+        with widget_words():
+            handle = config_handle(**widgets)
+            return io.NodeOutput(handle, ui=ui.PreviewText(describe(handle)))
 
 
 def config_handle(subject, quick_preset, rank, alpha, steps, learning_rate, optimizer, batch_size,

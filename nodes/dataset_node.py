@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from flux2_train.data import scan_dataset
 
 from . import paths
+from .messages import in_widget_words, widget_words
 from .training import CATEGORY, DatasetHandle, DatasetType
 
 
@@ -59,14 +60,15 @@ class Flux2LoraDataset(io.ComfyNode):
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
                 flip) -> io.NodeOutput:
-        root = paths.dataset_folder(folder)
-        paths.check_dataset_files(root)
-        options = dataset_options(str(root), caption_extension, trigger_word, default_caption, repeats, resolution,
-                                  buckets, flip)
-        report = scan_dataset(options["dataset"], caption_ext=caption_extension, trigger_word=options["trigger_word"],
-                              default_caption=default_caption, resolution=resolution,
-                              max_aspect_ratio=options["max_aspect_ratio"])
-        return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(report.summary()))
+        with widget_words():
+            root = paths.dataset_folder(folder)
+            paths.check_dataset_files(root)
+            options = dataset_options(str(root), caption_extension, trigger_word, default_caption, repeats,
+                                      resolution, buckets, flip)
+            report = scan_dataset(options["dataset"], caption_ext=caption_extension,
+                                  trigger_word=options["trigger_word"], default_caption=default_caption,
+                                  resolution=resolution, max_aspect_ratio=options["max_aspect_ratio"])
+        return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(in_widget_words(report.summary())))
 
 
 def dataset_options(folder: str, caption_extension: str, trigger_word: str, default_caption: str, repeats: int,

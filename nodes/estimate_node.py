@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from flux2_train.config import suggest_schedule
 
+from .messages import in_widget_words, widget_words
 from .training import CATEGORY, ConfigType, DatasetType, memory_plan, training_config
 
 
@@ -28,9 +29,10 @@ class Flux2VramEstimate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config, dataset) -> io.NodeOutput:
-        cfg = training_config(model, dataset, config)
-        plan = memory_plan(model, cfg, dataset)
+        with widget_words():
+            cfg = training_config(model, dataset, config)
+            plan = memory_plan(model, cfg, dataset)
         schedule = suggest_schedule(len(dataset.report.items), cfg.subject_preset, cfg.effective_batch, cfg.rank)
-        text = "\n".join(filter(None, [plan.estimate.summary(), plan.reason,
-                                        f"suggested for this dataset: {schedule['reason']}"]))
+        text = in_widget_words("\n".join(filter(None, [plan.estimate.summary(), plan.reason,
+                                                        f"suggested for this dataset: {schedule['reason']}"])))
         return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -18,6 +18,7 @@ from flux2_train.model import spec_for
 
 from .config_node import config_handle
 from .dataset_node import dataset_options
+from .messages import in_widget_words
 from .training import RUN_LOGS, device_memory
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ async def estimate(request: web.Request) -> web.Response:
         body = await request.json()
         return web.json_response(estimate_for_widgets(body))
     except Flux2TrainError as e:
-        return web.json_response({"error": str(e)})
+        return web.json_response({"error": in_widget_words(str(e))})
     except (ValueError, TypeError, KeyError) as e:
         return web.json_response({"error": f"cannot estimate from these settings: {e}"}, status=400)
 
@@ -62,9 +63,9 @@ def estimate_for_widgets(body: dict) -> dict:
     cfg = config_handle(**body["config"]).preview(**dataset)
     plan = preview_plan(spec, cfg, placement, device_memory(comfy.model_management.get_torch_device()))
     est = plan.estimate
-    text = est.summary() + (f"\n{plan.reason}" if plan.reason else "")
+    text = in_widget_words(est.summary() + (f"\n{plan.reason}" if plan.reason else ""))
     return {"total": est.total, "upper": est.upper, "available": est.available, "verdict": est.verdict, "parts": est.parts,
-            "advice": [str(a) for a in est.advice], "text": text, "model": spec.title}
+            "advice": [in_widget_words(str(a)) for a in est.advice], "text": text, "model": spec.title}
 
 
 @functools.lru_cache(maxsize=16)

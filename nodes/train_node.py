@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .messages import widget_words
 from .training import CATEGORY, ConfigType, DatasetType, LoraType, LossMapType, train_lora
 
 
@@ -42,6 +43,7 @@ class Flux2TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, config, resume="") -> io.NodeOutput:
-        model_out, lora, losses, previews = train_lora(model, clip, vae, dataset, config, resume=resume.strip(),
-                                                       node_id=cls.hidden.unique_id)
+        with widget_words():
+            model_out, lora, losses, previews = train_lora(model, clip, vae, dataset, config, resume=resume.strip(),
+                                                           node_id=cls.hidden.unique_id)
         return io.NodeOutput(model_out, lora, losses, previews)

@@ -27,6 +27,7 @@ from flux2_train.train import Trainer, TrainResult
 from . import paths
 from .comfy_encoders import COMFY_TEXT_TOKENS, ComfyEncoders
 from .comfy_model import ComfyFlux2Backbone, check_flux2, comfy_spec
+from .messages import in_widget_words
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class ComfyProgress:
                 self.stop_requested = True
             payload = event.to_dict() | {"memory_total_bytes": self.memory_total}
         elif isinstance(event, StatusEvent):
-            payload = event.to_dict()
+            payload = event.to_dict() | {"message": in_widget_words(event.message)}
             if event.kind == "preview":  # where the browser fetches each image: ComfyUI's /view of output/
                 payload["data"] = dict(payload["data"], images=[dict(entry, view=paths.output_view(entry["path"]))
                                                                 for entry in payload["data"]["images"]])

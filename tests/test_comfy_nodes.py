@@ -484,6 +484,18 @@ def _http_json(server, path: str, body: dict | None = None) -> dict:
         return json.load(r)
 
 
+@pytest.mark.failure_case("zero steps and other invalid values")
+def test_errors_name_the_widgets_and_advanced_options_a_user_sets_not_cli_flags(comfy_server, dataset_name):
+    bad = "adam_beta1: 1.5\nlr_warmup_steps: -2\n"
+    message = node_error(comfy_server, training_prompt(dataset_name, steps=1, seed=151, advanced=bad))
+    assert "adam_beta1" in message and "lr_warmup_steps" in message and "--" not in message, message
+    assert "(adam_beta1, lr_warmup_steps: set in the advanced box of FLUX.2 LoRA Config)" in message, message
+    config = dict(training_prompt(dataset_name)["5"]["inputs"], advanced=bad)
+    body = {"unet_name": TINY_MODEL_FILES["klein"], "weight_dtype": "default", "config": config}
+    error = _http_json(comfy_server, "/flux2_lora/estimate", body)["error"]  # the vRAM bar says the same
+    assert "adam_beta1" in error and "--" not in error, error
+
+
 def test_the_history_route_gives_a_reloaded_page_the_whole_run(comfy_server, dataset_name):
     prompt = training_prompt(dataset_name, steps=3, file_name="history", seed=11)
     entry, events = comfy_server.run(prompt, timeout=300)
