@@ -31,8 +31,9 @@ def register(routes: web.RouteTableDef) -> None:
 
 
 async def history(request: web.Request) -> web.Response:
-    node = request.match_info["node"]
-    return web.json_response({"node": node, "events": list(RUN_LOGS.get(node, []))})
+    """?workflow=<the front end's workflow id>: that workflow's run of the node, else one queued without a workflow."""
+    node, workflow = request.match_info["node"], request.query.get("workflow")
+    return web.json_response({"node": node, "events": list(RUN_LOGS.get(workflow, node))})
 
 
 async def estimate(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .messages import widget_words
-from .training import CATEGORY, ConfigType, DatasetType, LoraType, LossMapType, train_lora
+from .training import CATEGORY, ConfigType, DatasetType, LoraType, LossMapType, train_lora, workflow_id
 
 
 class Flux2TrainLora(io.ComfyNode):
@@ -37,7 +37,7 @@ class Flux2TrainLora(io.ComfyNode):
                                 tooltip="The last round of preview images (the config's preview_every); one black "
                                         "image when previews are off."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
             not_idempotent=True,
         )
 
@@ -45,5 +45,6 @@ class Flux2TrainLora(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, config, resume="") -> io.NodeOutput:
         with widget_words():
             model_out, lora, losses, previews = train_lora(model, clip, vae, dataset, config, resume=resume.strip(),
-                                                           node_id=cls.hidden.unique_id)
+                                                           node_id=cls.hidden.unique_id,
+                                                           workflow=workflow_id(cls.hidden.extra_pnginfo))
         return io.NodeOutput(model_out, lora, losses, previews)

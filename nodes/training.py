@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,8 +40,42 @@ LoraType = io.Custom("FLUX2_LORA")
 LossMapType = io.Custom("LOSS_MAP")  # the type of ComfyUI's own loss-graph node
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-# Events of each training node's latest run, by node id: the chart asks for them after a page reload.
-RUN_LOGS: dict[str, list[dict]] = {}
+
+
+class RunLogs:
+    """The events of each training node's latest run, which the chart asks for after a page reload.
+
+    Kept by workflow and node: a node of another workflow with the same id does not show the run.
+    The node is its execution id (`12:6` inside a subgraph); a prompt queued without a workflow
+    (ComfyUI's API) is kept under none, and every workflow's node of that id sees it.
+    """
+
+    KEEP = 64  # runs; the oldest go first
+
+    def __init__(self):
+        self._logs: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
+
+    def new(self, workflow: str | None, node: str | None) -> list[dict]:
+        key = (workflow or "", str(node))
+        self._logs.pop(key, None)
+        log = self._logs[key] = []
+        while len(self._logs) > self.KEEP:
+            self._logs.popitem(last=False)
+        return log
+
+    def get(self, workflow: str | None, node: str) -> list[dict]:
+        found = self._logs.get((workflow or "", node))
+        return found if found is not None else self._logs.get(("", node), [])
+
+
+RUN_LOGS = RunLogs()
+
+
+def workflow_id(extra_pnginfo) -> str | None:
+    """The id the front end gives a workflow (saved with it), from the prompt's extra_pnginfo."""
+    workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
+    found = workflow.get("id") if isinstance(workflow, dict) else None
+    return str(found) if found else None
 
 
 @dataclass
@@ -122,7 +157,8 @@ def memory_plan(model, cfg: TrainConfig, dataset: DatasetHandle) -> AutoPlan:
 class ComfyProgress:
     """Engine events to ComfyUI: the node's progress bar, a websocket message per step, and Cancel."""
 
-    def __init__(self, node_id: str | None, total: int, send: Callable[[str, dict], None] | None = None):
+    def __init__(self, node_id: str | None, total: int, send: Callable[[str, dict], None] | None = None,
+                 workflow: str | None = None):
         if send is None:
             from server import PromptServer
 
@@ -134,7 +170,8 @@ class ComfyProgress:
         self.memory_total = device_memory(comfy.model_management.get_torch_device()) or 0
         self.stop_requested = False
         self.run_id = uuid.uuid4().hex[:12]  # tells the chart a new run from a repeated event
-        self.log = RUN_LOGS[str(node_id)] = []
+        self.workflow = workflow  # the chart shows events of its own workflow's runs only
+        self.log = RUN_LOGS.new(workflow, node_id)
 
     def should_stop(self) -> bool:
         return self.stop_requested or comfy.model_management.processing_interrupted()
@@ -155,7 +192,8 @@ class ComfyProgress:
                                                                 for entry in payload["data"]["images"]])
         else:
             return
-        message = _json_safe({"node": self.node_id, "run": self.run_id, "seq": len(self.log), **payload})
+        message = _json_safe({"node": self.node_id, "workflow": self.workflow, "run": self.run_id, "seq": len(self.log),
+                              **payload})
         self.log.append(message)
         self.send(PROGRESS_EVENT, message)
 
@@ -172,10 +210,10 @@ def _json_safe(value):
 
 
 def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, resume: str = "",
-               node_id: str | None = None) -> tuple[object, LoraHandle, dict, torch.Tensor]:
+               node_id: str | None = None, workflow: str | None = None) -> tuple[object, LoraHandle, dict, torch.Tensor]:
     """Train on the graph's MODEL; return (MODEL with the LoRA applied, the LoRA, the loss history,
     the last previews as an IMAGE batch)."""
-    progress = ComfyProgress(node_id, total=0)  # each step event gives the total
+    progress = ComfyProgress(node_id, total=0, workflow=workflow)  # each step event gives the total
     try:
         cfg = training_config(model, dataset, config, resume)
         resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None

@@ -175,7 +175,7 @@ def test_template_run_with_the_loss_chart_across_a_page_reload(comfy_page, robot
     assert live and max(live) == STEPS, "no step came live after the reload: the run ended first; raise STEPS"
     assert all(x > 0 for x in chart["loss"]) and all(x > 0 for x in chart["smoothed"])
     history = page.page.evaluate(f"async () => (await (await window.app.api.fetchApi("
-                                 f"'/flux2_lora/history/{train}')).json()).events")
+                                 f"`/flux2_lora/history/{train}?workflow=${{window.app.graph.id}}`)).json()).events")
     assert [e["loss"] for e in history if e["kind"] == "step"] == chart["loss"]
     status = page.page.evaluate(STATUS_JS, train)
     assert status["head"].startswith("Finished") and f"step {STEPS}/{STEPS}" in status["head"], status
@@ -201,6 +201,52 @@ def test_template_run_with_the_loss_chart_across_a_page_reload(comfy_page, robot
     print(clock.report())
     with capsys.disabled():  # shown in a passing run too
         print(f"\nscreenshots: Train LoRA node {shot}, vRAM Estimate node {vram_shot}, whole graph {graph_shot}")
+
+
+# The Train LoRA node moved into a subgraph as a user does it: selected, then "Convert Selection to
+# Subgraph". Returns the subgraph node's id and the Train LoRA node's id inside it.
+TO_SUBGRAPH_JS = """async (id) => {
+  const app = window.app, node = app.graph.getNodeById(id);
+  app.canvas.deselectAll();
+  app.canvas.select(node);
+  await app.extensionManager.command.execute('Comfy.Graph.ConvertToSubgraph');
+  const placed = app.graph.nodes.find((n) => n.subgraph?.nodes.some((inner) => inner.type === 'Flux2TrainLora'));
+  return placed ? [placed.id, placed.subgraph.nodes.find((inner) => inner.type === 'Flux2TrainLora').id] : null;
+}"""
+
+# The chart of the Train LoRA node inside the subgraph that node `outer` places.
+INNER_CHART_JS = """([outer, inner]) => window.app.graph.getNodeById(outer).subgraph.getNodeById(inner).flux2LossChart"""
+
+
+def test_a_train_node_inside_a_subgraph_gets_its_run_live_and_from_the_history(comfy_page, robots):
+    page = comfy_page
+    page.load_template(PACK_FOLDER, TEMPLATE)
+    ids = make_tiny(page, robots)
+    page.set_widgets(ids["Flux2LoraConfig"], {"steps": 3, "seed": 4343})
+    placed = page.page.evaluate(TO_SUBGRAPH_JS, ids["Flux2TrainLora"])
+    assert placed is not None, "the Train LoRA node did not move into a subgraph"
+    execution_id = f"{placed[0]}:{placed[1]}"
+    chart = f"({INNER_CHART_JS})({json.dumps(placed)})"
+    prompt_id = page.queue()
+    entry = page.wait_finished(prompt_id, timeout_ms=120_000)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    sent = [e["data"] for e in page.events("flux2_lora.progress")]
+    assert {e["node"] for e in sent} == {execution_id}
+    workflow = page.page.evaluate("() => window.app.graph.id")
+    assert {e["workflow"] for e in sent} == {workflow}, "the events name the workflow that ran"
+    # Live: every step reached the node inside the subgraph.
+    page.wait_for(f"() => {{ const r = {chart}.run; return r.state === 'finished' && r.steps.length === 3; }}",
+                  what="the chart inside the subgraph to show the finished run")
+    # From the history, as after a page reload: asked for under the execution id and this workflow.
+    page.page.evaluate(f"() => {chart}.loadHistory(true)")
+    page.wait_for(f"() => {{ const c = {chart}; return !c.loading && c.historyFor === '{execution_id}'"
+                  " && c.run.state === 'finished' && c.run.steps.join() === '1,2,3'; }",
+                  what="the chart inside the subgraph to rebuild from the history")
+    # Another workflow's node of the same id does not show this run.
+    assert page.page.evaluate(f"() => {chart}.shows({{node: '{execution_id}', workflow: 'another'}})") is False
+    other = page.page.evaluate(f"async () => (await (await window.app.api.fetchApi("
+                               f"'/flux2_lora/history/{execution_id}?workflow=another')).json()).events")
+    assert other == []
 
 
 class Clock:

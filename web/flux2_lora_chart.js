@@ -2,7 +2,7 @@
 // (bold) with axes, the validation loss (dots, the best one ringed), a status line (state,
 // step/total, s/step, ETA, lr, peak memory, validation) and a strip of the latest previews.
 // Fed by the trainer's `flux2_lora.progress` websocket events; after a page reload it
-// rebuilds from GET /flux2_lora/history/<node id>.
+// rebuilds from GET /flux2_lora/history/<execution id>?workflow=<workflow id>.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
@@ -26,7 +26,8 @@ class LossChart {
   constructor(node) {
     this.node = node;
     this.run = new RunState();
-    this.historyFor = null; // node id whose history was asked for
+    this.historyFor = null; // execution id whose history was asked for
+    this.historyKey = null; // workflow and execution ids of that request
     this.request = 0; // only the latest history request's answer is used
     this.loading = false;
     this.buffer = []; // live events that arrive while the history request is out
@@ -53,6 +54,13 @@ class LossChart {
         chart.draw(ctx, width, y, height);
       },
     };
+  }
+
+  /** Whether a websocket event is of this node's run: the node its execution id names, in this workflow. */
+  shows(event) {
+    const root = rootOf(this.node);
+    if (!root || (event.workflow && root.id && event.workflow !== root.id)) return false;
+    return nodeAtExecutionId(root, event.node) === this.node;
   }
 
   onEvent(event) {
@@ -86,20 +94,31 @@ class LossChart {
     return img;
   }
 
-  /** Rebuild from the server's record of the node's latest run; `force` asks again. */
+  /** Rebuild from the server's record of the node's latest run in this workflow; `force` asks again. */
   async loadHistory(force = false) {
-    const id = this.node.id;
-    if (id == null || id === -1) return;
-    const key = String(id);
-    if (!force && this.historyFor === key) return;
-    this.historyFor = key;
+    const root = rootOf(this.node);
+    if (!root || this.node.id == null || this.node.id === -1) return;
+    const ids = executionIds(this.node, root);
+    const workflow = root.id ? String(root.id) : "";
+    const key = `${workflow}/${ids.join(",")}`;
+    if (!force && this.historyKey === key) return;
+    this.historyKey = key;
+    this.historyFor = ids[0] ?? null;
     const request = ++this.request;
     this.loading = true;
     this.buffer = [];
     let history = null;
     try {
-      const res = await api.fetchApi(`/flux2_lora/history/${encodeURIComponent(key)}`);
-      if (res.ok) history = (await res.json())?.events;
+      // A subgraph placed twice runs its node under two ids: the first with a run answers.
+      for (const id of ids) {
+        const query = workflow ? `?workflow=${encodeURIComponent(workflow)}` : "";
+        const res = await api.fetchApi(`/flux2_lora/history/${encodeURIComponent(id)}${query}`);
+        const events = res.ok ? (await res.json())?.events : null;
+        if (!Array.isArray(events)) continue;
+        history = events;
+        this.historyFor = id;
+        if (events.length) break;
+      }
     } catch {
       // Server unreachable or an older pack without the route: keep the live events.
     }
@@ -367,14 +386,48 @@ function dot(ctx, x, y, width) {
   ctx.restore();
 }
 
+// ------------------------------------------------------------------ execution ids
+// ComfyUI runs a node inside a subgraph under the path to it: `12:6` is node 6 of the subgraph
+// that node 12 of the root graph places. A subgraph placed twice runs its nodes under two ids.
+
+function rootOf(node) {
+  return node.graph?.rootGraph ?? node.graph ?? null;
+}
+
+/** The node an execution id names, walked to from the root graph. */
+function nodeAtExecutionId(root, executionId) {
+  let graph = root, node = null;
+  for (const part of String(executionId).split(":")) {
+    if (!graph) return null;
+    node = graph.getNodeById(part) ?? graph.getNodeById(Number(part));
+    graph = node?.subgraph ?? null;
+  }
+  return node;
+}
+
+/** The node's execution ids: its id in the root graph, else one per placement of its subgraph. */
+function executionIds(node, root) {
+  if (node.graph === root) return [String(node.id)];
+  const ids = [];
+  const walk = (graph, prefix, depth) => {
+    if (depth > 32) return; // nesting that deep is a cycle, not a workflow
+    for (const placed of graph.nodes ?? []) {
+      if (!placed.subgraph) continue;
+      const path = `${prefix}${placed.id}:`;
+      if (placed.subgraph === node.graph) ids.push(`${path}${node.id}`);
+      else walk(placed.subgraph, path, depth + 1);
+    }
+  };
+  walk(root, "", 0);
+  return ids;
+}
+
 // ------------------------------------------------------------------ registration
 
 function onProgress(e) {
   const event = e.detail;
   if (!event || event.node == null) return;
-  for (const chart of charts) {
-    if (chart.node.graph && String(chart.node.id) === String(event.node)) chart.onEvent(event);
-  }
+  for (const chart of charts) if (chart.shows(event)) chart.onEvent(event);
 }
 
 app.registerExtension({
