@@ -460,6 +460,9 @@ def test_the_example_workflows_are_listed_as_templates_of_the_pack(comfy_server)
     with urllib.request.urlopen(f"{comfy_server.url}/workflow_templates") as r:
         templates = json.load(r)
     assert sorted(templates["comfyui-flux2-lora-trainer"]) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    for name in templates["comfyui-flux2-lora-trainer"]:  # the template browser's picture of each
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/comfyui-flux2-lora-trainer/{name}.jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
 def test_requirements_txt_installs_the_runtime_dependencies_but_not_torch():
