@@ -12,7 +12,12 @@ as in a block. Against:
   backward pass returns the adapter's share of the input gradient as a tensor of its own,
   which autograd adds to the base layer's;
 * the engine's forward (`lora_fp8.Fp8AdapterLinear`): the up-projection added into the fp8
-  product in place, inside the fp8 layer's own op.
+  product in place, inside the fp8 layer's own op;
+* the adapter inside the fp8 product (`_ConcatFp8Lora`): the down-projected input h appended to
+  the quantized input as r more columns, and the up-projection B to the fp8 weight as r more
+  columns, so that one fp8 matmul of depth K + r gives x Wᵀ + s·h Bᵀ, and in the backward pass one
+  gives the input gradient and the adapter's g B together. h and B are then fp8 too (scaled per
+  rank column into e4m3's range), a precision change the other variants do not make.
 
 Each variant with the adapter is checked against PEFT's forward for the same output and gradients
 (bf16 tolerance).
@@ -72,6 +77,51 @@ class _AddmmLora(torch.autograd.Function):
         return grad, grad_h @ a, grad_a, grad_b, None
 
 
+def adapter_columns(weight_cat: torch.Tensor, b: torch.Tensor, scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Write s·B into the fp8 weight's last r columns, in the weight's row scales; returns the scale of
+    each rank column, β (1, r). Once per optimizer step in training (B changes only there)."""
+    from flux2_train.quantize import E4M3_MAX
+
+    with torch.no_grad():
+        rows = b.float() * scale / weight_scale
+        beta = rows.abs().amax(dim=0, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+        weight_cat[:, weight_cat.shape[1] - b.shape[1]:] = (rows / beta).to(torch.float8_e4m3fn)
+    return beta
+
+
+class _ConcatFp8Lora(torch.autograd.Function):
+    """x Wᵀ + s·h Bᵀ as one fp8 matmul of depth K + r (see the module's docstring); gradients for x,
+    h and B. `weight_cat` (N, K + r): the layer's e4m3 weight, then s·B / (ws·β) from `adapter_columns`.
+
+    Scales: out = xs·ws·Σ xq Wq, so h's columns carry h·β / xs (saturated at e4m3's largest value)."""
+
+    @staticmethod
+    def forward(ctx, x, h, b, scale, weight_cat, weight_scale, beta):
+        from flux2_train.quantize import E4M3_MAX, _rowwise_fp8
+
+        xq, xs = _rowwise_fp8(x)
+        hq = (h.float() * beta / xs).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(torch.cat([xq, hq], dim=1), weight_cat.t(), scale_a=xs, scale_b=weight_scale.t(),
+                               out_dtype=torch.bfloat16)
+        ctx.save_for_backward(weight_cat, weight_scale, h, beta)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from flux2_train.quantize import _rowwise_fp8
+
+        weight_cat, weight_scale, h, beta = ctx.saved_tensors
+        gq, gs = _rowwise_fp8(grad, column_scale=weight_scale.t())
+        ones = torch.ones(1, weight_cat.shape[1], device=grad.device, dtype=torch.float32)
+        both = torch._scaled_mm(gq, weight_cat.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+        rank = h.shape[1]
+        grad_x = both[:, :-rank]
+        grad_h = (both[:, -rank:].float() * beta).to(h.dtype)  # s·g B
+        grad_b = (grad.t() @ h) * ctx.scale
+        return grad_x, grad_h, grad_b, None, None, None, None
+
+
 def variants(layer):
     """name -> f(x) for a 2-D bf16 x, under bf16 autocast. `layer`: PEFT's LoRA layer over the fp8
     Linear, as the engine leaves it (`Fp8AdapterLinear`)."""
@@ -94,8 +144,21 @@ def variants(layer):
     def in_place(x):
         return nn.functional.silu(layer(x))
 
+    rank = a.shape[0]
+    weight_cat = torch.zeros(base.out_features, base.in_features + rank, dtype=base.weight.dtype,
+                             device=base.weight.device)
+    weight_cat[:, :base.in_features] = base.weight
+
+    def in_the_product(x, beta):
+        with torch.autocast(x.device.type, enabled=False):
+            h = x @ a.to(torch.bfloat16).t()
+            out = _ConcatFp8Lora.apply(x, h, b.to(torch.bfloat16), scale, weight_cat, base.weight_scale, beta)
+            return nn.functional.silu(out)
+
+    in_the_product.before = lambda: adapter_columns(weight_cat, b, scale, base.weight_scale)
+
     return {"fp8 Linear alone": fp8_only, "+ LoRA (PEFT's forward)": peft, "+ LoRA, addmm": addmm,
-            "+ LoRA, in place": in_place}
+            "+ LoRA, in place": in_place, "+ LoRA, in the fp8 product": in_the_product}
 
 
 def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS) -> dict:
@@ -119,11 +182,13 @@ def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS
     reference = None  # the first variant with the adapter
     for label, fn in variants(layer).items():
         compiled = torch.compile(fn, fullgraph=True)
+        before = getattr(fn, "before", None)  # outside the compiled code, counted in the time
 
         def step():
             x.grad = a.grad = b.grad = None
+            extra = () if before is None else (before(),)
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                y = compiled(x)
+                y = compiled(x, *extra)
             y.backward(g)
             return y
 
@@ -133,8 +198,11 @@ def measure(name: str, k: int, n: int, device, repeat: int, tokens: int = TOKENS
             got = [y.float(), x.grad.float(), a.grad, b.grad]
             if reference is None:
                 reference = got
-            for mine, theirs in zip(got, reference):
-                torch.testing.assert_close(mine, theirs, rtol=0.05, atol=0.05 * theirs.abs().max().item())
+            # Relative to PEFT's forward: out, grad x, grad A, grad B (the fp8 product's error shows here).
+            row[f"{label}: relative difference"] = [((m - t).norm() / t.norm()).item() for m, t in zip(got, reference)]
+            if label != "+ LoRA, in the fp8 product":
+                for mine, theirs in zip(got, reference):
+                    torch.testing.assert_close(mine, theirs, rtol=0.05, atol=0.05 * theirs.abs().max().item())
         row[label] = median_ms(step, repeat, device)
     return row
 
@@ -152,16 +220,24 @@ def main(argv=None) -> int:
         return 2
     rows = [measure(s, SHAPES[s][0] // args.shrink, SHAPES[s][1] // args.shrink, device, args.repeat,
                     TOKENS // args.shrink) for s in (args.shape or SHAPES)]
-    labels = ["fp8 Linear alone", "+ LoRA (PEFT's forward)", "+ LoRA, addmm", "+ LoRA, in place"]
+    labels = ["fp8 Linear alone", "+ LoRA (PEFT's forward)", "+ LoRA, addmm", "+ LoRA, in place",
+              "+ LoRA, in the fp8 product"]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{card}, {TOKENS // args.shrink} tokens, rank {RANK}, forward + backward, compiled, "
           f"median of {args.repeat} (ms)\n")
-    print("| layer | " + " | ".join(labels) + " | LoRA's share | addmm against PEFT's | in place against PEFT's |")
-    print("|---|" + "---|" * (len(labels) + 3))
+    print("| layer | " + " | ".join(labels) + " | LoRA's share | addmm against PEFT's | in place against PEFT's "
+          "| in the fp8 product against in place | difference from PEFT's (out, grad x, A, B): in place "
+          "| in the fp8 product |")
+    print("|---|" + "---|" * (len(labels) + 6))
+
+    def differences(row, label):
+        return ", ".join(f"{e:.1%}" for e in row[f"{label}: relative difference"])
+
     for r in rows:
-        alone, peft, addmm, in_place = (r[x] for x in labels)
-        print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {addmm:.3f} | {in_place:.3f} | "
-              f"{(peft - alone) / peft:.0%} | {addmm / peft - 1:+.1%} | {in_place / peft - 1:+.1%} |")
+        alone, peft, addmm, in_place, fused = (r[x] for x in labels)
+        print(f"| {r['layer']} | {alone:.3f} | {peft:.3f} | {addmm:.3f} | {in_place:.3f} | {fused:.3f} | "
+              f"{(peft - alone) / peft:.0%} | {addmm / peft - 1:+.1%} | {in_place / peft - 1:+.1%} | "
+              f"{fused / in_place - 1:+.1%} | {differences(r, labels[3])} | {differences(r, labels[4])} |")
     if os.environ.get("OUT"):
         record = dict(env_info(device), tokens=TOKENS // args.shrink, rank=RANK, repeat=args.repeat, rows=rows)
         (Path(os.environ["OUT"]) / "lora_cost.json").write_text(json.dumps(record, indent=1))

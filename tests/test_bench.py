@@ -91,7 +91,10 @@ def test_lora_cost_variants_give_peft_forwards_output_and_gradients(capsys):
     assert lora_cost.main(["--device", "cpu", "--shrink", "32", "--repeat", "1",
                            "--shape", "[klein] 4B single-block input (3072 → 27648)"]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split("|")
-    assert len(row) == 10 and row[1].strip().startswith("[klein] 4B single-block input")
+    assert len(row) == 14 and row[1].strip().startswith("[klein] 4B single-block input")
+    # The adapter inside the fp8 product is fp8 too: near PEFT's forward, not equal (out, grad x, A, B).
+    out, grad_x, grad_a, grad_b = (float(v.strip(" %")) / 100 for v in row[-2].split(","))
+    assert max(out, grad_x, grad_b) < 0.03 and grad_a < 0.1, row[-2]
 
 
 def test_the_step_floor_counts_the_fp8_products_a_klein_4b_step_runs():
