@@ -15,9 +15,10 @@ as in a block. Against:
   product in place, inside the fp8 layer's own op;
 * the adapter inside the fp8 product (`_ConcatFp8Lora`): the down-projected input h appended to
   the quantized input as r more columns, and the up-projection B to the fp8 weight as r more
-  columns, so that one fp8 matmul of depth K + r gives x Wᵀ + s·h Bᵀ, and in the backward pass one
-  gives the input gradient and the adapter's g B together. h and B are then fp8 too (scaled per
-  rank column into e4m3's range), a precision change the other variants do not make.
+  columns (`adapter_columns`, once per step outside the compiled code), so that one fp8 matmul of
+  depth K + r gives x Wᵀ + s·h Bᵀ, and in the backward pass one gives the input gradient and the
+  adapter's g B together. h and B are then fp8 too, in the base's row scales: a precision change
+  the other variants do not make, so its difference from PEFT's forward is reported, not checked.
 
 Each variant with the adapter is checked against PEFT's forward for the same output and gradients
 (bf16 tolerance).
