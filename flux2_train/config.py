@@ -92,6 +92,9 @@ class TrainConfig:
     adam_beta2: float = _opt(0.999, "Adam beta2 (momentum of the squared-gradient average).")
     adam_epsilon: float = _opt(1e-8, "Adam epsilon (added to the denominator for stability).")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 turns clipping off).")
+    ema_decay: float = _opt(0.0, "Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999) "
+                                 "and validate, preview and save the average instead of the last step's weights; "
+                                 "0: off. It averages over about 1 / (1 - decay) steps.")
     lr_scheduler: str = _opt("constant_with_warmup", "Learning-rate schedule (diffusers' schedulers).", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "Warm-up steps of the schedule.")
     lr_num_cycles: int = _opt(1, "Cycles for cosine_with_restarts.")
@@ -182,6 +185,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})")
         need(self.max_sequence_length > 0, f"--max-sequence-length must be positive (got {self.max_sequence_length})")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be 0 or more (got {self.max_grad_norm})")
+        need(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay}); 0 turns it off")
         need(self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})")
         need(0.0 <= self.adam_beta1 < 1.0, f"--adam-beta1 must be in [0, 1) (got {self.adam_beta1})")
         need(0.0 <= self.adam_beta2 < 1.0, f"--adam-beta2 must be in [0, 1) (got {self.adam_beta2})")

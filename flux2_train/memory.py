@@ -343,7 +343,8 @@ def estimate_memory(spec: ModelSpec, cfg: TrainConfig, placement: Placement = Pl
         "weight casts": int((CAST_LAYERS_STREAMED if streamed else CAST_LAYERS) * largest_layer * compute_bytes)
                         if casts else 0,
         "LoRA weights": lora * (4 + (compute_bytes if compute_bytes < 4 else 0)),  # float32, and autocast's copy
-        "optimizer state": lora * _OPTIMIZER_BYTES.get(cfg.optimizer, 8),
+        # The optimizer's, and the float32 average of an --ema-decay run.
+        "optimizer state": lora * (_OPTIMIZER_BYTES.get(cfg.optimizer, 8) + (4 if cfg.ema_decay else 0)),
         "activations + grads": int(max(held, last + grads)),
         "batch tensors": int(batch),
     }

@@ -16,6 +16,7 @@ import os
 import resource
 import shlex
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from .cache import CachedDataset, FeatureCache, check_unchanged, prepare_cache
 from .config import TrainConfig, check_output_folders, check_run_name, save_yaml
 from .data import DatasetReport, scan_dataset_for
 from .distributed import World, check_precision, lost_a_process, resolve_device
+from .ema import AdapterAverage
 from .encoders import FeatureEncoder
 from .evaluation import RunWatcher, best_step, load_png, preview_prompts, split_validation
 from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCancelled, TrainingDiverged
@@ -308,6 +310,7 @@ class Trainer:
         self.several_processes = several_processes
         self.world = World()
         self.strategy = ""  # "ddp" or "fsdp" with several processes
+        self.average: AdapterAverage | None = None  # of the LoRA weights, with --ema-decay
         self.resume_path: Path | None = None  # the checkpoint folder a resume continues from
         self.activation_offload: ActivationOffload | None = None  # --offload-activations
         self.step = 0  # the last step done, for the events of a failure
@@ -495,6 +498,7 @@ class Trainer:
             if self.strategy == "fsdp" and device.type == "cuda":
                 torch.cuda.empty_cache()  # a model that came from this GPU left its blocks cached
         optimizer = build_optimizer(cfg, params, device)
+        self.average = AdapterAverage(params, cfg.ema_decay) if cfg.ema_decay else None
         from diffusers.optimization import get_scheduler
 
         # Stepped by the loop once per optimizer step (accelerate's wrapper would step it
@@ -516,6 +520,10 @@ class Trainer:
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
             self.step = step
             watcher.load_state(state)
+            if self.average and "ema" in state:
+                self.average.load_state(state["ema"], cfg.ema_decay)
+            elif self.average:
+                log.info("the checkpoint keeps no average of the LoRA weights: it starts from step %d's weights", step)
 
         plan = EpochPlan(data, cfg.repeats, cfg.batch_size, cfg.seed)
         console = None
@@ -641,6 +649,8 @@ class Trainer:
                         optimizer.step()
                         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                             lr_scheduler.step()
+                            if self.average:
+                                self.average.step()
                         optimizer.zero_grad(set_to_none=True)
                 micro_step += accumulation * world.size
             except torch.OutOfMemoryError:
@@ -712,6 +722,9 @@ class Trainer:
         self.strategy, why, plan = plan_processes(spec, cfg, self.backbone.memory_placement(), available,
                                                   self.world.size, list(report.bucket_counts),
                                                   resuming=bool(self.resume))
+        if self.strategy == "fsdp" and cfg.ema_decay:
+            raise ConfigError("--ema-decay averages whole LoRA weights, and FSDP shards them over the processes: "
+                              "train with --multi-gpu ddp (each GPU holds the whole model) or without --ema-decay")
         if why:
             log.info("%s", why)
             self.events.emit(StatusEvent("info", why, total=cfg.steps))
@@ -814,7 +827,8 @@ class Trainer:
         """The validation loss and previews due at `step`; a host's stop inside them (ComfyUI's
         Cancel) ends the run with a checkpoint of `step`, as between steps."""
         try:
-            self.watcher.after_step(step, last)
+            with self._averaged() if self.watcher.due(step, last) else nullcontext():
+                self.watcher.after_step(step, last)
             history = self.watcher.history
             if history and history[-1][0] == step and not math.isfinite(history[-1][1]):
                 # Before this step's checkpoint: the weights that gave it are not kept as good.
@@ -832,7 +846,9 @@ class Trainer:
     def _save_checkpoint(self, st, step, micro_step, losses) -> Path:
         cfg = self.cfg
         # Every process takes part in gathering sharded (FSDP) weights and state; the main one writes.
-        adapter = self.backbone.lora_state_dict()
+        adapter = self.backbone.lora_state_dict()  # the weights to train on
+        with self._averaged():
+            lora_weights = self.backbone.lora_state_dict() if self.average else adapter  # the LoRA file's
         optimizer_state = whole_state(st["optimizer"].state_dict())
         if not self.world.is_main:
             return ckpt.checkpoint_dir(st["run_dir"], step)
@@ -845,6 +861,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "lr_scheduler": st["lr_scheduler"].state_dict(),
             **self.watcher.state(),
+            **({"ema": self.average.state()} if self.average else {}),
         }
         info = {"step": step, "config": cfg.to_dict(), "model": st["spec"].to_dict(), "targets": st["targets"],
                 "processes": self.world.size, "accumulation_per_process": st["accumulation"],
@@ -853,12 +870,13 @@ class Trainer:
         return ckpt.save_checkpoint(
             st["run_dir"], step, adapter=adapter, state=state, info=info, keep=cfg.keep_checkpoints,
             best_step=self.watcher.best[0] if self.watcher.best else None,
-            write_lora=lambda p: save_lora(p, adapter, rank=cfg.rank, alpha=cfg.alpha,
+            write_lora=lambda p: save_lora(p, lora_weights, rank=cfg.rank, alpha=cfg.alpha,
                                                          fmt=cfg.lora_format, metadata=meta))
 
     def _finish(self, st, losses, smoothed, started, checkpoints) -> TrainResult:
         cfg, run_dir = self.cfg, st["run_dir"]
-        adapter = self.backbone.lora_state_dict()
+        with self._averaged():
+            adapter = self.backbone.lora_state_dict()
         n_images = len(st["report"].items)
         paths = []
         for i, fmt in enumerate([cfg.lora_format] + [f for f in cfg.extra_formats if f != cfg.lora_format]):
@@ -886,6 +904,10 @@ class Trainer:
         if self.world.is_main:
             atomic_write_text(run_dir / "summary.txt", result.summary)
         return result
+
+    def _averaged(self) -> AbstractContextManager:
+        """With --ema-decay, the average in the LoRA weights while they are evaluated or saved."""
+        return self.average.applied() if self.average else nullcontext()
 
     # ------------------------------------------------------------------
     @staticmethod
@@ -975,7 +997,8 @@ def summarize(result: TrainResult, cfg: TrainConfig) -> str:
         f"run          {result.run_dir}",
         f"model        {result.spec.title}",
         f"LoRA         {result.lora_path}  ({cfg.lora_format} format, rank {cfg.rank}, alpha {cfg.alpha:g}, "
-        f"{len(result.targets)} layers)",
+        f"{len(result.targets)} layers" + (f"; the average of its weights, decay {cfg.ema_decay:g}" if cfg.ema_decay
+                                           else "") + ")",
     ]
     lines += [f"also         {p}" for p in result.extra_lora_paths]
     lines += [

@@ -138,7 +138,8 @@ def describe(handle: ConfigHandle) -> str:
              f"{cfg.steps} steps, learning rate {cfg.learning_rate:g} ({cfg.lr_scheduler}), optimizer {cfg.optimizer}",
              f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation}, dtype {handle.overrides['dtype']}, "
              f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
-             f"checkpoint every {cfg.save_every or 'end only'}, seed {cfg.seed}, timesteps {cfg.timestep_sampling}",
+             f"checkpoint every {cfg.save_every or 'end only'}, seed {cfg.seed}, timesteps {cfg.timestep_sampling}"
+             + (f", saves the average of the weights (ema_decay {cfg.ema_decay:g})" if cfg.ema_decay else ""),
              f"validation loss every {cfg.validate_every or 'never'}; previews "
              + (f"every {cfg.preview_every} steps, {cfg.preview_resolution}px, {cfg.preview_steps} steps: "
                 + " | ".join(preview_prompts(cfg)) if cfg.preview_every else "off")]

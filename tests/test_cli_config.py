@@ -147,8 +147,9 @@ def test_importing_the_pack_does_not_load_torch():
 def test_numbers_out_of_range_and_text_encoder_layers_are_checked_with_the_options():
     with pytest.raises(ConfigError) as err:
         resolve_config(overrides={"adam_beta1": 1.5, "learning_rate": float("inf"), "weight_decay": float("nan"),
-                                  "lr_num_cycles": 0, "timestep_shift": "inf"})
+                                  "lr_num_cycles": 0, "timestep_shift": "inf", "ema_decay": 1.0})
     msg = str(err.value)
+    assert "--ema-decay must be in [0, 1)" in msg
     assert "--adam-beta1 must be in [0, 1)" in msg and "--learning-rate must be a finite number" in msg
     assert "--weight-decay must be a finite number" in msg and "--lr-num-cycles must be at least 1" in msg
     assert "--timestep-shift must be a positive number" in msg

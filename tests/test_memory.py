@@ -121,6 +121,8 @@ def test_the_lora_and_optimizer_parts_are_what_the_real_classes_allocate(tmp_pat
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
     assert est.parts["optimizer state"] == state_bytes  # AdamW: exp_avg and exp_avg_sq, float32
+    averaged = estimate_memory(backbone.spec, resolve_config(overrides=dict(c.to_dict(), ema_decay=0.99)))
+    assert averaged.parts["optimizer state"] == state_bytes + 4 * n  # and the float32 average
     weights = sum(p.numel() * p.element_size() for p in backbone.module.parameters() if not p.requires_grad)
     assert est.parts["frozen weights"] == weights  # float32 here: the run's dtype
 

@@ -81,22 +81,52 @@ def test_training_lowers_the_loss_on_fixed_noise(demo_dataset, tiny_pipeline_dir
 
 
 def test_resume_continues_with_the_same_loss_sequence(demo_dataset, tiny_pipeline_dir, tmp_path):
-    full = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "a", gradient_accumulation=2),
-                 tiny_pipeline_dir)
+    # With --ema-decay the saved LoRA is the average: equal only if the weights, the optimizer and
+    # the average all continue exactly.
+    options = dict(gradient_accumulation=2, ema_decay=0.9)
+    full = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "a", **options), tiny_pipeline_dir)
 
     trained = {}  # Cancel pressed once the first step is reported
     bus = EventBus([lambda e: trained.update(yes=True) if isinstance(e, StepEvent) else None])
     with pytest.raises(TrainingCancelled) as stopped:
-        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", **options),
               tiny_pipeline_dir, events=bus, should_stop=lambda: trained.get("yes", False))
     assert stopped.value.step == 2  # the first step's loss is read while the second runs
     run_dir = tmp_path / "b" / "run"
-    resumed = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", gradient_accumulation=2),
+    resumed = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "b", **options),
                     tiny_pipeline_dir, resume=run_dir)
 
     assert resumed.losses == full.losses  # bit-identical on the CPU
     a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_saved_lora_is_the_moving_average_of_the_weights_with_ema_decay(demo_dataset, tiny_pipeline_dir,
+                                                                             tmp_path, device):
+    decay, weights = 0.5, []  # each step's trained weights, as its hook sees them
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, ema_decay=decay, validate_every=3, device=device)
+    result = train(cfg, tiny_pipeline_dir, hooks=[lambda step, t: weights.append(t.backbone.lora_state_dict())])
+
+    # diffusers' EMAModel: the first step's weights, then a decay of min(decay, n / (9 + n)) at step n.
+    average = dict(weights[0])
+    for n, w in enumerate(weights[1:], start=2):
+        d = min(decay, n / (9 + n))
+        average = {k: d * average[k] + (1 - d) * w[k] for k in w}
+    last = ckpt.checkpoint_dir(result.run_dir, 6)
+    trained = load_file(str(last / "adapter.safetensors"))  # what a resumed run trains on
+    assert all(torch.equal(trained[k], weights[-1][k]) for k in trained)
+    for k in average:
+        torch.testing.assert_close(result.adapter[k], average[k], rtol=1e-5, atol=1e-7)
+    assert any((trained[k] - average[k]).abs().max() > 1e-4 for k in average), "the average is the last weights"
+    # The run's LoRA and the checkpoint's LoRA file hold the average, scale folded in as always.
+    assert [k for k in load_file(str(result.lora_path))] and load_file(str(last / "lora.safetensors")).keys() == \
+        load_file(str(result.lora_path)).keys()
+    final, in_checkpoint = load_file(str(result.lora_path)), load_file(str(last / "lora.safetensors"))
+    assert all(torch.equal(final[k], in_checkpoint[k]) for k in final)
+    b_key = next(k for k in average if "lora_B" in k)
+    assert torch.allclose(final[f"transformer.{b_key}"].float(), average[b_key] * cfg.alpha / cfg.rank, rtol=1e-2, atol=1e-4)
+    assert "the average of its weights, decay 0.5" in result.summary
 
 
 def test_checkpoints_are_complete_and_only_the_last_k_are_kept(demo_dataset, tiny_pipeline_dir, tmp_path):
