@@ -222,7 +222,7 @@ def test_a_train_node_inside_a_subgraph_gets_its_run_live_and_from_the_history(c
     page = comfy_page
     page.load_template(PACK_FOLDER, TEMPLATE)
     ids = make_tiny(page, robots)
-    page.set_widgets(ids["Flux2LoraConfig"], {"steps": 3, "seed": 4343})
+    page.set_widgets(ids["Flux2LoraConfig"], {"steps": 3, "seed": 4343, "preview_every": 0, "advanced": ""})
     placed = page.page.evaluate(TO_SUBGRAPH_JS, ids["Flux2TrainLora"])
     assert placed is not None, "the Train LoRA node did not move into a subgraph"
     execution_id = f"{placed[0]}:{placed[1]}"
