@@ -27,9 +27,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
-        # default=SUPPRESS keeps ArgumentDefaultsHelpFormatter from adding "(default: None)";
-        # `_overrides` reads a missing option as not given.
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        kw = dict(dest=f.name, default=None, help=help_text)  # None: not given (the help says the real default)
         if f.metadata.get("choices"):
             kw["choices"] = [c for c in f.metadata["choices"] if c]
         if isinstance(default, bool):
@@ -145,7 +143,7 @@ def _install_sigint(flag: dict) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _HIDDEN_FIELDS}
 
 
 def _resolve(args: argparse.Namespace, config_file=None, dataset_required: bool = False, check_places: bool = True):

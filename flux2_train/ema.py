@@ -1,8 +1,8 @@
 """An exponential moving average of the LoRA weights (`--ema-decay`).
 
 diffusers' `EMAModel` keeps the average: a float32 copy of each trainable tensor, updated after
-each optimizer step with a decay that starts low and rises to `ema_decay` ((1 + n) / (10 + n) at
-step n), so the first steps do not drag a stale start into the average. The run validates,
+each optimizer step with a decay that starts low and rises to `ema_decay` (n / (9 + n) at the n-th
+update; the first copies the weights), so the first steps do not drag a stale start into the average. The run validates,
 previews and saves the average; its checkpoints keep both (the weights to train on, and the
 average in the training state), so a resumed run continues both.
 """

@@ -14,7 +14,7 @@ from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
 
 PRESET = "preset"  # a combo value that leaves the option to the presets
 # Options that other nodes own: the dataset node, or ComfyUI itself (folders, device).
-_NOT_HERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",
+SET_ELSEWHERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",
              "max_aspect_ratio", "flip", "model", "encoders", "output_dir", "cache_dir", "device", "resume",
              "subject_preset", "quick_preset", "max_sequence_length"}
 
@@ -121,7 +121,7 @@ def parse_advanced(text: str) -> dict:
     if unknown:
         raise ConfigError(f"unknown advanced option(s) {', '.join(unknown)}; see `python -m flux2_train train --help`"
                           " for the names (with _ instead of -)")
-    owned = sorted(set(values) & _NOT_HERE)
+    owned = sorted(set(values) & SET_ELSEWHERE)
     if owned:
         raise ConfigError(f"set {', '.join(owned)} on the dataset node (or leave it to ComfyUI), not in advanced")
     return values

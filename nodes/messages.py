@@ -8,6 +8,7 @@ passes through `in_widget_words`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,15 +18,18 @@ from flux2_train.errors import Flux2TrainError
 
 # Engine options whose widget has another name.
 _WIDGET_NAMES = {"dataset": "folder", "caption_ext": "caption_extension"}
-# Options set on a widget of some node, or by ComfyUI itself: named, with no pointer to advanced.
-_NOT_ADVANCED = {"rank", "alpha", "steps", "learning_rate", "optimizer", "batch_size", "gradient_accumulation",
-                 "dtype", "gradient_checkpointing", "save_every", "seed", "preview_every", "preview_prompts",
-                 "subject_preset", "quick_preset", "dataset", "caption_ext", "trigger_word", "default_caption",
-                 "repeats", "resolution", "max_aspect_ratio", "flip", "resume", "model", "encoders", "output_dir",
-                 "cache_dir", "device", "max_sequence_length"}
 _OPTIONS = {*TrainConfig.__dataclass_fields__, "resume"}
 _FLAG = re.compile(r"(?<![\w-])--(no-)?([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 ADVANCED_WHERE = "set in the advanced box of FLUX.2 LoRA Config"
+
+
+@functools.cache
+def _not_advanced() -> frozenset[str]:
+    """Options set on a widget of the config node, or by another node or ComfyUI itself: named, with no
+    pointer to the advanced box. (Imported here: the config node imports this module.)"""
+    from .config_node import SET_ELSEWHERE, Flux2LoraConfig
+
+    return frozenset({i.id for i in Flux2LoraConfig.define_schema().inputs} | SET_ELSEWHERE)
 
 
 def in_widget_words(message: str) -> str:
@@ -37,7 +41,7 @@ def in_widget_words(message: str) -> str:
         negated, option = match.group(1), match.group(2).replace("-", "_")
         if option not in _OPTIONS:
             return match.group(0)
-        if option not in _NOT_ADVANCED and option not in advanced:
+        if option not in _not_advanced() and option not in advanced:
             advanced.append(option)
         name = _WIDGET_NAMES.get(option, option)
         return f"{name}: false" if negated else name

@@ -8,6 +8,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -125,8 +126,9 @@ def device_memory(device: torch.device) -> int | None:
     return int(comfy.model_management.get_total_memory(device) - comfy.model_management.extra_reserved_memory())
 
 
-def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume: str = "") -> TrainConfig:
-    """The engine config for this MODEL: presets, knobs, the dataset's options, ComfyUI's folders and device."""
+def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume: Path | None = None) -> TrainConfig:
+    """The engine config for this MODEL: presets, knobs, the dataset's options, ComfyUI's folders and device.
+    `resume`: the checkpoint folder a resumed run continues from."""
     check_flux2(model)
     device = comfy.model_management.get_torch_device()
     compute = model.model.get_dtype_inference()
@@ -142,8 +144,8 @@ def training_config(model, dataset: DatasetHandle, config: ConfigHandle, resume:
         del overrides["repeats"]  # the dataset node's default: auto plans the repeats from the images
     cfg = resolve_config(config.subject_preset, config.quick_preset, overrides=overrides,
                          image_count=len(dataset.report.items))
-    if resume:  # the run's own name, also when `resume` is one of its checkpoints
-        cfg.name = ckpt.find_checkpoint(paths.run_folder(resume)).parent.parent.name
+    if resume:  # the run's own name (runs/<name>/checkpoints/step-N)
+        cfg.name = resume.parent.parent.name
     return cfg
 
 
@@ -215,8 +217,8 @@ def train_lora(model, clip, vae, dataset: DatasetHandle, config: ConfigHandle, r
     the last previews as an IMAGE batch)."""
     progress = ComfyProgress(node_id, total=0, workflow=workflow)  # each step event gives the total
     try:
-        cfg = training_config(model, dataset, config, resume)
         resume_path = ckpt.find_checkpoint(paths.run_folder(resume)) if resume else None
+        cfg = training_config(model, dataset, config, resume_path)
         encoder = ComfyEncoders(clip, vae, model)
         backbone = ComfyFlux2Backbone(model)
         # The Trainer's preflight estimates (and under `auto` plans) the run before any heavy work.
