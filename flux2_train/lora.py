@@ -188,6 +188,39 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor sharded over processes (FSDP), else `t`."""
+    if not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_of_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `part` is this process's part, cut as `like` is (FSDP; a collective), else `part`."""
+    if not torch.distributed.is_available():
+        return part
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return part
+    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def part_of_whole(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of `whole`, cut as `like` is sharded (FSDP; a collective), on its device and in its dtype."""
+    whole = whole.to(device=like.device, dtype=like.dtype)
+    if not torch.distributed.is_available():
+        return whole
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
+
+
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 

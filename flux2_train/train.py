@@ -722,9 +722,6 @@ class Trainer:
         self.strategy, why, plan = plan_processes(spec, cfg, self.backbone.memory_placement(), available,
                                                   self.world.size, list(report.bucket_counts),
                                                   resuming=bool(self.resume))
-        if self.strategy == "fsdp" and cfg.ema_decay:
-            raise ConfigError("--ema-decay averages whole LoRA weights, and FSDP shards them over the processes: "
-                              "train with --multi-gpu ddp (each GPU holds the whole model) or without --ema-decay")
         if why:
             log.info("%s", why)
             self.events.emit(StatusEvent("info", why, total=cfg.steps))
@@ -850,6 +847,7 @@ class Trainer:
         with self._averaged():
             lora_weights = self.backbone.lora_state_dict() if self.average else adapter  # the LoRA file's
         optimizer_state = whole_state(st["optimizer"].state_dict())
+        average = self.average.state() if self.average else None
         if not self.world.is_main:
             return ckpt.checkpoint_dir(st["run_dir"], step)
         meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=step, image_count=len(st["report"].items),
@@ -861,7 +859,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "lr_scheduler": st["lr_scheduler"].state_dict(),
             **self.watcher.state(),
-            **({"ema": self.average.state()} if self.average else {}),
+            **({"ema": average} if average else {}),
         }
         info = {"step": step, "config": cfg.to_dict(), "model": st["spec"].to_dict(), "targets": st["targets"],
                 "processes": self.world.size, "accumulation_per_process": st["accumulation"],

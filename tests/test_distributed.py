@@ -69,10 +69,26 @@ def step_losses(run: Path) -> list[float]:
 
 
 def assert_same_lora(a: Path, b: Path) -> None:
+    """Tensor for tensor. Weights equal to float32's last bits may round to bfloat16 (a LoRA file's
+    dtype) one step apart, so such files agree to bfloat16's step (2^-7 relative, at most)."""
     sa, sb = load_file(str(a)), load_file(str(b))
     assert sa.keys() == sb.keys()
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
+        rtol = 2**-7 if sa[k].dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=1e-6, msg=k)
+
+
+def assert_same_average(a: Path, b: Path) -> None:
+    """The float32 moving averages that two checkpoints hold, whole (gathered from FSDP's shards)."""
+    sa, sb = (ckpt.load_state(c / ckpt.STATE_FILE)["ema"]["shadow_params"] for c in (a, b))
+    assert len(sa) == len(sb)
+    for x, y in zip(sa, sb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+# The runs compared with the reference save the moving average of the weights (`--ema-decay`): the
+# same average from the same weights, whether the processes hold the whole adapter (DDP) or shards (FSDP).
+AVERAGED = dict(ema_decay=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +97,7 @@ def one_process_batch_two(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     from flux2_train.demo import DEMO_DATA
 
-    args = options(tiny_pipeline_dir, DEMO_DATA, root / "out", root / "cache", gradient_accumulation=2)
+    args = options(tiny_pipeline_dir, DEMO_DATA, root / "out", root / "cache", gradient_accumulation=2, **AVERAGED)
     assert main(["train", *args]) == 0
     return root / "out" / "run"
 
@@ -89,12 +105,13 @@ def one_process_batch_two(tiny_pipeline_dir, tmp_path_factory):
 def test_two_processes_train_what_one_process_trains_with_their_batch_and_one_resumes_them(
         one_process_batch_two, tiny_pipeline_dir, demo_dataset, tmp_path, caplog):
     out = tmp_path / "out"
-    keep = dict(gradient_accumulation=2, keep_effective_batch=True)  # accumulation 2, shared by the processes
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)  # accumulation 2, shared by the processes
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep) + ["--num-gpus", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (DDP): effective batch 1 x 1 x 2 = 2" in done.stderr
     run = out / "run"
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    assert_same_average(run / "checkpoints" / "step-000004", one_process_batch_two / "checkpoints" / "step-000004")
     assert step_losses(run) == pytest.approx(step_losses(one_process_batch_two), rel=1e-5)
 
     # One writer: one run folder, one line per step, each checkpoint once, the summary printed once.
@@ -123,7 +140,7 @@ def test_two_processes_train_what_one_process_trains_with_their_batch_and_one_re
 def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_batch_two, tiny_pipeline_dir,
                                                                    demo_dataset, tmp_path):
     out = tmp_path / "out"
-    keep = dict(gradient_accumulation=2, keep_effective_batch=True)
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)
     # With the validation loss and previews, which need every process in each sharded forward pass.
     watch = dict(validate_every=1, preview_every=2, preview_resolution=64, preview_steps=2)
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=2, multi_gpu="fsdp",
@@ -136,15 +153,18 @@ def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_b
     assert [m["step"] for m in metrics if m["kind"] == "validation"] == [0, 1, 2]
     info = json.loads((run / "checkpoints" / "step-000002" / "checkpoint.json").read_text())
     assert info["multi_gpu"] == "fsdp"
-    # The checkpoint holds the whole adapter and optimizer state, gathered from the shards.
+    # The checkpoint holds the whole adapter, optimizer state and average, gathered from the shards.
     state = ckpt.load_state(run / "checkpoints" / "step-000002" / ckpt.STATE_FILE)
     adapter = load_file(str(run / "checkpoints" / "step-000002" / "adapter.safetensors"))
     shapes = sorted(tuple(v.shape) for v in adapter.values())
     assert sorted(tuple(s["exp_avg"].shape) for s in state["optimizer"]["state"].values()) == shapes
+    assert sorted(tuple(s.shape) for s in state["ema"]["shadow_params"]) == shapes
 
     assert main(["train", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep),
                  "--resume", str(run)]) == 0
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    for step in ("step-000002", "step-000004"):
+        assert_same_average(run / "checkpoints" / step, one_process_batch_two / "checkpoints" / step)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batch_two, tiny_pipeline_dir,
@@ -156,10 +176,11 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batc
     shutil.rmtree(run / "checkpoints" / "step-000004")
     (run / "run.safetensors").unlink()
     done = launch(options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache",
-                          gradient_accumulation=2, keep_effective_batch=True, multi_gpu="fsdp")
+                          gradient_accumulation=2, keep_effective_batch=True, multi_gpu="fsdp", **AVERAGED)
                   + ["--num-gpus", "2", "--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    assert_same_average(run / "checkpoints" / "step-000004", one_process_batch_two / "checkpoints" / "step-000004")
 
 
 @pytest.mark.parametrize("problem", ["accumulation", "empty dataset"])
