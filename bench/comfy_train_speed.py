@@ -12,6 +12,14 @@ ComfyUI's model management moves them). The run is the node's path: the pack's
     python bench/comfy_train_speed.py ... --no-dynamic-vram --compile --attention cudnn
     python bench/comfy_train_speed.py ... --weight-dtype fp8_mixed --no-dynamic-vram --compile
 
+`--from-file` writes the weights to a safetensors file and loads that as Load Diffusion Model does
+(`comfy.sd.load_diffusion_model`), so ComfyUI can load it again: under DynamicVRAM (the default
+here, as in ComfyUI on NVIDIA) the node trains on such a MODEL's resident copy. `--check-shared`
+runs the loaded MODEL twice before the training and once after it, as sampling does (inference
+mode), and records how far its output moved from the second run to the one after the training
+(0: the MODEL every other node holds is as it was), how far the second moved from the first, and
+its largest value.
+
 `--weight-dtype fp8_e4m3fn` is the loader's fp8 weight dtype; `fp8_mixed` stores the block
 Linears as ComfyUI's fp8 "mixed" files do (e4m3 with a per-tensor scale; it needs the
 `comfy-kitchen` package, which ComfyUI's requirements install).
@@ -118,6 +126,20 @@ def fp8_mixed(sd: dict, fmt: str = "float8_e4m3fn") -> dict:
     return out
 
 
+def model_output(comfy, patcher, config: dict) -> torch.Tensor:
+    """The MODEL's prediction for a fixed small input, run as sampling runs it (inference mode,
+    ComfyUI's model management)."""
+    comfy.model_management.load_models_gpu([patcher])
+    device, dtype = patcher.load_device, patcher.model.get_dtype_inference()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, config["in_channels"], 8, 8, generator=g).to(device, dtype)
+    context = torch.randn(1, 16, config["joint_attention_dim"], generator=g).to(device, dtype)
+    extra = {"guidance": torch.ones(1, device=device)} if config.get("guidance_embeds") else {}
+    with torch.inference_mode():
+        out = patcher.model.diffusion_model(x, torch.full((1,), 0.5, device=device), context=context, **extra)
+    return out.float().cpu()
+
+
 def run(args) -> dict:
     comfy = import_comfy(Path(args.comfyui), cpu=args.cpu, dynamic_vram=not args.no_dynamic_vram,
                          reserve_vram=args.reserve_vram)
@@ -142,14 +164,29 @@ def run(args) -> dict:
         if args.weight_dtype == "fp8_mixed":
             sd = fp8_mixed(sd)
         options = {"dtype": WEIGHT_DTYPES[args.weight_dtype]} if WEIGHT_DTYPES[args.weight_dtype] else {}
-        with torch.inference_mode():  # as ComfyUI's executor runs the loader node
-            patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
-        del sd
+        if args.from_file:
+            from safetensors.torch import save_file
+
+            save_file(sd, str(work / "model.safetensors"))
+            del sd
+            with torch.inference_mode():  # as ComfyUI's executor runs the loader node
+                patcher = comfy.sd.load_diffusion_model(str(work / "model.safetensors"), model_options=options)
+        else:
+            with torch.inference_mode():
+                patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+            del sd
         rec["load_seconds"] = time.perf_counter() - t0
         rec["patcher"] = type(patcher).__name__
         rec["model_bytes"] = patcher.model_size()
         rec["compute_dtype"] = str(patcher.model.get_dtype_inference())
+        before = None
+        if args.check_shared:  # twice: the first run's casts may differ from later ones'
+            first = model_output(comfy, patcher, config)
+            before = model_output(comfy, patcher, config)
+            rec["shared_output_repeat"] = (before - first).abs().max().item()
+            rec["shared_output_scale"] = before.abs().max().item()
         backbone = comfy_model.ComfyFlux2Backbone(patcher)
+        rec["trains_resident_copy"] = comfy_model.trains_resident_copy(patcher)
         names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
         dtype = names.get(patcher.model.get_dtype_inference(), "bfloat16")
         cfg = resolve_config(overrides=dict(
@@ -181,6 +218,8 @@ def run(args) -> dict:
                                  events=EventBus([on_event])).run()
             finally:
                 backbone.release()
+        if before is not None:
+            rec["shared_output_change"] = (model_output(comfy, patcher, config) - before).abs().max().item()
         rec["lora_layers"] = len(result.targets)
         secs = [s for s, _ in steps][args.warmup:]
         rec["median_s_per_step"] = statistics.median(secs)
@@ -220,6 +259,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dynamic-vram", action="store_true", help="as ComfyUI's --disable-dynamic-vram")
+    p.add_argument("--from-file", action="store_true",
+                   help="load the weights from a safetensors file, as Load Diffusion Model does")
+    p.add_argument("--check-shared", action="store_true",
+                   help="record how far the loaded MODEL's output moved over the training (0: not at all)")
     p.add_argument("--reserve-vram", type=float, default=None,
                    help="as ComfyUI's --reserve-vram: GiB to leave free (makes the GPU look smaller)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test with --family tiny)")

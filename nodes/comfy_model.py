@@ -1,6 +1,7 @@
 """ComfyUI's FLUX.2 MODEL behind the engine's `Flux2Backbone` contract.
 
-The trainer works on the MODEL the graph already loaded; nothing is copied:
+The trainer works on the MODEL the graph already loaded; nothing is copied (but for a
+streamed MODEL that fits: the DynamicVRAM item below):
 - a clone of the ModelPatcher is loaded through ComfyUI's model management, so
   the MODEL other nodes hold keeps its patches and options;
 - adapters are forward hooks on ComfyUI's own Linear modules (`base(x) + lora(x)`),
@@ -13,6 +14,10 @@ The trainer works on the MODEL the graph already loaded; nothing is copied:
   fp8 (the engine's `fp8_linear`, which also adds such a Linear's adapter into
   its product in place, in place of the hook), and the blocks compile. Streamed
   or offloaded weights go through ComfyUI's own casts, eager;
+- a MODEL that DynamicVRAM (ComfyUI's default on NVIDIA) streams, and whose weights
+  take at most `RESIDENT_SHARE` of the GPU, trains on ComfyUI's non-dynamic delegate
+  of it instead: the same file loaded again, whole on the GPU, so the blocks compile
+  (ComfyUI's own trainer loads its model again too). It is unloaded after the run;
 - one ComfyUI Linear can hold several diffusers layers (`img_attn.qkv` is
   `to_q`, `to_k`, `to_v`): its adapter is the diffusers layers' LoRAs side by
   side, so the math, the state dict and the files equal the engine's.
@@ -64,6 +69,21 @@ def check_flux2(model_patcher) -> None:
             "Load a FLUX.2 diffusion model (e.g. flux2_dev_fp8mixed.safetensors or "
             "flux-2-klein-base-4b.safetensors) with Load Diffusion Model and connect that MODEL."
         )
+
+
+# A streamed (DynamicVRAM) MODEL trains on a resident copy where its weights take at most this share
+# of the GPU's memory: the rest holds the activations. A larger one trains streamed, eager.
+RESIDENT_SHARE = 0.6
+
+
+def trains_resident_copy(model_patcher) -> bool:
+    """Whether training takes ComfyUI's non-dynamic delegate of this MODEL (`ComfyFlux2Backbone.prepare`):
+    DynamicVRAM streams it, its loader can load it again (a stock loader), and it takes at most
+    `RESIDENT_SHARE` of the GPU."""
+    if not model_patcher.is_dynamic() or getattr(model_patcher, "cached_patcher_init", None) is None:
+        return False
+    total = comfy.model_management.get_total_memory(model_patcher.load_device)
+    return model_patcher.model_size() <= RESIDENT_SHARE * total
 
 
 def comfy_spec(model_patcher) -> ModelSpec:
@@ -212,6 +232,7 @@ class ComfyFlux2Backbone:
         self._was_training = self.diffusion_model.training
         self._was_in_training = comfy.model_management.in_training
         self._prepared = False
+        self._streamed_source = None  # the DynamicVRAM clone whose delegate this run trains on
         self.streams_weights = False  # weights go through ComfyUI's per-op casts (eager)
         self.fp8_layers = 0  # Linears multiplying ComfyUI's fp8 weights in fp8
         self._eager_reason: str | None = None
@@ -272,7 +293,8 @@ class ComfyFlux2Backbone:
         # fp8 "mixed" models report their compute dtype, not their storage; ComfyUI stores
         # dtypes other than these three as fp8 variants.
         fmt = stored_format(size, comfy_spec(model_patcher).param_count) or DTYPE_FORMATS.get(stored, "fp8")
-        return Placement("comfyui", fmt, stored_bytes=size, streamed=model_patcher.is_dynamic(),
+        streamed = model_patcher.is_dynamic() and not trains_resident_copy(model_patcher)
+        return Placement("comfyui", fmt, stored_bytes=size, streamed=streamed,
                          casts_per_op=_cast_per_op(model_patcher.model.diffusion_model), allocator=allocator_in_use(),
                          host_free=host_memory_free())
 
@@ -281,16 +303,21 @@ class ComfyFlux2Backbone:
         if dtype != compute:
             raise ConfigError(f"this MODEL computes in {str(compute).removeprefix('torch.')}; train it with that "
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
+        if trains_resident_copy(self.patcher):
+            self._take_resident_copy()
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=training_bytes)
         self._make_weights_trainable()
         if self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size():
             self._eager_reason = ("ComfyUI streams this MODEL's weights (DynamicVRAM, its default on NVIDIA) or "
                                   "keeps part of them in CPU memory, and its streaming code does not compile; "
-                                  "blocks compile where the whole model sits on the GPU (ComfyUI started with "
-                                  "--disable-dynamic-vram, and the model fits)")
+                                  "blocks compile where the whole model sits on the GPU (a streamed MODEL "
+                                  f"from a stock loader whose weights take at most {RESIDENT_SHARE:.0%} of the "
+                                  "GPU trains on a resident copy; or start ComfyUI with --disable-dynamic-vram)")
         elif _casts_weights(self.diffusion_model):
             self._eager_reason = self._read_weights_in_place(self.patcher.load_device, compute)
+        if self.patcher.is_dynamic():
+            _forget_streamed_casts(self.diffusion_model)
         if self._eager_reason:
             # Weights cast per op would otherwise be kept in their cast form by autograd: a second
             # copy of the model.
@@ -371,6 +398,30 @@ class ComfyFlux2Backbone:
         if self._prepared:
             comfy.model_management.in_training = self._was_in_training
             self._prepared = False
+        if self._streamed_source is not None:
+            self._drop_resident_copy()
+
+    def _take_resident_copy(self) -> None:
+        """Train on ComfyUI's non-dynamic delegate of the streamed MODEL: its loader loads the file
+        again as a regular model, which `load_models_gpu` then holds whole on the GPU."""
+        source = self.patcher
+        log.info("DynamicVRAM streams this MODEL (%.1f GiB): training loads a copy that stays on the GPU, so its "
+                 "blocks compile", source.model_size() / 2**30)
+        _unload(source.model)  # what sampling left of it on the GPU: the copy takes its place
+        self.patcher = source.get_non_dynamic_delegate()
+        source.non_dynamic_delegate_model = None  # not kept for later: unloaded after the run
+        self._streamed_source = source
+        self.diffusion_model = self.patcher.model.diffusion_model
+        self._named = dict(self.diffusion_model.named_modules())
+        self._was_training = self.diffusion_model.training
+
+    def _drop_resident_copy(self) -> None:
+        """Unload the delegate: its GPU memory goes back to ComfyUI, which streams the MODEL again."""
+        _unload(self.patcher.model)
+        self.patcher, self._streamed_source = self._streamed_source, None
+        self.diffusion_model = self.patcher.model.diffusion_model
+        self._named = dict(self.diffusion_model.named_modules())
+        comfy.model_management.soft_empty_cache()
 
     # -- internals -------------------------------------------------------------
     def _set_for_the_run(self, module: nn.Module, name: str, value) -> None:
@@ -488,6 +539,24 @@ class ComfyFlux2Backbone:
 
 
 _UNSET = object()
+
+
+def _unload(model) -> None:
+    """Unload each loaded ModelPatcher of `model` (a ComfyUI BaseModel) as ComfyUI's model management does."""
+    loaded = comfy.model_management.current_loaded_models
+    for i in reversed(range(len(loaded))):
+        patcher = loaded[i].model
+        if patcher is not None and patcher.model is model:
+            loaded.pop(i).model_unload()
+
+
+def _forget_streamed_casts(model: nn.Module) -> None:
+    """Make DynamicVRAM cast each weight afresh. It keeps the tensor it cast a weight into for as long
+    as the weight stays on the GPU; one cast while sampling (under inference mode) is an inference
+    tensor, which autograd refuses. A fresh cast costs one copy of each weight, once."""
+    for module in model.modules():
+        if getattr(module, "_v_signature", None) is not None:
+            module._v_signature = None
 
 
 def _casts_weights(model: nn.Module) -> bool:

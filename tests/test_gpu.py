@@ -326,3 +326,45 @@ def test_comfyuis_model_compiles_and_multiplies_its_fp8_weights_in_fp8_on_the_gp
         assert (rec["fp8_layers"] > 0) == name.startswith("fp8"), name
         gaps = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], plain)]
         assert all(math.isfinite(x) for x in rec["losses"]) and max(gaps) < 0.05, (name, rec["losses"], plain)
+
+
+@pytest.mark.gpu
+def test_a_model_that_dynamic_vram_streams_trains_compiled_on_a_resident_copy_and_stays_as_it_was(tmp_path):
+    """DynamicVRAM (ComfyUI's default on NVIDIA) casts each weight per op, which does not compile. A MODEL
+    from Load Diffusion Model that fits trains on ComfyUI's non-dynamic delegate of it: compiled, with
+    the losses of a resident MODEL, and the streamed MODEL gives the output it gave before the run. A
+    MODEL that ComfyUI cannot load again (no loader to repeat) trains streamed, eager."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from comfyui_harness import SKIP_REASON, locate_comfyui
+
+    comfyui = locate_comfyui()
+    if comfyui is None:
+        pytest.skip(SKIP_REASON)
+    repo = Path(__file__).resolve().parents[1]
+    runs = {"resident": ["--no-dynamic-vram", "--from-file"],
+            "streamed copy": ["--from-file", "--compile", "--check-shared"],
+            "streamed": ["--compile", "--check-shared"]}
+    records = {}
+    for name, options in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        out.mkdir()
+        done = subprocess.run([sys.executable, str(repo / "bench" / "comfy_train_speed.py"), "--comfyui", str(comfyui),
+                               "--family", "tiny", "--resolution", "64", "--steps", "6", "--warmup", "1", *options],
+                              env=os.environ | {"OUT": str(out)}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (records[name],) = json.loads((out / "comfy_bench.json").read_text())
+    if records["streamed"]["patcher"] != "ModelPatcherDynamic":
+        pytest.skip("comfy-aimdo (DynamicVRAM) did not start on this machine")
+    copy, streamed, plain = records["streamed copy"], records["streamed"], records["resident"]
+    assert copy["patcher"] == "ModelPatcherDynamic" and copy["trains_resident_copy"]
+    assert copy["compiled"] and not copy["streams_weights"]
+    assert not streamed["trains_resident_copy"] and streamed["streams_weights"] and not streamed["compiled"]
+    assert copy["shared_output_change"] == 0 and streamed["shared_output_change"] == 0  # sampling: as before
+    for rec in (copy, streamed):
+        gaps = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], plain["losses"])]
+        assert all(math.isfinite(x) for x in rec["losses"]) and max(gaps) < 0.05, (rec["losses"], plain["losses"])
