@@ -92,7 +92,8 @@ def test_engine_only_speed_options_are_refused_before_any_work(comfy, pack, tmp_
 
 
 def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, tiny_pipeline_dir):
-    """Compiled whole, each block kind in one graph, checkpointed or not (two of the three blocks are)."""
+    """Compiled whole, each block kind in one graph, checkpointed or not (two of the three blocks are),
+    and the shared model left as it was (as in test_training_leaves_the_shared_model_as_it_was)."""
     from torch._dynamo.utils import counters
 
     common = dict(caption_dropout=0.0, lora_dropout=0.0, steps=4, save_every=0, cache_dir=str(tmp_path / "cache"),
@@ -101,12 +102,16 @@ def test_compiled_blocks_train_exactly_like_eager_ones(comfy, pack, tmp_path, ti
     torch._dynamo.reset()
     counters.clear()
     for compiled in (False, True):
-        backbone = pack.ComfyFlux2Backbone(comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32)))
+        patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
+        as_it_was = SharedModelState(patcher.model.diffusion_model)
+        backbone = pack.ComfyFlux2Backbone(patcher)
         cfg = make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / f"compiled-{compiled}", compile=compiled, **common)
         try:
             losses[compiled] = run(cfg, backbone, tiny_pipeline_dir).losses
         finally:
             backbone.release()
+        assert backbone.compiled == compiled
+        as_it_was.check(comfy, backbone)
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     # One graph per block kind, and per shape kind (static, then dynamic) and grad mode (validation) at most:
     # a graph per block would hit the compiler's recompile limit on a real model and fall back to eager.
@@ -150,27 +155,38 @@ def test_the_training_attention_computes_what_comfyuis_attention_does(comfy, pac
                                attention_pytorch(*flat, 3, mask=mask))
 
 
+class SharedModelState:
+    """What other nodes see of a shared ComfyUI model: its weights (the same tensors), modules,
+    forwards and hooks; `check` asserts a training run left them as they were."""
+
+    def __init__(self, model):
+        self.model = model
+        self.values = {k: v.clone() for k, v in model.state_dict().items()}
+        self.tensors = {k: (v.data_ptr(), v.is_inference()) for k, v in model.state_dict().items()}
+        self.modules = [(n, type(m)) for n, m in model.named_modules()]
+
+    def check(self, comfy, backbone) -> None:
+        model, after = self.model, self.model.state_dict()
+        assert all(torch.equal(self.values[k], after[k]) for k in self.values)
+        assert {k: (v.data_ptr(), v.is_inference()) for k, v in after.items()} == self.tensors  # originals back
+        assert [(n, type(m)) for n, m in model.named_modules()] == self.modules
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert backbone.patcher.patches == {} and backbone.patcher.injections == {}
+        assert comfy.model_management.in_training is False
+
+
 def test_training_leaves_the_shared_model_as_it_was(comfy, pack, tmp_path, tiny_pipeline_dir):
+    """Eager here, at a high learning rate; compiled in test_compiled_blocks_train_exactly_like_eager_ones."""
     patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
-    model = patcher.model.diffusion_model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tensors = {k: (v.data_ptr(), v.is_inference()) for k, v in model.state_dict().items()}
-    modules = [(n, type(m)) for n, m in model.named_modules()]
+    as_it_was = SharedModelState(patcher.model.diffusion_model)
     backbone = pack.ComfyFlux2Backbone(patcher)
     try:
-        run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0, compile=True,
+        run(make_cfg(DEMO_DATA, tiny_pipeline_dir, tmp_path / "run", steps=3, save_every=0,
                      learning_rate=1e-2, cache_dir=str(tmp_path / "cache")), backbone, tiny_pipeline_dir)
     finally:
         backbone.release()
-    assert backbone.compiled
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert {k: (v.data_ptr(), v.is_inference()) for k, v in after.items()} == tensors  # no copy, originals back
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert backbone.patcher.patches == {} and backbone.patcher.injections == {}
-    assert comfy.model_management.in_training is False
+    as_it_was.check(comfy, backbone)
 
 
 def test_the_adapters_are_live_only_while_training(comfy, pack, tiny_pipeline_dir):
