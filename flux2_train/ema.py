@@ -16,14 +16,15 @@ from contextlib import contextmanager
 import torch
 
 from .errors import ResumeError
-from .lora import local_part, part_of_whole, whole_of_part
+from .lora import local_part, part_of_whole, reshard, whole_of_part
 
 
 class AdapterAverage:
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, module: torch.nn.Module | None = None):
         from diffusers.training_utils import EMAModel
 
         self.params = params  # FSDP's shards where the run shards the adapter
+        self.module = module  # the model that holds them (FSDP's gathered copies are dropped around a swap)
         self.average = EMAModel(self._parts(), decay=decay, foreach=True)
 
     def _parts(self) -> list[torch.Tensor]:
@@ -41,12 +42,18 @@ class AdapterAverage:
         """The average in the adapter's weights for the block's duration (to evaluate or save it),
         the trained weights back afterwards."""
         parts = self._parts()
+        self._reshard()
         self.average.store(parts)
         self.average.copy_to(parts)
         try:
             yield
         finally:
+            self._reshard()
             self.average.restore(parts)
+
+    def _reshard(self) -> None:
+        if self.module is not None:
+            reshard(self.module)
 
     def state(self) -> dict:
         """The average as whole tensors (gathered from FSDP's shards: every process calls it)."""

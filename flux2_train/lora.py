@@ -197,6 +197,19 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def reshard(module: nn.Module) -> None:
+    """Drop what FSDP gathered of `module`'s weights, so its next forward pass gathers the shards as
+    they are now. FSDP keeps the root's gathered weights after a forward pass without gradients
+    (validation, previews): weights written into the shards meanwhile would go unseen."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def whole_of_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor of which `part` is this process's part, cut as `like` is (FSDP; a collective), else `part`."""
     if not torch.distributed.is_available():

@@ -498,7 +498,7 @@ class Trainer:
             if self.strategy == "fsdp" and device.type == "cuda":
                 torch.cuda.empty_cache()  # a model that came from this GPU left its blocks cached
         optimizer = build_optimizer(cfg, params, device)
-        self.average = AdapterAverage(params, cfg.ema_decay) if cfg.ema_decay else None
+        self.average = AdapterAverage(params, cfg.ema_decay, module) if cfg.ema_decay else None
         from diffusers.optimization import get_scheduler
 
         # Stepped by the loop once per optimizer step (accelerate's wrapper would step it

@@ -78,12 +78,14 @@ RESIDENT_SHARE = 0.6
 
 def trains_resident_copy(model_patcher) -> bool:
     """Whether training takes ComfyUI's non-dynamic delegate of this MODEL (`ComfyFlux2Backbone.prepare`):
-    DynamicVRAM streams it, its loader can load it again (a stock loader), and it takes at most
-    `RESIDENT_SHARE` of the GPU."""
+    DynamicVRAM streams it, its loader can load it again (a stock loader), it takes at most
+    `RESIDENT_SHARE` of the GPU, and the CPU memory free holds it."""
     if not model_patcher.is_dynamic() or getattr(model_patcher, "cached_patcher_init", None) is None:
         return False
+    size = model_patcher.model_size()
     total = comfy.model_management.get_total_memory(model_patcher.load_device)
-    return model_patcher.model_size() <= RESIDENT_SHARE * total
+    # The copy passes through CPU memory on its way to the GPU.
+    return size <= RESIDENT_SHARE * total and size < host_memory_free()
 
 
 def comfy_spec(model_patcher) -> ModelSpec:
@@ -308,12 +310,15 @@ class ComfyFlux2Backbone:
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=training_bytes)
         self._make_weights_trainable()
-        if self.patcher.is_dynamic() or self.patcher.loaded_size() < self.patcher.model_size():
-            self._eager_reason = ("ComfyUI streams this MODEL's weights (DynamicVRAM, its default on NVIDIA) or "
-                                  "keeps part of them in CPU memory, and its streaming code does not compile; "
-                                  "blocks compile where the whole model sits on the GPU (a streamed MODEL "
-                                  f"from a stock loader whose weights take at most {RESIDENT_SHARE:.0%} of the "
-                                  "GPU trains on a resident copy; or start ComfyUI with --disable-dynamic-vram)")
+        if self.patcher.is_dynamic():
+            self._eager_reason = ("ComfyUI streams this MODEL's weights (DynamicVRAM, its default on NVIDIA), and its "
+                                  "streaming code does not compile. A MODEL from Load Diffusion Model or a checkpoint "
+                                  f"loader whose weights take at most {RESIDENT_SHARE:.0%} of the GPU trains on a copy "
+                                  "held on the GPU, which compiles (or start ComfyUI with --disable-dynamic-vram)")
+        elif self.patcher.loaded_size() < self.patcher.model_size():
+            self._eager_reason = ("ComfyUI keeps part of this MODEL's weights in CPU memory (they do not fit beside "
+                                  "the training), and its offload code does not compile; blocks compile where the "
+                                  "whole model sits on the GPU (gradient checkpointing leaves it more room)")
         elif _casts_weights(self.diffusion_model):
             self._eager_reason = self._read_weights_in_place(self.patcher.load_device, compute)
         if self.patcher.is_dynamic():
@@ -409,15 +414,24 @@ class ComfyFlux2Backbone:
                  "blocks compile", source.model_size() / 2**30)
         _unload(source.model)  # what sampling left of it on the GPU: the copy takes its place
         self.patcher = source.get_non_dynamic_delegate()
-        source.non_dynamic_delegate_model = None  # not kept for later: unloaded after the run
+        # ComfyUI keeps the delegate's model on `source` for later calls; this backbone's clone
+        # outlives the run, and would keep the copy's weights with it.
+        source.non_dynamic_delegate_model = None
         self._streamed_source = source
         self.diffusion_model = self.patcher.model.diffusion_model
         self._named = dict(self.diffusion_model.named_modules())
         self._was_training = self.diffusion_model.training
 
     def _drop_resident_copy(self) -> None:
-        """Unload the delegate: its GPU memory goes back to ComfyUI, which streams the MODEL again."""
-        _unload(self.patcher.model)
+        """Let the copy go (ComfyUI streams the MODEL again): unloaded as ComfyUI unloads a model,
+        then its weights dropped, so whatever still refers to its modules (the run's compiled code)
+        holds no memory."""
+        copy = self.patcher.model
+        _unload(copy)
+        for module in copy.modules():
+            for store in (module._parameters, module._buffers):
+                for key in store:
+                    store[key] = None
         self.patcher, self._streamed_source = self._streamed_source, None
         self.diffusion_model = self.patcher.model.diffusion_model
         self._named = dict(self.diffusion_model.named_modules())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,8 +88,10 @@ def assert_same_average(a: Path, b: Path) -> None:
 
 
 # The runs compared with the reference save the moving average of the weights (`--ema-decay`): the
-# same average from the same weights, whether the processes hold the whole adapter (DDP) or shards (FSDP).
-AVERAGED = dict(ema_decay=0.9)
+# same average from the same weights, whether the processes hold the whole adapter (DDP) or shards
+# (FSDP). Every Linear has an adapter, the root's too: FSDP keeps the root's gathered weights after a
+# forward pass without gradients (validation), where the average is swapped in and out.
+AVERAGED = dict(ema_decay=0.9, targets="all_linear")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,8 @@ def one_process_batch_two(tiny_pipeline_dir, tmp_path_factory):
 def test_two_processes_train_what_one_process_trains_with_their_batch_and_one_resumes_them(
         one_process_batch_two, tiny_pipeline_dir, demo_dataset, tmp_path, caplog):
     out = tmp_path / "out"
-    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)  # accumulation 2, shared by the processes
+    # Accumulation 2, shared by the processes.
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep) + ["--num-gpus", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (DDP): effective batch 1 x 1 x 2 = 2" in done.stderr
@@ -143,14 +147,18 @@ def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_b
     keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)
     # With the validation loss and previews, which need every process in each sharded forward pass.
     watch = dict(validate_every=1, preview_every=2, preview_resolution=64, preview_steps=2)
-    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", steps=2, multi_gpu="fsdp",
+    done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", multi_gpu="fsdp",
                           **keep, **watch) + ["--num-gpus", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (FSDP)" in done.stderr
     run = out / "run"
-    assert sorted(p.name for p in (run / "previews").iterdir()) == [f"step-00000{s}-0.png" for s in (0, 2)]
+    assert sorted(p.name for p in (run / "previews").iterdir()) == [f"step-00000{s}-0.png" for s in (0, 2, 4)]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if m["kind"] == "validation"] == [0, 1, 2]
+    assert [m["step"] for m in metrics if m["kind"] == "validation"] == [0, 1, 2, 3, 4]
+    # The validation passes swap the average in and out: training goes on from the trained weights.
+    assert step_losses(run) == pytest.approx(step_losses(one_process_batch_two), rel=1e-5)
+    assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
+    assert_same_average(run / "checkpoints" / "step-000004", one_process_batch_two / "checkpoints" / "step-000004")
     info = json.loads((run / "checkpoints" / "step-000002" / "checkpoint.json").read_text())
     assert info["multi_gpu"] == "fsdp"
     # The checkpoint holds the whole adapter, optimizer state and average, gathered from the shards.
@@ -160,17 +168,18 @@ def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_b
     assert sorted(tuple(s["exp_avg"].shape) for s in state["optimizer"]["state"].values()) == shapes
     assert sorted(tuple(s.shape) for s in state["ema"]["shadow_params"]) == shapes
 
+    # Its step-2 checkpoint resumes on one process.
+    (run / "run.safetensors").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-000004")
     assert main(["train", *options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep),
-                 "--resume", str(run)]) == 0
+                 "--resume", str(run / "checkpoints" / "step-000002")]) == 0
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
-    for step in ("step-000002", "step-000004"):
-        assert_same_average(run / "checkpoints" / step, one_process_batch_two / "checkpoints" / step)
+    assert_same_average(run / "checkpoints" / "step-000004", one_process_batch_two / "checkpoints" / "step-000004")
+    assert step_losses(run)[-2:] == pytest.approx(step_losses(one_process_batch_two)[-2:], rel=1e-5)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batch_two, tiny_pipeline_dir,
                                                                 demo_dataset, tmp_path):
-    import shutil
-
     run = tmp_path / "out" / "run"
     shutil.copytree(one_process_batch_two, run)
     shutil.rmtree(run / "checkpoints" / "step-000004")
@@ -251,12 +260,12 @@ def test_a_nan_on_one_process_stops_them_all_at_its_step_with_the_weights_before
     reference = one_process_batch_two  # one process with their batch: the same losses and weights
     if device == "cuda":  # the same two processes without the NaN, on the same GPUs
         reference = tmp_path / "clean"
-        done = launch(options(tiny_pipeline_dir, demo_dataset, reference, tmp_path / "cache", device=device, steps=2)
-                      + ["--num-gpus", "2"])
+        done = launch(options(tiny_pipeline_dir, demo_dataset, reference, tmp_path / "cache", device=device, steps=2,
+                              **AVERAGED) + ["--num-gpus", "2"])
         assert done.returncode == 0, done.stderr[-3000:]
         reference = reference / "run"
     out = tmp_path / "out"
-    argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0)
+    argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0, **AVERAGED)
     out.mkdir()
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
