@@ -222,16 +222,19 @@ def whole_of_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                               stride=like.stride()).full_tensor()
 
 
-def part_of_whole(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's part of `whole`, cut as `like` is sharded (FSDP; a collective), on its device and in its dtype."""
-    whole = whole.to(device=like.device, dtype=like.dtype)
+def sharded_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` on `like`'s device, sharded as `like` is (FSDP; a collective), else as it is."""
+    whole = whole.to(like.device)
     if not torch.distributed.is_available():
         return whole
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(like, DTensor):
-        return whole
-    return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
+    return distribute_tensor(whole, like.device_mesh, like.placements) if isinstance(like, DTensor) else whole
+
+
+def part_of_whole(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of `whole`, cut as `like` is sharded (FSDP; a collective), in `like`'s dtype."""
+    return local_part(sharded_like(whole.to(like.dtype), like))
 
 
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -35,7 +35,7 @@ from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCan
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text, out_of_space
-from .lora import full_tensor, resolve_targets
+from .lora import full_tensor, resolve_targets, sharded_like
 from .lora_files import lora_metadata, read_metadata, save_lora
 from .loss_reader import LateLossReader, skips_updates_on_device
 from .memory import MemoryEstimate, device_available_memory, plan_processes
@@ -164,16 +164,12 @@ def whole_state(optimizer_state: dict) -> dict:
 
 def shard_like(optimizer_state: dict, params: list[torch.nn.Parameter]) -> dict:
     """A saved (whole) optimizer state cut like `params` where they are sharded (FSDP), for any process count."""
-    if not torch.distributed.is_available():
-        return optimizer_state
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     state = {}
     for i, s in optimizer_state["state"].items():
         p = params[int(i)] if int(i) < len(params) else None
-        if isinstance(p, DTensor):
-            s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-                 if isinstance(v, torch.Tensor) and v.shape == p.shape else v for k, v in s.items()}
+        if p is not None:
+            s = {k: sharded_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                 for k, v in s.items()}
         state[i] = s
     return {**optimizer_state, "state": state}
 

@@ -219,8 +219,9 @@ class ComfyFlux2Backbone:
         check_flux2(model_patcher)
         self.patcher = model_patcher.clone()
         self.spec = comfy_spec(model_patcher)
-        self.diffusion_model = self.patcher.model.diffusion_model
-        self._named = dict(self.diffusion_model.named_modules())
+        self._bind(self.patcher)
+        # Decided once: the estimate counts the weights as the run will hold them.
+        self._resident_copy = trains_resident_copy(model_patcher)
         self._pairs: dict[str, LoraPair] = {}
         self._hooks: list = []  # RemovableHandles of the adapters' and LayerNorms' hooks
         # (module, attribute, the instance's own value before the run, or _UNSET): forwards, cast flags
@@ -231,7 +232,6 @@ class ComfyFlux2Backbone:
         self.compiled = False  # set by `compile_blocks` where the blocks can compile
         self._runners = (_run_double, _run_single)
         self._converted: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
-        self._was_training = self.diffusion_model.training
         self._was_in_training = comfy.model_management.in_training
         self._prepared = False
         self._streamed_source = None  # the DynamicVRAM clone whose delegate this run trains on
@@ -285,17 +285,19 @@ class ComfyFlux2Backbone:
         return layers
 
     def memory_placement(self) -> Placement:
-        return self.placement_of(self.patcher)
+        return self.placement_of(self.patcher, self._resident_copy)
 
     @staticmethod
-    def placement_of(model_patcher) -> Placement:
+    def placement_of(model_patcher, resident_copy: bool | None = None) -> Placement:
         """The weights as ComfyUI's loader stored them (fp8 included); ComfyUI decides what to offload."""
         stored = str(model_patcher.model.get_dtype()).removeprefix("torch.")
         size = model_patcher.model_size()
         # fp8 "mixed" models report their compute dtype, not their storage; ComfyUI stores
         # dtypes other than these three as fp8 variants.
         fmt = stored_format(size, comfy_spec(model_patcher).param_count) or DTYPE_FORMATS.get(stored, "fp8")
-        streamed = model_patcher.is_dynamic() and not trains_resident_copy(model_patcher)
+        if resident_copy is None:
+            resident_copy = trains_resident_copy(model_patcher)
+        streamed = model_patcher.is_dynamic() and not resident_copy
         return Placement("comfyui", fmt, stored_bytes=size, streamed=streamed,
                          casts_per_op=_cast_per_op(model_patcher.model.diffusion_model), allocator=allocator_in_use(),
                          host_free=host_memory_free())
@@ -305,7 +307,7 @@ class ComfyFlux2Backbone:
         if dtype != compute:
             raise ConfigError(f"this MODEL computes in {str(compute).removeprefix('torch.')}; train it with that "
                               f"dtype, not {str(dtype).removeprefix('torch.')} (set dtype to auto)")
-        if trains_resident_copy(self.patcher):
+        if self._resident_copy:
             self._take_resident_copy()
         # Through ComfyUI's model management, so other models leave the GPU first.
         comfy.model_management.load_models_gpu([self.patcher], memory_required=training_bytes)
@@ -315,14 +317,13 @@ class ComfyFlux2Backbone:
                                   "streaming code does not compile. A MODEL from Load Diffusion Model or a checkpoint "
                                   f"loader whose weights take at most {RESIDENT_SHARE:.0%} of the GPU trains on a copy "
                                   "held on the GPU, which compiles (or start ComfyUI with --disable-dynamic-vram)")
+            _forget_streamed_casts(self.diffusion_model)
         elif self.patcher.loaded_size() < self.patcher.model_size():
             self._eager_reason = ("ComfyUI keeps part of this MODEL's weights in CPU memory (they do not fit beside "
                                   "the training), and its offload code does not compile; blocks compile where the "
                                   "whole model sits on the GPU (gradient checkpointing leaves it more room)")
         elif _casts_weights(self.diffusion_model):
             self._eager_reason = self._read_weights_in_place(self.patcher.load_device, compute)
-        if self.patcher.is_dynamic():
-            _forget_streamed_casts(self.diffusion_model)
         if self._eager_reason:
             # Weights cast per op would otherwise be kept in their cast form by autograd: a second
             # copy of the model.
@@ -418,9 +419,7 @@ class ComfyFlux2Backbone:
         # outlives the run, and would keep the copy's weights with it.
         source.non_dynamic_delegate_model = None
         self._streamed_source = source
-        self.diffusion_model = self.patcher.model.diffusion_model
-        self._named = dict(self.diffusion_model.named_modules())
-        self._was_training = self.diffusion_model.training
+        self._bind(self.patcher)
 
     def _drop_resident_copy(self) -> None:
         """Let the copy go (ComfyUI streams the MODEL again): unloaded as ComfyUI unloads a model,
@@ -433,9 +432,15 @@ class ComfyFlux2Backbone:
                 for key in store:
                     store[key] = None
         self.patcher, self._streamed_source = self._streamed_source, None
-        self.diffusion_model = self.patcher.model.diffusion_model
-        self._named = dict(self.diffusion_model.named_modules())
+        self._bind(self.patcher)
         comfy.model_management.soft_empty_cache()
+
+    def _bind(self, patcher) -> None:
+        """Train `patcher`'s model: the modules every other method reaches."""
+        self.patcher = patcher
+        self.diffusion_model = patcher.model.diffusion_model
+        self._named = dict(self.diffusion_model.named_modules())
+        self._was_training = self.diffusion_model.training
 
     # -- internals -------------------------------------------------------------
     def _set_for_the_run(self, module: nn.Module, name: str, value) -> None:

@@ -91,7 +91,7 @@ def assert_same_average(a: Path, b: Path) -> None:
 # same average from the same weights, whether the processes hold the whole adapter (DDP) or shards
 # (FSDP). Every Linear has an adapter, the root's too: FSDP keeps the root's gathered weights after a
 # forward pass without gradients (validation), where the average is swapped in and out.
-AVERAGED = dict(ema_decay=0.9, targets="all_linear")
+REFERENCE_OPTIONS = dict(ema_decay=0.9, targets="all_linear")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,8 @@ def one_process_batch_two(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     from flux2_train.demo import DEMO_DATA
 
-    args = options(tiny_pipeline_dir, DEMO_DATA, root / "out", root / "cache", gradient_accumulation=2, **AVERAGED)
+    args = options(tiny_pipeline_dir, DEMO_DATA, root / "out", root / "cache", gradient_accumulation=2,
+                   **REFERENCE_OPTIONS)
     assert main(["train", *args]) == 0
     return root / "out" / "run"
 
@@ -109,7 +110,7 @@ def test_two_processes_train_what_one_process_trains_with_their_batch_and_one_re
         one_process_batch_two, tiny_pipeline_dir, demo_dataset, tmp_path, caplog):
     out = tmp_path / "out"
     # Accumulation 2, shared by the processes.
-    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **REFERENCE_OPTIONS)
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", **keep) + ["--num-gpus", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (DDP): effective batch 1 x 1 x 2 = 2" in done.stderr
@@ -144,7 +145,7 @@ def test_two_processes_train_what_one_process_trains_with_their_batch_and_one_re
 def test_fsdp_shards_train_the_same_lora_and_resume_on_one_process(one_process_batch_two, tiny_pipeline_dir,
                                                                    demo_dataset, tmp_path):
     out = tmp_path / "out"
-    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **AVERAGED)
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, **REFERENCE_OPTIONS)
     # With the validation loss and previews, which need every process in each sharded forward pass.
     watch = dict(validate_every=1, preview_every=2, preview_resolution=64, preview_steps=2)
     done = launch(options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", multi_gpu="fsdp",
@@ -185,7 +186,7 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batc
     shutil.rmtree(run / "checkpoints" / "step-000004")
     (run / "run.safetensors").unlink()
     done = launch(options(tiny_pipeline_dir, demo_dataset, tmp_path / "out", tmp_path / "cache",
-                          gradient_accumulation=2, keep_effective_batch=True, multi_gpu="fsdp", **AVERAGED)
+                          gradient_accumulation=2, keep_effective_batch=True, multi_gpu="fsdp", **REFERENCE_OPTIONS)
                   + ["--num-gpus", "2", "--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_lora(run / "run.safetensors", one_process_batch_two / "run.safetensors")
@@ -261,11 +262,12 @@ def test_a_nan_on_one_process_stops_them_all_at_its_step_with_the_weights_before
     if device == "cuda":  # the same two processes without the NaN, on the same GPUs
         reference = tmp_path / "clean"
         done = launch(options(tiny_pipeline_dir, demo_dataset, reference, tmp_path / "cache", device=device, steps=2,
-                              **AVERAGED) + ["--num-gpus", "2"])
+                              **REFERENCE_OPTIONS) + ["--num-gpus", "2"])
         assert done.returncode == 0, done.stderr[-3000:]
         reference = reference / "run"
     out = tmp_path / "out"
-    argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0, **AVERAGED)
+    argv = options(tiny_pipeline_dir, demo_dataset, out, tmp_path / "cache", device=device, save_every=0,
+                   **REFERENCE_OPTIONS)
     out.mkdir()
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
