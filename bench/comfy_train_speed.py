@@ -31,6 +31,7 @@ With OUT set, the result is appended to $OUT/comfy_bench.json. Compare with
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,9 +201,15 @@ def run(args) -> dict:
             offload_activations=args.offload_activations, validate_every=0))
         steps = []
         device_used = [0]
+        # Weak references to the weight tensors of the model that trains (a resident copy's, where one is
+        # taken): the model's own, which the backbone lists, and the views of them that the run trains.
+        trained_weights = []
 
         def on_event(ev):
             if isinstance(ev, StepEvent):
+                if not trained_weights:
+                    trained_weights.extend(weakref.ref(t) for *_, t in backbone._converted)
+                    trained_weights.extend(weakref.ref(t) for t in backbone.diffusion_model.parameters())
                 steps.append((ev.seconds_per_step, ev.loss))
                 if device.type == "cuda":  # all of the card in use, DynamicVRAM's weight buffers included
                     free, total = torch.cuda.mem_get_info(device)
@@ -217,7 +225,14 @@ def run(args) -> dict:
                 result = Trainer(cfg, backbone, encoder=SyntheticEncoder(config["joint_attention_dim"], args.seed),
                                  events=EventBus([on_event])).run()
             finally:
+                t0 = time.perf_counter()
                 backbone.release()
+                rec["release_seconds"] = time.perf_counter() - t0
+        gc.collect()
+        rec["trained_weights"] = len(trained_weights)
+        rec["trained_weights_alive"] = sum(ref() is not None for ref in trained_weights)
+        if device.type == "cuda":
+            rec["allocated_after_release_gib"] = torch.cuda.memory_allocated(device) / 2**30
         if before is not None:
             rec["shared_output_change"] = (model_output(comfy, patcher, config) - before).abs().max().item()
         rec["lora_layers"] = len(result.targets)

@@ -422,15 +422,17 @@ class ComfyFlux2Backbone:
         self._bind(self.patcher)
 
     def _drop_resident_copy(self) -> None:
-        """Let the copy go (ComfyUI streams the MODEL again): unloaded as ComfyUI unloads a model,
-        then its weights dropped, so whatever still refers to its modules (the run's compiled code)
-        holds no memory."""
-        copy = self.patcher.model
-        _unload(copy)
-        for module in copy.modules():
+        """Let the copy go (ComfyUI streams the MODEL again). Its weights are dropped where they lie,
+        so that whatever still refers to its modules (the run's compiled code) holds no memory, and
+        then ComfyUI's model management forgets it: unloading them would first move them to CPU memory."""
+        copy = self.patcher
+        copy.unpin_all_weights()
+        copy.backup.clear()  # weights from before the graph's patches, for a copy that goes away
+        for module in copy.model.modules():
             for store in (module._parameters, module._buffers):
                 for key in store:
                     store[key] = None
+        _unload(copy.model)
         self.patcher, self._streamed_source = self._streamed_source, None
         self._bind(self.patcher)
         comfy.model_management.soft_empty_cache()

@@ -193,6 +193,25 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process_batc
     assert_same_average(run / "checkpoints" / "step-000004", one_process_batch_two / "checkpoints" / "step-000004")
 
 
+@pytest.mark.gpu
+def test_fsdp_on_two_gpus_trains_and_averages_what_one_gpu_trains(tiny_pipeline_dir, demo_dataset, tmp_path):
+    """NCCL's collectives and CUDA's shards: the same losses, LoRA and moving average as one GPU with their batch."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    keep = dict(gradient_accumulation=2, keep_effective_batch=True, device="cuda", validate_every=1,
+                **REFERENCE_OPTIONS)
+    runs = {}
+    for name, extra in (("one", []), ("fsdp", ["--num-gpus", "2", "--multi-gpu", "fsdp"])):
+        done = launch(options(tiny_pipeline_dir, demo_dataset, tmp_path / name, tmp_path / "cache", **keep) + extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("2 processes (FSDP)" in done.stderr) == (name == "fsdp")
+        runs[name] = tmp_path / name / "run"
+    one, fsdp = runs["one"], runs["fsdp"]
+    assert step_losses(fsdp) == pytest.approx(step_losses(one), rel=1e-4)
+    assert_same_lora(fsdp / "run.safetensors", one / "run.safetensors")
+    assert_same_average(fsdp / "checkpoints" / "step-000004", one / "checkpoints" / "step-000004")
+
+
 @pytest.mark.parametrize("problem", ["accumulation", "empty dataset"])
 def test_what_every_process_would_refuse_is_named_once_before_any_starts(problem, tiny_pipeline_dir, demo_dataset,
                                                                          tmp_path, capsys, caplog):
