@@ -1,4 +1,5 @@
-"""Several processes through accelerate (gloo on the CPU): the same LoRA as one process, one writer, resume anywhere."""
+"""Several processes through accelerate (gloo on the CPU; NCCL where there are two GPUs): the same LoRA as
+one process, one writer, resume anywhere."""
 
 from __future__ import annotations
 
