@@ -79,11 +79,13 @@ RESIDENT_SHARE = 0.6
 def trains_resident_copy(model_patcher) -> bool:
     """Whether training takes ComfyUI's non-dynamic delegate of this MODEL (`ComfyFlux2Backbone.prepare`):
     DynamicVRAM streams it, its loader can load it again (a stock loader), it takes at most
-    `RESIDENT_SHARE` of the GPU, and the CPU memory free holds it."""
+    `RESIDENT_SHARE` of the GPU (less what ComfyUI's --reserve-vram keeps free), and the CPU memory
+    free holds it."""
     if not model_patcher.is_dynamic() or getattr(model_patcher, "cached_patcher_init", None) is None:
         return False
     size = model_patcher.model_size()
-    total = comfy.model_management.get_total_memory(model_patcher.load_device)
+    mm = comfy.model_management
+    total = mm.get_total_memory(model_patcher.load_device) - mm.extra_reserved_memory()
     # The copy passes through CPU memory on its way to the GPU.
     return size <= RESIDENT_SHARE * total and size < host_memory_free()
 
