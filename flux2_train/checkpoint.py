@@ -118,6 +118,21 @@ def remove_leftovers(run_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def set_aside_from(run_dir: Path, first_step: int, label: str) -> list[Path]:
+    """Rename the checkpoints of `first_step` and later to `LABEL-step-NNNNNN`, which resume and pruning
+    pass over: kept for the user to look at, never picked as the run's newest."""
+    moved = []
+    for c in list_checkpoints(run_dir):
+        if checkpoint_step(c) >= first_step:
+            target, n = c.with_name(f"{label}-{c.name}"), 1
+            while target.exists():
+                n += 1
+                target = c.with_name(f"{label}{n}-{c.name}")
+            os.replace(c, target)
+            moved.append(target)
+    return moved
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The newest complete checkpoint of a run folder, or the checkpoint folder itself."""
     p = Path(path).expanduser()

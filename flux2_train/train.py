@@ -114,6 +114,23 @@ def make_accelerator(mixed_precision: str, accumulation: int, device: torch.devi
         os.environ.update(hidden)
 
 
+# The optimizer settings that come from the options: a resumed run takes them from its options, not
+# from the checkpoint's optimizer state (which holds the moments, and Prodigy's step size, to continue).
+_CONFIGURED = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def keep_configured(optimizer, lr_scheduler, configured: list[dict]) -> None:
+    """Put back, after a checkpoint's optimizer and scheduler state, the settings the options gave
+    (`configured`, per parameter group), and the learning rate of the step the schedule is at."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    if isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # every schedule diffusers builds
+        lr_scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
     return optimizer_factory(cfg, device)(params)
 
@@ -221,7 +238,7 @@ class EpochPlan:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        g = torch.Generator().manual_seed((self.seed * 7919 + epoch) % (2**63 - 1))
         batches = []
         for bucket in sorted(self.by_bucket):
             idx = self.by_bucket[bucket]
@@ -353,9 +370,13 @@ class Trainer:
             if changed:
                 log.warning("resuming with changed options: %s", ", ".join(changed))
             run_dir = ckpt_path.parent.parent
-            ckpt.check_not_finished(run_dir, int(resume_info[0].get("step", 0)), cfg)
+            start = int(resume_info[0].get("step", 0))
+            ckpt.check_not_finished(run_dir, start, cfg)
             if world.is_main:
                 ckpt.remove_leftovers(run_dir)  # of writes cut short by a crash or a kill
+                # Later checkpoints belong to the path this resume leaves: the run's newest is its own.
+                for aside in ckpt.set_aside_from(run_dir, start + 1, "superseded"):
+                    log.info("resuming from step %d: the later checkpoint is set aside as %s", start, aside.name)
             if not cfg.name:
                 cfg.name = run_dir.name
             self._note_world_change(resume_info[0], cfg)
@@ -511,8 +532,10 @@ class Trainer:
         prefetched = None  # the next micro-batch's inputs (or the error preparing them raised)
         if resume_info:
             info, adapter, state = resume_info
+            configured = [{k: g[k] for k in _CONFIGURED if k in g} for g in optimizer.param_groups]
             optimizer.load_state_dict(shard_like(state["optimizer"], params))
             lr_scheduler.load_state_dict(state["lr_scheduler"])
+            keep_configured(optimizer, lr_scheduler, configured)
             step, micro_step, losses = int(state["step"]), int(state["micro_step"]), list(state["losses"])
             self.step = step
             watcher.load_state(state)
@@ -566,7 +589,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if late:
                     late.drop()
-                raise TrainingDiverged(self._nan_message(done, f"{loss_value}{where}", run_dir), done)
+                raise self._diverged(done, f"{loss_value}{where}", run_dir)
             self.step = done
             losses.append(loss_value)
             smoothed_all.append(smoother.add(loss_value))
@@ -638,7 +661,7 @@ class Trainer:
                                 finite = bad == 0
                             if not finite:
                                 optimizer.zero_grad(set_to_none=True)
-                                raise TrainingDiverged(self._nan_message(step + 1, loss_value, run_dir), step + 1)
+                                raise self._diverged(step + 1, loss_value, run_dir)
                             micro_losses.append(loss_value)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -825,8 +848,7 @@ class Trainer:
             history = self.watcher.history
             if history and history[-1][0] == step and not math.isfinite(history[-1][1]):
                 # Before this step's checkpoint: the weights that gave it are not kept as good.
-                raise TrainingDiverged(self._nan_message(step, history[-1][1], st and st["run_dir"], "validation loss",
-                                                         bad_weights_from=step), step)
+                raise self._diverged(step, history[-1][1], st and st["run_dir"], "validation loss", bad_weights_from=step)
         except self.stop_exceptions:
             path = self._save_checkpoint(st, step, micro_step, losses) if step > 0 else None
             raise TrainingCancelled(f"stopped at step {step} of {self.cfg.steps}"
@@ -910,15 +932,25 @@ class Trainer:
         return (f"The last checkpoint, {last[-1]}, is intact: {_resume_hint(run_dir)}" if last
                 else "No checkpoint had been written yet")
 
-    def _nan_message(self, step, value, run_dir, what: str = "loss", bad_weights_from: int | None = None) -> str:
-        """`bad_weights_from`: the first step whose weights gave it. A training loss at step s comes from
-        the weights after step s - 1, so that step's checkpoint would give it again on resume."""
+    def _diverged(self, step, value, run_dir, what: str = "loss", bad_weights_from: int | None = None):
+        """The error for a NaN or infinite `what` at `step`. `bad_weights_from`: the first step whose weights
+        gave it. A training loss at step s comes from the weights after step s - 1, so that step's
+        checkpoint would give it again on resume: such checkpoints are set aside, and a resume of the
+        run starts from the last good one."""
         bad_from = step - 1 if bad_weights_from is None else bad_weights_from
-        good = [c for c in ckpt.list_checkpoints(run_dir) if ckpt.checkpoint_step(c) < bad_from] if run_dir else []
-        keep = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before it"
-        return (f"the {what} became {value} at step {step}; training stopped and {keep}. "
-                f"Lower --learning-rate (now {self.cfg.learning_rate:g}), keep --max-grad-norm on, "
-                f"or use --dtype bfloat16 instead of float16")
+        good, aside = [], []
+        if run_dir:
+            good = [c for c in ckpt.list_checkpoints(run_dir) if ckpt.checkpoint_step(c) < bad_from]
+            if self.world.is_main:
+                aside = ckpt.set_aside_from(run_dir, bad_from, "diverged")
+        keep = (f"the last good checkpoint is {good[-1]}: {_resume_hint(run_dir)}" if good
+                else "no checkpoint was written before it")
+        if aside:
+            keep += f" (the later ones, whose weights gave it, are set aside as {', '.join(p.name for p in aside)})"
+        fp16 = ", or use --dtype bfloat16 instead of float16" if self.cfg.dtype == "float16" else ""
+        return TrainingDiverged(f"the {what} became {value} at step {step}; training stopped and {keep}. Lower "
+                                f"--learning-rate (now {self.cfg.learning_rate:g}), keep --max-grad-norm on{fp16}",
+                                step)
 
     def _sum(self, values, device, step, run_dir) -> list[float]:
         """`World.sum`, naming a process that is gone."""

@@ -101,6 +101,34 @@ def test_resume_continues_with_the_same_loss_sequence(demo_dataset, tiny_pipelin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_seed_as_large_as_comfyuis_seed_widget_gives_trains(demo_dataset, tiny_pipeline_dir, tmp_path):
+    result = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=1, save_every=0, seed=2**64 - 1),
+                   tiny_pipeline_dir)
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+
+
+def test_a_resume_from_an_earlier_checkpoint_trains_with_its_options_and_sets_the_later_ones_aside(
+        demo_dataset, tiny_pipeline_dir, tmp_path):
+    """The checkpoint's optimizer state brings back its moments, not the learning rate and Adam settings
+    the resume is given. The run's later checkpoints hold another path of it: resuming the run folder
+    afterwards continues the new one."""
+    common = dict(save_every=3, lr_scheduler="linear")
+    result = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, **common), tiny_pipeline_dir)  # 3 and 6
+    seen = []
+    changed = dict(learning_rate=1e-5, adam_beta1=0.5, weight_decay=0.0)
+    with pytest.raises(TrainingCancelled, match="checkpoint .*step-000005 holds the run"):
+        train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, **common, **changed), tiny_pipeline_dir,
+              resume=ckpt.checkpoint_dir(result.run_dir, 3), events=EventBus([seen.append]),
+              should_stop=lambda: any(isinstance(e, StepEvent) for e in seen))
+    # The linear schedule over 6 steps from the new rate: after step 4 it is at 1e-5 * (6 - 4) / 6.
+    first = next(e for e in seen if isinstance(e, StepEvent))
+    assert first.step == 4 and first.lr == pytest.approx(1e-5 * 2 / 6, rel=1e-6)
+    (group,) = ckpt.load_state(ckpt.checkpoint_dir(result.run_dir, 5) / ckpt.STATE_FILE)["optimizer"]["param_groups"]
+    assert group["betas"][0] == 0.5 and group["weight_decay"] == 0.0 and group["initial_lr"] == 1e-5
+    assert ckpt.find_checkpoint(result.run_dir).name == "step-000005"
+    assert (result.run_dir / "checkpoints" / "superseded-step-000006" / "checkpoint.json").is_file()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_saved_lora_is_the_moving_average_of_the_weights_with_ema_decay(demo_dataset, tiny_pipeline_dir,
                                                                              tmp_path, device):
@@ -168,7 +196,7 @@ def test_a_validation_loss_that_is_not_finite_stops_before_its_checkpoint(demo_d
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=1, validate_every=1)
     with pytest.raises(TrainingDiverged, match="the validation loss became nan at step 3") as err:
         train(cfg, tiny_pipeline_dir)
-    assert re.search(r"the last good checkpoint is \S*step-000002\. ", str(err.value))
+    assert re.search(r"the last good checkpoint is \S*step-000002: resume from it", str(err.value))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002"]
 
 
@@ -181,18 +209,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(demo_da
             predict = trainer.backbone.predict
             trainer.backbone.predict = lambda *args, **kwargs: predict(*args, **kwargs) * factor
 
-    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=2)
+    cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=6, save_every=1)
     with pytest.raises(TrainingDiverged) as err:
         train(cfg, tiny_pipeline_dir, hooks=[poison])
     assert err.value.step == 4
     assert f"the loss became {loss} at step 4" in str(err.value)
-    assert "step-000002" in str(err.value) and "--learning-rate" in str(err.value)
+    assert "--learning-rate" in str(err.value) and "float16" not in str(err.value)  # it trains in float32
+    # Step 3's checkpoint holds the weights that gave the NaN: set aside, so the run resumes from step 2.
+    assert re.search(r"the last good checkpoint is \S*step-000002: resume from it", str(err.value))
+    assert "set aside as diverged-step-000003" in str(err.value)
     good = ckpt.list_checkpoints(tmp_path / "run")
-    assert [p.name for p in good] == ["step-000002"]
-    weights = load_file(str(good[0] / "adapter.safetensors"))
+    assert [p.name for p in good] == ["step-000001", "step-000002"]
+    assert (tmp_path / "run" / "checkpoints" / "diverged-step-000003" / "checkpoint.json").is_file()
+    weights = load_file(str(good[-1] / "adapter.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
 
-    # The last good checkpoint continues the run as if nothing had happened.
+    # The run's last good checkpoint continues it as if nothing had happened.
     resumed = train(cfg, tiny_pipeline_dir, resume=tmp_path / "run")
     assert resumed.losses == train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path / "full", steps=6),
                                    tiny_pipeline_dir).losses
