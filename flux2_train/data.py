@@ -47,6 +47,7 @@ _CROP_WARNING = 0.15  # warn when the centre crop drops more than this share of 
 _MAX_LINES = 100  # problems listed in one error; the rest are counted
 _MAX_SUMMARY_WARNINGS = 20
 _READ_ADVICE = "re-save it as PNG/JPEG or remove it"
+_DOWNSCALE_ADVICE = "downscale it (e.g. to 4096 px on the long side)"
 
 
 @dataclass(frozen=True)
@@ -200,20 +201,25 @@ def scan_dataset(
     trigger = _clean_text(trigger_word)
     default = _clean_text(default_caption)
 
-    names, subfolders = _list_folder(folder_path)
+    names, subfolders, broken = _list_folder(folder_path)
     images = sorted(n for n in names if _ext(n) in SUPPORTED_EXTENSIONS)
-    if not images:
+    broken_images = sorted(n for n in broken if _ext(n) in SUPPORTED_EXTENSIONS)
+    if not images and not broken_images:
         raise DatasetError(_no_images_message(folder_path, names, subfolders))
 
-    name_set = set(names)
+    # Broken links take part in caption matching, so a.txt linking nowhere is
+    # reported as such rather than as a missing caption.
+    name_set = set(names) | set(broken)
     # Caption files are matched case-insensitively as a fallback, so a.TXT
     # works on Linux as it does on Windows and macOS.
     lower_names: dict[str, str] = {}
-    for n in names:
+    for n in names + broken:
         lower_names.setdefault(n.lower(), n)
 
-    problems: list[str] = []
+    # An image linking nowhere is an unreadable image: dropping it would train on less than the user gave.
+    problems: list[str] = [_broken_link(folder_path, n) for n in broken_images]
     warns: list[str] = []
+    uncaptioned: list[str] = []
     items: list[ImageItem] = []
     by_stem: dict[str, list[str]] = {}
     for n in images:
@@ -221,9 +227,10 @@ def scan_dataset(
     suggestions: dict[tuple[int, int], int | None] = {}
 
     with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its pixel limit; refuse those too,
-        # a file that large is either hostile or far beyond any training size.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns from 1x its pixel limit (89.5 MP), where real photos are
+        # (a 102 MP camera frame is resized to its bucket like any other); its
+        # error from 2x still stops bombs. Its global limit stays: ComfyUI shares it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for name in images:
             stem = os.path.splitext(name)[0]
             same_stem = by_stem[stem]
@@ -236,16 +243,14 @@ def scan_dataset(
             size = None
             try:
                 size = _probe_image(folder_path / name)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                problems.append(
-                    f"{name} is not a readable image (its declared size is over Pillow's limit of "
-                    f"{Image.MAX_IMAGE_PIXELS} pixels, as in a decompression bomb): {_READ_ADVICE}"
-                )
+            except Image.DecompressionBombError:
+                problems.append(f"{name} is too large to open ({_bomb_reason()}): {_DOWNSCALE_ADVICE}")
             except Exception as e:  # Pillow raises many types for corrupt data
                 problems.append(f"{name} is not a readable image ({_describe(e)}): {_READ_ADVICE}")
 
             caption, source = _caption_for(
-                folder_path, name, stem, caption_ext, name_set, lower_names, trigger, default, problems, warns
+                folder_path, name, stem, caption_ext, name_set, lower_names, trigger, default,
+                problems, warns, uncaptioned,
             )
             if caption is not None and prepend_trigger and trigger and not _contains_word(caption, trigger):
                 caption = f"{trigger}, {caption}"
@@ -289,6 +294,14 @@ def scan_dataset(
         err.problems = problems  # the full list, for callers that show it their own way
         raise err
 
+    if uncaptioned:
+        n = len(uncaptioned)
+        fallback = "the default caption" if default else "the trigger word"
+        example = f"{os.path.splitext(uncaptioned[0])[0]}{caption_ext}"
+        # First, so a long list of per-image warnings cannot push it out of the summary.
+        warns.insert(0, f"{n} image{'s have' if n != 1 else ' has'} no caption file and use{'' if n != 1 else 's'} "
+                        f"{fallback} instead: {_short_list(uncaptioned)}; add a caption file of the same name "
+                        f"({example}{' and so on' if n != 1 else ''}) to describe {'them' if n != 1 else 'it'}")
     image_stems = set(by_stem)
     orphans = sorted(n for n in names if caption_ext and n.lower().endswith(caption_ext.lower())
                      and n[: len(n) - len(caption_ext)] not in image_stems and _ext(n) not in SUPPORTED_EXTENSIONS)
@@ -298,6 +311,8 @@ def scan_dataset(
     if others:
         found = ", ".join(f"{e} ({c})" for e, c in sorted(others.items()))
         warns.append(f"ignored {sum(others.values())} image file(s) in unsupported formats: {found}; convert them to PNG or JPEG to use them")
+    if broken:  # those of images and captions were problems above; the rest are ignored, as their files would be
+        warns.append(f"ignored {len(broken)} broken link(s) whose target does not exist: {_short_list(sorted(broken))}")
     return DatasetReport(folder=folder_path, items=items, warnings=warns, resolution=int(resolution))
 
 
@@ -327,9 +342,9 @@ def _check_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _list_folder(folder: Path) -> tuple[list[str], list[str]]:
-    """Visible regular files (symlinks followed) and visible sub-folders of `folder`."""
-    files, subfolders = [], []
+def _list_folder(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """Visible regular files (symlinks followed), visible sub-folders and visible broken links of `folder`."""
+    files, subfolders, broken = [], [], []
     try:
         with os.scandir(folder) as it:
             for entry in it:
@@ -340,11 +355,14 @@ def _list_folder(folder: Path) -> tuple[list[str], list[str]]:
                         files.append(entry.name)
                     elif entry.is_dir():
                         subfolders.append(entry.name)
-                except OSError:  # a dangling link or a file removed while listing
-                    continue
+                    elif entry.is_symlink():  # a link to nothing: reported, so no image goes missing unseen
+                        broken.append(entry.name)
+                except OSError:  # a link loop, or a file removed while listing
+                    if os.path.islink(entry.path):
+                        broken.append(entry.name)
     except OSError as e:
         raise DatasetError(f"dataset folder {folder} cannot be listed ({e.strerror or e}): check its permissions") from None
-    return files, subfolders
+    return files, subfolders, broken
 
 
 def _ext(name: str) -> str:
@@ -374,6 +392,20 @@ def _short_list(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _broken_link(folder: Path, name: str) -> str:
+    try:
+        target = os.readlink(folder / name)
+    except OSError:
+        return f"{name} is a broken link: restore the file it points to, or remove the link"
+    return f"{name} is a broken link: its target {target} does not exist; restore it, or remove the link"
+
+
+def _bomb_reason() -> str:
+    # Pillow refuses from twice MAX_IMAGE_PIXELS; read it now, a caller may have changed it.
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return f"over {limit:,} pixels, Pillow's limit against decompression bombs"
+
+
 def _describe(e: BaseException) -> str:
     """A short reason for a failed read, without Pillow's repetition of the full path."""
     if isinstance(e, _Unreadable):
@@ -392,9 +424,11 @@ def _describe(e: BaseException) -> str:
 def _probe_image(path: Path) -> tuple[int, int]:
     """The image's (width, height) after EXIF orientation; raises if the file is broken.
 
-    Cheap on purpose: no full-size decode. JPEG is decoded at 1/8 scale, which
-    still reads every byte and so catches truncation; PNG is checked by
-    Pillow's verify (chunk CRCs up to IEND).
+    Every byte is decoded, so a file that would fail during caching fails
+    here: JPEG at 1/8 scale (cheap, and it still reads every byte), other
+    formats in full, since a PNG's chunk checksums can be right while its
+    compressed pixel data is not. Pillow's verify then checks those checksums
+    up to IEND, which decoding skips.
     """
     if path.stat().st_size == 0:
         raise _Unreadable("empty file, 0 bytes")
@@ -402,10 +436,8 @@ def _probe_image(path: Path) -> tuple[int, int]:
         width, height = img.size
         if img.format in ("JPEG", "MPO"):
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-            img.load()
-        elif img.format != "PNG":  # WebP (and anything mislabelled) has no verify: decode it
-            img.load()
-        orientation = _orientation(img, path)
+        img.load()
+        orientation = _orientation(img)
     with Image.open(path) as img:  # verify() leaves the image unusable, hence a second open
         img.verify()
     if width <= 0 or height <= 0:
@@ -415,15 +447,9 @@ def _probe_image(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _orientation(img: Image.Image, path: Path) -> int:
-    """The EXIF orientation (1-8), 1 when absent or unreadable."""
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of a loaded image, 1 when absent or unreadable."""
     try:
-        if img.format == "PNG" and "exif" not in img.info:
-            # Pillow's PNG getexif() decodes the whole image to look for an eXIf
-            # chunk after the pixel data; look for the chunk name first.
-            if b"eXIf" not in path.read_bytes():
-                return 1
-            img.load()
         value = img.getexif().get(_ORIENTATION, 1)
         return value if isinstance(value, int) and 1 <= value <= 8 else 1
     except Exception:  # broken EXIF is not a broken image; exif_transpose then also does nothing
@@ -453,8 +479,12 @@ def _caption_for(
     default: str,
     problems: list[str],
     warns: list[str],
+    uncaptioned: list[str],
 ) -> tuple[str | None, str]:
-    """The image's caption and its source, or (None, "") after adding a problem."""
+    """The image's caption and its source, or (None, "") after adding a problem.
+
+    An image without a caption file that falls back is added to `uncaptioned`,
+    for one warning naming them all."""
     wanted = f"{stem}{caption_ext}"
     cap_name = wanted if wanted in name_set else lower_names.get(wanted.lower())
     if cap_name is not None and _ext(cap_name) in SUPPORTED_EXTENSIONS:
@@ -464,7 +494,10 @@ def _caption_for(
         try:
             data = (folder / cap_name).read_bytes()
         except OSError as e:
-            problems.append(f"caption {cap_name} cannot be read ({e.strerror or e}): check its permissions")
+            if os.path.islink(folder / cap_name) and not (folder / cap_name).exists():
+                problems.append(f"caption {_broken_link(folder, cap_name)}")
+            else:
+                problems.append(f"caption {cap_name} cannot be read ({e.strerror or e}): check its permissions")
             return None, ""
         try:
             text = data.decode("utf-8-sig")
@@ -479,6 +512,8 @@ def _caption_for(
         if default or trigger:  # without a fallback this is a problem below, not a warning
             fallback = "the default caption" if default else "the trigger word"
             warns.append(f"caption {cap_name} is empty; {image} uses {fallback} instead")
+    if (default or trigger) and not empty_file:
+        uncaptioned.append(image)
     if default:
         return default, "default"
     if trigger:
@@ -514,7 +549,7 @@ def load_image(path: str | os.PathLike, bucket: tuple[int, int], flip: bool = Fa
         raise ValueError(f"bucket must be a positive (width, height), got {bucket}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # accepted by the scan, see there
             with Image.open(path) as img:
                 img.load()
                 img = _exif_transposed(img)
@@ -531,10 +566,8 @@ def load_image(path: str | os.PathLike, bucket: tuple[int, int], flip: bool = Fa
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         raw = bytearray(img.tobytes())
         mode = img.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DatasetError(
-            f"{path} is not a readable image (its size is over Pillow's decompression-bomb limit): {_READ_ADVICE}"
-        ) from None
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{path} is too large to open ({_bomb_reason()}): {_DOWNSCALE_ADVICE}") from None
     except Exception as e:  # Pillow raises many types for corrupt data
         raise DatasetError(f"{path} is not a readable image ({_describe(e)}): {_READ_ADVICE}") from None
 

@@ -9,6 +9,7 @@ import io
 import struct
 import time
 import tracemalloc
+import warnings
 import zlib
 from pathlib import Path
 
@@ -130,6 +131,23 @@ def test_missing_caption_uses_default_caption_then_trigger_word(tmp_path):
     assert (item.caption, item.caption_source) == ("a photo", "default")
     item = scan(tmp_path, trigger_word="sks").items[0]
     assert (item.caption, item.caption_source) == ("sks", "trigger")
+
+
+@pytest.mark.failure_case("caption missing")
+def test_images_without_a_caption_file_are_named_in_one_warning(tmp_path):
+    for stem in "abcdefg":
+        make_image(tmp_path / f"{stem}.png")
+    make_image(tmp_path / "h.png")
+    (tmp_path / "h.txt").write_text("a captioned cube", encoding="utf-8")
+    report = scan(tmp_path, trigger_word="sks")
+    missing = [w for w in report.warnings if "no caption file" in w]
+    assert len(missing) == 1, report.warnings
+    assert "7 images have no caption file" in missing[0] and "the trigger word" in missing[0]
+    assert "a.png, b.png, c.png, d.png, e.png and 2 more" in missing[0] and "h.png" not in missing[0]
+    assert "add a caption file of the same name (a.txt and so on)" in missing[0]
+    warning = [w for w in scan(tmp_path, default_caption="a photo").warnings if "no caption file" in w]
+    assert len(warning) == 1 and "the default caption" in warning[0]
+    assert missing[0] in report.summary()
 
 
 @pytest.mark.failure_case("caption empty")
@@ -259,6 +277,54 @@ def test_broken_files_are_all_listed_in_one_error(tmp_path):
     assert len(exc.value.problems) == 5
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.failure_case("corrupt image")
+def test_png_with_valid_checksums_but_broken_pixel_data_is_an_error(tmp_path):
+    make_image(tmp_path / "good.png")
+    buf = io.BytesIO()
+    Image.effect_mandelbrot((128, 128), (-2, -1.5, 1, 1.5), 100).convert("RGB").save(buf, "PNG")
+    png = buf.getvalue()
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    data = bytearray(png[start + 8 : start + 8 + length])
+    data[length // 2 : length // 2 + 8] = b"\0" * 8
+    with pytest.raises(zlib.error):  # the compressed pixel data is broken...
+        zlib.decompress(bytes(data))
+    broken = png[:start] + _png_chunk(b"IDAT", bytes(data)) + png[start + 12 + length :]
+    with Image.open(io.BytesIO(broken)) as img:
+        img.verify()  # ...while every chunk checksum is still right
+    (tmp_path / "bad.png").write_bytes(broken)
+    msg = scan_error(tmp_path, trigger_word="sks")
+    assert "bad.png is not a readable image" in msg and "re-save it as PNG/JPEG or remove it" in msg
+    assert "good.png" not in msg and "1 problem" in msg
+
+
+def test_broken_links_to_an_image_or_a_caption_are_errors_naming_them(tmp_path):
+    make_image(tmp_path / "good.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    make_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").symlink_to(tmp_path / "moved" / "a.txt")
+    (tmp_path / "notes.md").symlink_to(tmp_path / "moved" / "notes.md")
+    msg = scan_error(tmp_path, trigger_word="sks")
+    assert f"gone.png is a broken link: its target {tmp_path / 'moved' / 'gone.png'} does not exist" in msg
+    assert "caption a.txt is a broken link" in msg and "restore" in msg and "remove the link" in msg
+    assert "2 problems" in msg and "good.png" not in msg and "notes.md" not in msg
+    # a folder of nothing but broken links says so, instead of "0 images"
+    (tmp_path / "a.txt").unlink()
+    for name in ["good.png", "a.png"]:
+        (tmp_path / name).unlink()
+    msg = scan_error(tmp_path, trigger_word="sks")
+    assert "gone.png is a broken link" in msg and "0 images" not in msg
+    # other broken links are ignored, like the files they stand for, but named
+    (tmp_path / "gone.png").unlink()
+    make_image(tmp_path / "good.png")
+    report = scan(tmp_path, trigger_word="sks")
+    assert any("notes.md" in w and "broken link" in w for w in report.warnings), report.warnings
+
+
 @pytest.mark.failure_case("two images with the same stem")
 def test_duplicate_stems_are_an_error_naming_both_files(tmp_path):
     make_image(tmp_path / "a.png")
@@ -294,33 +360,50 @@ def test_moderate_upscale_is_a_warning_not_an_error(tmp_path):
 
 
 def _png_with_declared_size(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 @pytest.mark.failure_case("decompression bomb")
-def test_decompression_bomb_is_refused(tmp_path):
+def test_decompression_bomb_is_refused_with_advice_to_downscale(tmp_path):
     make_image(tmp_path / "good.png")
     (tmp_path / "bomb.png").write_bytes(_png_with_declared_size(100_000, 100_000))
     msg = scan_error(tmp_path, trigger_word="sks")
-    assert "bomb.png is not a readable image" in msg and "decompression bomb" in msg
-    with pytest.raises(DatasetError, match="bomb.png"):
+    assert "bomb.png is too large to open" in msg and "decompression bomb" in msg
+    assert "downscale it (e.g. to 4096 px on the long side)" in msg and "re-save" not in msg
+    with pytest.raises(DatasetError, match=r"bomb\.png is too large to open.*downscale it"):
         load_image(tmp_path / "bomb.png", (64, 64))
 
 
 @pytest.mark.failure_case("decompression bomb")
-def test_image_in_pillows_warning_band_is_refused_too(tmp_path, monkeypatch):
-    # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; the scan treats that as an error.
+def test_a_102_megapixel_camera_photo_is_accepted(tmp_path):
+    # 11648x8736 is between 1x and 2x Pillow's MAX_IMAGE_PIXELS, where Pillow only warns.
+    # A flat colour at low quality keeps the file small and the test fast.
+    Image.new("RGB", (11648, 8736), (120, 110, 100)).save(tmp_path / "camera.jpg", quality=10)
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does Pillow's warning reach the user
+        report = scan(tmp_path, trigger_word="sks", resolution=1024)
+    assert (report.items[0].width, report.items[0].height) == (11648, 8736)
+    assert Image.MAX_IMAGE_PIXELS == limit, "Pillow's global limit is left alone"
+
+
+@pytest.mark.failure_case("decompression bomb")
+def test_images_up_to_twice_pillows_limit_load_and_larger_ones_are_refused(tmp_path, monkeypatch):
+    # The same band as a large camera photo, at a cheap size: Pillow warns from 1x, refuses from 2x.
     make_image(tmp_path / "big.png", size=(40, 40))  # 1600 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = scan(tmp_path, trigger_word="sks", max_upscale=100)
+        assert load_image(report.items[0].path, report.items[0].bucket).shape == (3, RES, RES)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    make_image(tmp_path / "huge.png", size=(50, 50))  # 2500 pixels, over 2x
     msg = scan_error(tmp_path, trigger_word="sks", max_upscale=100)
-    assert "big.png is not a readable image" in msg
-    with pytest.raises(DatasetError, match="big.png"):
-        load_image(tmp_path / "big.png", (64, 64))
+    assert "huge.png is too large to open" in msg and "downscale it" in msg and "big.png" not in msg
+    with pytest.raises(DatasetError, match=r"huge\.png is too large to open"):
+        load_image(tmp_path / "huge.png", (64, 64))
 
 
 def test_report_summary_and_bucket_counts(tmp_path):
