@@ -77,14 +77,21 @@ class ComfyCpuDecoder:
         import copy
 
         import comfy.model_patcher
+        import comfy.sd
 
         cpu = torch.device("cpu")
-        model = copy.deepcopy(vae.first_stage_model).to(cpu, torch.float32).eval()
-        self.vae = copy.copy(vae)  # ComfyUI's decode logic (tiling, output layout) on the copy
-        self.vae.first_stage_model = model
-        self.vae.patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-        self.vae.device = self.vae.output_device = cpu
-        self.vae.vae_dtype = torch.float32
+        if vae.patcher.is_dynamic():
+            # Built from its weights as its loader built it: a copy of a VAE that DynamicVRAM streams would
+            # carry the native buffers DynamicVRAM hangs on its modules, and free them when it goes.
+            self.vae = comfy.sd.VAE(sd=vae.get_sd(), device=cpu, dtype=torch.float32)
+        else:  # any VAE, a test's tiny one included: its modules copied
+            model = copy.deepcopy(vae.first_stage_model).to(cpu, torch.float32).eval()
+            self.vae = copy.copy(vae)  # ComfyUI's decode logic (tiling, output layout) on the copy
+            self.vae.first_stage_model = model
+            self.vae.patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+            self.vae.device = cpu
+            self.vae.vae_dtype = torch.float32
+        self.vae.output_device = cpu
         self.process_latent_out = process_latent_out
 
     @torch.no_grad()

@@ -534,7 +534,11 @@ class ComfyFlux2Backbone:
                     if t is None:
                         continue
                     view = _storage_view(t)
-                    store[name] = nn.Parameter(view, requires_grad=False) if is_param else view
+                    view = nn.Parameter(view, requires_grad=False) if is_param else view
+                    # ComfyUI's marks on the weight: DynamicVRAM casts it to its `_model_dtype`.
+                    for key, value in t.__dict__.items():
+                        view.__dict__.setdefault(key, value)
+                    store[name] = view
                     self._converted.append((module, name, is_param, t))
 
     def _transformer_options(self) -> dict:

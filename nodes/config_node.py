@@ -8,15 +8,41 @@ from comfy_api.latest import io, ui
 from flux2_train.config import DTYPES, OPTIMIZERS, SUBJECT_PRESETS, TrainConfig, field_help
 from flux2_train.errors import ConfigError
 from flux2_train.evaluation import preview_prompts
+from flux2_train.fsutil import resolve_within
 
+from . import paths
 from .messages import widget_words
 from .training import CATEGORY, ConfigHandle, ConfigType, quick_preset_options
 
 PRESET = "preset"  # a combo value that leaves the option to the presets
-# Options that other nodes own: the dataset node, or ComfyUI itself (folders, device).
-SET_ELSEWHERE = {"dataset", "caption_ext", "trigger_word", "default_caption", "repeats", "resolution",
-             "max_aspect_ratio", "flip", "model", "encoders", "output_dir", "cache_dir", "device", "resume",
-             "subject_preset", "quick_preset", "max_sequence_length"}
+CONFIG_NODE, DATASET_NODE, TRAIN_NODE = "FLUX.2 LoRA Config", "FLUX.2 LoRA Dataset", "FLUX.2 Train LoRA"
+
+
+def _widgets(node: str, options: dict[str, str]) -> dict[str, str]:
+    return {option: f"the {widget} widget of {node}" for option, widget in options.items()}
+
+
+# Options set by a widget, another node or ComfyUI itself, and who sets them: typed in the advanced box
+# they would be overwritten (or, for the dataset's, miss the scan), so they are refused there.
+SET_ELSEWHERE = {
+    **_widgets(CONFIG_NODE, {"subject_preset": "subject", "quick_preset": "quick_preset", "rank": "rank",
+                             "alpha": "alpha", "steps": "steps", "learning_rate": "learning_rate",
+                             "optimizer": "optimizer", "batch_size": "batch_size",
+                             "gradient_accumulation": "gradient_accumulation", "dtype": "dtype",
+                             "gradient_checkpointing": "gradient_checkpointing", "save_every": "save_every",
+                             "seed": "seed", "preview_every": "preview_every", "preview_prompts": "preview_prompts"}),
+    **_widgets(DATASET_NODE, {"dataset": "folder", "caption_ext": "caption_extension", "trigger_word": "trigger_word",
+                              "default_caption": "default_caption", "repeats": "repeats", "resolution": "resolution",
+                              "max_aspect_ratio": "buckets", "flip": "flip", "prepend_trigger": "prepend_trigger",
+                              "max_upscale": "max_upscale"}),
+    "model": f"the model input of {TRAIN_NODE}",
+    "encoders": f"the clip and vae inputs of {TRAIN_NODE}",
+    "resume": f"the resume input of {TRAIN_NODE}",
+    "output_dir": "ComfyUI (its output folder)",
+    "cache_dir": "ComfyUI (its output folder)",
+    "device": "ComfyUI",
+    "max_sequence_length": "ComfyUI's FLUX.2 text encoder",
+}
 
 
 def _zero_is_preset(tip: str) -> str:
@@ -116,14 +142,23 @@ def parse_advanced(text: str) -> dict:
         raise ConfigError(f"the advanced options are not valid YAML ({e}); write one 'name: value' per line") from None
     if not isinstance(values, dict):
         raise ConfigError("the advanced options must be 'name: value' lines, e.g. 'lora_dropout: 0.1'")
+    not_names = [k for k in values if not isinstance(k, str)]
+    if not_names:
+        raise ConfigError(f"the advanced options have {', '.join(repr(k) for k in not_names)} where an option name "
+                          "belongs (YAML reads unquoted on, off, yes and no as true and false, and numbers as "
+                          "numbers); write option names as text, e.g. 'lora_dropout: 0.1'")
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown advanced option(s) {', '.join(unknown)}; see `python -m flux2_train train --help`"
                           " for the names (with _ instead of -)")
-    owned = sorted(set(values) & SET_ELSEWHERE)
+    owned = [k for k in values if k in SET_ELSEWHERE]
     if owned:
-        raise ConfigError(f"set {', '.join(owned)} on the dataset node (or leave it to ComfyUI), not in advanced")
+        raise ConfigError("remove from advanced the options set elsewhere: "
+                          + "; ".join(f"{k} is set by {SET_ELSEWHERE[k]}" for k in owned))
+    if values.get("clip_model"):  # a server path: only inside the folders the trainer may read, as a dataset
+        values["clip_model"] = str(resolve_within(str(values["clip_model"]), paths.allowed_clip_model_roots(),
+                                                  "CLIP model folder (clip_model)"))
     return values
 
 

@@ -43,6 +43,12 @@ class Flux2LoraDataset(io.ComfyNode):
                 io.Boolean.Input("flip", default=False,
                                  tooltip="Also train on left-right mirrored images (not for subjects with text or "
                                          "asymmetric features)."),
+                # Optional and last: workflows saved before them load with their values in place.
+                io.Boolean.Input("prepend_trigger", default=True, optional=True,
+                                 tooltip="Put the trigger word in front of every caption that does not contain it."),
+                io.Float.Input("max_upscale", default=2.0, min=1.0, max=16.0, step=0.1, optional=True,
+                               tooltip="Largest upscale allowed to reach a bucket; smaller images are refused "
+                                       "with a resolution that fits."),
             ],
             outputs=[DatasetType.Output(display_name="dataset")],
         )
@@ -59,21 +65,24 @@ class Flux2LoraDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, caption_extension, trigger_word, default_caption, repeats, resolution, buckets,
-                flip) -> io.NodeOutput:
+                flip, prepend_trigger=True, max_upscale=2.0) -> io.NodeOutput:
         with widget_words():
             root = paths.dataset_folder(folder)
             paths.check_dataset_files(root)
             options = dataset_options(str(root), caption_extension, trigger_word, default_caption, repeats,
-                                      resolution, buckets, flip)
+                                      resolution, buckets, flip, prepend_trigger, max_upscale)
             report = scan_dataset(options["dataset"], caption_ext=caption_extension,
                                   trigger_word=options["trigger_word"], default_caption=default_caption,
-                                  resolution=resolution, max_aspect_ratio=options["max_aspect_ratio"])
+                                  prepend_trigger=prepend_trigger, resolution=resolution,
+                                  max_aspect_ratio=options["max_aspect_ratio"], max_upscale=options["max_upscale"])
         return io.NodeOutput(DatasetHandle(report, options), ui=ui.PreviewText(in_widget_words(report.summary())))
 
 
 def dataset_options(folder: str, caption_extension: str, trigger_word: str, default_caption: str, repeats: int,
-                    resolution: int, buckets: bool, flip: bool, **_) -> dict:
-    """The node's widget values as engine options."""
+                    resolution: int, buckets: bool, flip: bool, prepend_trigger: bool = True, max_upscale: float = 2.0,
+                    **_) -> dict:
+    """The node's widget values as engine options (the training run records what the scan used)."""
     return dict(dataset=folder, caption_ext=caption_extension, trigger_word=trigger_word.strip(),
                 default_caption=default_caption, repeats=repeats, resolution=resolution,
-                max_aspect_ratio=3.0 if buckets else 1.0, flip=flip)
+                max_aspect_ratio=3.0 if buckets else 1.0, flip=flip, prepend_trigger=prepend_trigger,
+                max_upscale=float(max_upscale))

@@ -25,11 +25,11 @@ ADVANCED_WHERE = "set in the advanced box of FLUX.2 LoRA Config"
 
 @functools.cache
 def _not_advanced() -> frozenset[str]:
-    """Options set on a widget of the config node, or by another node or ComfyUI itself: named, with no
-    pointer to the advanced box. (Imported here: the config node imports this module.)"""
-    from .config_node import SET_ELSEWHERE, Flux2LoraConfig
+    """Options set on a widget, or by another node or ComfyUI itself: named, with no pointer to the
+    advanced box. (Imported here: the config node imports this module.)"""
+    from .config_node import SET_ELSEWHERE
 
-    return frozenset({i.id for i in Flux2LoraConfig.define_schema().inputs} | SET_ELSEWHERE)
+    return frozenset(SET_ELSEWHERE)
 
 
 def in_widget_words(message: str) -> str:

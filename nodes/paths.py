@@ -44,6 +44,11 @@ def allowed_dataset_roots() -> list[Path]:
     return roots + [Path(p).expanduser() for p, _ in extra]
 
 
+def allowed_clip_model_roots() -> list[Path]:
+    """A CLIP model for scoring previews: where datasets may be, and ComfyUI's models folder."""
+    return [*allowed_dataset_roots(), Path(folder_paths.models_dir)]
+
+
 def check_dataset_files(folder: Path) -> None:
     """Files of the dataset folder linked from outside the allowed folders are refused like the folder would be.
 

@@ -274,6 +274,29 @@ def test_adapters_in_fp8_matmuls_compile_one_graph_per_block_kind(comfy, pack):
 
 
 @pytest.mark.failure_case("non-FLUX.2 MODEL in the graph")
+def test_the_preview_decoder_of_a_streamed_vae_is_built_from_its_weights(comfy, pack):
+    """DynamicVRAM hangs native buffers on the modules of a VAE it streams, which a copy of them would free
+    when it goes: the CPU decoder for previews is built from the weights instead, as the loader built the VAE.
+    This CPU has no DynamicVRAM, so the graph's VAE (ComfyUI's FLUX.2 VAE at its real size, which ComfyUI
+    finds from the weights, with random values) says it is streamed."""
+    from diffusers import AutoencoderKLFlux2
+
+    encoders = importlib.import_module(pack.__name__.rsplit(".", 1)[0] + ".comfy_encoders")
+    with torch.device("meta"):
+        shapes = AutoencoderKLFlux2().state_dict()
+    g = torch.Generator().manual_seed(0)
+    weights = {k: (torch.rand(v.shape, generator=g) + 0.5 if "running_var" in k
+                   else torch.randn(v.shape, generator=g) * 0.02) for k, v in shapes.items()}
+    vae = comfy.sd.VAE(sd=weights)
+    vae.patcher.is_dynamic = lambda: True
+    decoder = encoders.ComfyCpuDecoder(vae, lambda latents: latents)
+    ours = {p.data_ptr() for p in decoder.vae.first_stage_model.parameters()}
+    assert decoder.vae is not vae and not ours & {p.data_ptr() for p in vae.first_stage_model.parameters()}
+    latents = torch.randn(1, vae.latent_channels, 2, 2, generator=g)
+    expected = vae.decode(latents).float().movedim(-1, 1).clamp(0, 1)
+    torch.testing.assert_close(decoder.decode_latents(latents), expected, rtol=0, atol=1e-6)
+
+
 def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
     import comfy.model_base
 
@@ -284,13 +307,19 @@ def test_a_model_that_is_not_flux2_is_refused_by_name(comfy, pack):
 
 
 def test_training_reads_the_loaded_weights_without_copying_them(comfy, pack, tmp_path, tiny_pipeline_dir):
+    """Views of the same memory, which keep what ComfyUI marked on each weight (DynamicVRAM's `_model_dtype`,
+    the dtype its casts produce and its buffers are sized for)."""
     patcher = comfy_model(comfy, load_transformer(tiny_pipeline_dir, dtype=torch.float32))
     model = patcher.model.diffusion_model
     storages = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+    marked = model.double_blocks[0].img_attn.qkv.weight
+    marked._model_dtype = torch.float8_e4m3fn
     seen = {}
 
     def check_storage(step, trainer):
         seen[step] = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+        live = model.double_blocks[0].img_attn.qkv.weight
+        assert live is not marked and live._model_dtype == torch.float8_e4m3fn
 
     backbone = pack.ComfyFlux2Backbone(patcher)
     encoder = load_pipeline_encoders(tiny_pipeline_dir, device="cpu", dtype=torch.float32)

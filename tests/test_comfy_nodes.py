@@ -150,8 +150,9 @@ def test_train_save_and_load_with_the_stock_lora_loader(comfy_server, dataset_na
 
 def test_compile_from_the_advanced_field_compiles_comfyuis_blocks(comfy_server, dataset_name):
     """The loader's MODEL held as it is (no per-op casts): the node trains it with compiled blocks."""
-    entry, events = comfy_server.run(training_prompt(dataset_name, steps=2, file_name="compiled_lora",
-                                                     advanced="compile: true"), timeout=300)
+    prompt = training_prompt(dataset_name, steps=2, file_name="compiled_lora", advanced="compile: true")
+    prompt["4"]["inputs"]["buckets"] = False  # one image size: one graph per block kind to compile
+    entry, events = comfy_server.run(prompt, timeout=300)
     status = [d["message"] for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "training"]
     assert status and "compile is off" not in status[0]
     steps = [d for kind, d in events if kind == "flux2_lora.progress" and d.get("kind") == "step"]
@@ -490,7 +491,10 @@ def _http_json(server, path: str, body: dict | None = None) -> dict:
 @pytest.mark.failure_case("zero steps and other invalid values")
 def test_errors_name_the_widgets_and_advanced_options_a_user_sets_not_cli_flags(comfy_server, dataset_name):
     bad = "adam_beta1: 1.5\nlr_warmup_steps: -2\n"
-    message = node_error(comfy_server, training_prompt(dataset_name, steps=1, seed=151, advanced=bad))
+    # The node's own message: the server's log, which the failure carries too, has ComfyUI's flags in it.
+    _, events = comfy_server.run(training_prompt(dataset_name, steps=1, seed=151, advanced=bad), timeout=120,
+                                 check=False)
+    message = exception_message(events)
     assert "adam_beta1" in message and "lr_warmup_steps" in message and "--" not in message, message
     assert "(adam_beta1, lr_warmup_steps: set in the advanced box of FLUX.2 LoRA Config)" in message, message
     config = dict(training_prompt(dataset_name)["5"]["inputs"], advanced=bad)
@@ -523,3 +527,97 @@ def test_the_estimate_route_answers_from_widget_values_before_the_graph_runs(com
     bigger = _http_json(comfy_server, "/flux2_lora/estimate", dict(body, dataset=dict(dataset, resolution=1024)))
     assert bigger["parts"]["activations + grads"] > answer["parts"]["activations + grads"]
     assert "Load Diffusion Model" in _http_json(comfy_server, "/flux2_lora/estimate", dict(body, unet_name=None))["error"]
+
+
+# --------------------------------------------------------------------------- the nodes' functions, no server
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    """The pack's `nodes` package, imported the way ComfyUI imports a custom-node folder."""
+    import importlib
+    import importlib.util
+    import sys
+
+    name = "flux2_lora_pack_under_test"  # the name test_comfy_backbone imports it under: one copy per process
+    if name not in sys.modules:
+        repo = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(name, repo / "__init__.py", submodule_search_locations=[str(repo)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    for sub in ("config_node", "dataset_node", "paths"):
+        importlib.import_module(f"{name}.nodes.{sub}")
+    return sys.modules[f"{name}.nodes"]
+
+
+@pytest.mark.parametrize("line", ["on: 1", "yes: true", "1: 3"])
+def test_an_advanced_option_name_yaml_reads_as_a_boolean_or_number_is_refused_saying_to_write_it_as_text(nodes, line):
+    from flux2_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="write option names as text") as caught:
+        nodes.config_node.parse_advanced(f"lora_dropout: 0.1\n{line}")
+    assert "YAML reads unquoted on, off, yes and no as true and false" in str(caught.value)
+
+
+@pytest.mark.parametrize("line, where", [
+    ("seed: 1234", "seed is set by the seed widget of FLUX.2 LoRA Config"),
+    ("dtype: float16", "dtype is set by the dtype widget of FLUX.2 LoRA Config"),
+    ("rank: 32", "rank is set by the rank widget of FLUX.2 LoRA Config"),
+    ("prepend_trigger: false", "prepend_trigger is set by the prepend_trigger widget of FLUX.2 LoRA Dataset"),
+    ("max_upscale: 4", "max_upscale is set by the max_upscale widget of FLUX.2 LoRA Dataset"),
+    ("dataset: /data", "dataset is set by the folder widget of FLUX.2 LoRA Dataset"),
+    ("device: cpu", "device is set by ComfyUI"),
+])
+def test_an_option_a_widget_sets_is_refused_in_the_advanced_box_naming_that_widget(nodes, line, where):
+    from flux2_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="remove from advanced the options set elsewhere") as caught:
+        nodes.config_node.config_handle("character", "fast", 0, 0.0, 0, 0.0, "preset", 0, 0, "auto", "preset", 0, 7,
+                                        advanced=f"lora_dropout: 0.1\n{line}")
+    assert where in str(caught.value)
+
+
+def test_every_widget_of_the_config_and_dataset_nodes_is_refused_in_the_advanced_box(nodes):
+    where = set(nodes.config_node.SET_ELSEWHERE.values())
+    for node in (nodes.config_node.Flux2LoraConfig, nodes.dataset_node.Flux2LoraDataset):
+        schema = node.define_schema()
+        widgets = {i.id for i in schema.inputs} - {"advanced"}
+        missing = sorted(w for w in widgets if f"the {w} widget of {schema.display_name}" not in where)
+        assert not missing, f"{schema.display_name}: {missing} can be typed in advanced and then overwritten"
+
+
+def test_the_dataset_node_scans_with_its_prepend_trigger_and_max_upscale(nodes, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from flux2_train.errors import DatasetError
+
+    monkeypatch.setenv(nodes.paths.ENV_ALLOWED, str(tmp_path))
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "small.png")  # a 4x upscale to its 128 bucket
+    (tmp_path / "small.txt").write_text("a red square")
+    widgets = dict(folder=str(tmp_path), caption_extension=".txt", trigger_word="zq", default_caption="", repeats=1,
+                   resolution=128, buckets=True, flip=False)
+    with pytest.raises(DatasetError, match=r"small.png is 32x32.*max 2\u00d7"):
+        nodes.dataset_node.Flux2LoraDataset.execute(**widgets)  # the defaults of the new widgets
+    out = nodes.dataset_node.Flux2LoraDataset.execute(**widgets, prepend_trigger=False, max_upscale=4.0)
+    handle = out.result[0]
+    assert [item.caption for item in handle.report.items] == ["a red square"]
+    # The run's options (its config.yaml) say what the scan used.
+    assert handle.options["prepend_trigger"] is False and handle.options["max_upscale"] == 4.0
+
+
+def test_a_clip_model_folder_outside_the_allowed_folders_is_refused_like_a_dataset_folder(nodes, tmp_path,
+                                                                                           monkeypatch):
+    from flux2_train.errors import PathRefused
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "clip").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (allowed / "linked").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv(nodes.paths.ENV_ALLOWED, str(allowed))
+    parse = nodes.config_node.parse_advanced
+    for path in (outside, allowed / "linked", allowed / ".." / "outside"):
+        with pytest.raises(PathRefused, match=f"the CLIP model folder \\(clip_model\\) .* {OUTSIDE}"):
+            parse(f"clip_model: {path}")
+    assert parse(f"clip_model: {allowed / 'clip'}") == {"clip_model": str((allowed / "clip").resolve())}
+    in_models = Path(nodes.paths.folder_paths.models_dir) / "clip" / "clip-vit-large-patch14"  # where models go
+    assert parse(f"clip_model: {in_models}") == {"clip_model": str(in_models.resolve())}
