@@ -373,3 +373,29 @@ def test_a_model_that_dynamic_vram_streams_trains_compiled_on_a_resident_copy_an
     for rec in (copy, streamed):
         gaps = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], plain["losses"])]
         assert all(math.isfinite(x) for x in rec["losses"]) and max(gaps) < 0.05, (rec["losses"], plain["losses"])
+
+
+@pytest.mark.gpu
+def test_the_preview_decoder_of_a_vae_dynamic_vram_streams_leaves_the_vae_working():
+    """A copy of a streamed VAE's modules carried DynamicVRAM's native buffers and freed them when it went:
+    the process aborted (glibc: "corrupted double-linked list") at the VAE's next use."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from comfyui_harness import SKIP_REASON, locate_comfyui
+
+    comfyui = locate_comfyui()
+    if comfyui is None:
+        pytest.skip(SKIP_REASON)
+    driver = Path(__file__).with_name("streamed_vae_driver.py")
+    done = subprocess.run([sys.executable, str(driver), str(comfyui)], env=os.environ, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if not found["streamed"]:
+        pytest.skip("comfy-aimdo (DynamicVRAM) did not start on this machine")
+    assert found["vae_difference"] == 0.0
+    assert found["preview_difference"] < 1e-2  # the preview in float32 on the CPU, the VAE in bf16 on the GPU
