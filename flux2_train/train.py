@@ -35,11 +35,11 @@ from .errors import ConfigError, DiskFull, OutOfMemory, ProcessLost, TrainingCan
 from .events import EventBus, JsonlMetrics, StatusEvent, StepEvent, tensorboard_logger
 from .flow import flow_loss, noisy_latents, sample_sigmas, velocity_target
 from .fsutil import atomic_write_text, out_of_space
-from .lora import full_tensor, resolve_targets, sharded_like
+from .lora import check_rank, full_tensor, resolve_targets, sharded_like
 from .lora_files import lora_metadata, read_metadata, save_lora
 from .loss_reader import LateLossReader, skips_updates_on_device
 from .memory import MemoryEstimate, device_available_memory, plan_processes
-from .model import Flux2Backbone, ModelSpec
+from .model import Flux2Backbone, ModelSpec, spec_linear_shapes
 from .offload import (ACTIVATIONS_IN_FLIGHT, ActivationOffload, activation_offload_indices, activation_offload_room,
                       check_activation_offload, check_offload, offloaded_indices)
 from .plot import Smoother, save_loss_plot
@@ -344,6 +344,8 @@ class Trainer:
                 check_precision(mixed_precision)
             check_attention(cfg.attention, device, spec.head_dim, weight_dtype)
             check_quantize(cfg.quantize_base, self.backbone)
+            layers = spec_linear_shapes(spec)  # the adapters' targets and rank, from the model's config
+            check_rank(layers, resolve_targets(layers, cfg.targets, cfg.target_modules), cfg.rank)
             blocks = spec.num_double + spec.num_single
             check_offload(cfg.offload_blocks, self.backbone, blocks, cfg.quantize_base)
             report = self.dataset = self.dataset or scan_dataset_for(cfg)

@@ -447,6 +447,7 @@ def test_rank_larger_than_a_target_is_refused(demo_dataset, tiny_pipeline_dir, t
     cfg = make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, rank=200, alpha=200.0)
     with pytest.raises(ConfigError, match=r"--rank 200 is larger than layer .*use --rank 128"):
         train(cfg, tiny_pipeline_dir)
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]  # no run folder, nothing cached
 
 
 def test_optimizers_other_than_adamw_train(demo_dataset, tiny_pipeline_dir, tmp_path):
