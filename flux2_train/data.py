@@ -424,11 +424,9 @@ def _describe(e: BaseException) -> str:
 def _probe_image(path: Path) -> tuple[int, int]:
     """The image's (width, height) after EXIF orientation; raises if the file is broken.
 
-    Every byte is decoded, so a file that would fail during caching fails
-    here: JPEG at 1/8 scale (cheap, and it still reads every byte), other
-    formats in full, since a PNG's chunk checksums can be right while its
-    compressed pixel data is not. Pillow's verify then checks those checksums
-    up to IEND, which decoding skips.
+    Cheap on purpose: no full-size decode. JPEG is decoded at 1/8 scale, which
+    still reads every byte and so catches truncation; PNG is checked by
+    Pillow's verify (chunk CRCs up to IEND).
     """
     if path.stat().st_size == 0:
         raise _Unreadable("empty file, 0 bytes")
@@ -436,8 +434,10 @@ def _probe_image(path: Path) -> tuple[int, int]:
         width, height = img.size
         if img.format in ("JPEG", "MPO"):
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-        img.load()
-        orientation = _orientation(img)
+            img.load()
+        elif img.format != "PNG":  # WebP (and anything mislabelled) has no verify: decode it
+            img.load()
+        orientation = _orientation(img, path)
     with Image.open(path) as img:  # verify() leaves the image unusable, hence a second open
         img.verify()
     if width <= 0 or height <= 0:
@@ -447,9 +447,15 @@ def _probe_image(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1-8) of a loaded image, 1 when absent or unreadable."""
+def _orientation(img: Image.Image, path: Path) -> int:
+    """The EXIF orientation (1-8), 1 when absent or unreadable."""
     try:
+        if img.format == "PNG" and "exif" not in img.info:
+            # Pillow's PNG getexif() decodes the whole image to look for an eXIf
+            # chunk after the pixel data; look for the chunk name first.
+            if b"eXIf" not in path.read_bytes():
+                return 1
+            img.load()
         value = img.getexif().get(_ORIENTATION, 1)
         return value if isinstance(value, int) and 1 <= value <= 8 else 1
     except Exception:  # broken EXIF is not a broken image; exif_transpose then also does nothing

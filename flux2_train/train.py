@@ -325,6 +325,7 @@ class Trainer:
         self.strategy = ""  # "ddp" or "fsdp" with several processes
         self.average: AdapterAverage | None = None  # of the LoRA weights, with --ema-decay
         self.resume_path: Path | None = None  # the checkpoint folder a resume continues from
+        self._resumed_from: int | None = None  # its step, until the resumed run's first checkpoint
         self.activation_offload: ActivationOffload | None = None  # --offload-activations
         self.step = 0  # the last step done, for the events of a failure
 
@@ -376,9 +377,7 @@ class Trainer:
             ckpt.check_not_finished(run_dir, start, cfg)
             if world.is_main:
                 ckpt.remove_leftovers(run_dir)  # of writes cut short by a crash or a kill
-                # Later checkpoints belong to the path this resume leaves: the run's newest is its own.
-                for aside in ckpt.set_aside_from(run_dir, start + 1, "superseded"):
-                    log.info("resuming from step %d: the later checkpoint is set aside as %s", start, aside.name)
+            self._resumed_from = start
             if not cfg.name:
                 cfg.name = run_dir.name
             self._note_world_change(resume_info[0], cfg)
@@ -870,6 +869,13 @@ class Trainer:
         average = self.average.state() if self.average else None
         if not self.world.is_main:
             return ckpt.checkpoint_dir(st["run_dir"], step)
+        if self._resumed_from is not None:
+            # The run's later checkpoints hold the path this resume left; from its first checkpoint on, the
+            # run's newest is its own (a resume that failed before saving one leaves them as they were).
+            for aside in ckpt.set_aside_from(st["run_dir"], self._resumed_from + 1, "superseded"):
+                log.warning("resumed from step %d: the later checkpoint is set aside as %s", self._resumed_from,
+                            aside.name)
+            self._resumed_from = None
         meta = lora_metadata(cfg=cfg, spec=st["spec"], steps=step, image_count=len(st["report"].items),
                              fmt=cfg.lora_format, targets=st["targets"])
         state = {

@@ -22,15 +22,17 @@ def _widgets(node: str, options: dict[str, str]) -> dict[str, str]:
     return {option: f"the {widget} widget of {node}" for option, widget in options.items()}
 
 
-# Options set by a widget, another node or ComfyUI itself, and who sets them: typed in the advanced box
-# they would be overwritten (or, for the dataset's, miss the scan), so they are refused there.
-SET_ELSEWHERE = {
-    **_widgets(CONFIG_NODE, {"subject_preset": "subject", "quick_preset": "quick_preset", "rank": "rank",
+# Options set by a widget, another node or ComfyUI itself, and who sets them. Typed in the advanced box
+# they would be overwritten (or, for the dataset's, miss the scan), so they are refused there; a config
+# widget's only where the widget sets it (0 or preset leaves the option to advanced: `config_handle`).
+_CONFIG_WIDGETS = _widgets(CONFIG_NODE, {"subject_preset": "subject", "quick_preset": "quick_preset", "rank": "rank",
                              "alpha": "alpha", "steps": "steps", "learning_rate": "learning_rate",
                              "optimizer": "optimizer", "batch_size": "batch_size",
                              "gradient_accumulation": "gradient_accumulation", "dtype": "dtype",
                              "gradient_checkpointing": "gradient_checkpointing", "save_every": "save_every",
-                             "seed": "seed", "preview_every": "preview_every", "preview_prompts": "preview_prompts"}),
+                             "seed": "seed", "preview_every": "preview_every", "preview_prompts": "preview_prompts"})
+SET_ELSEWHERE = {
+    **_CONFIG_WIDGETS,
     **_widgets(DATASET_NODE, {"dataset": "folder", "caption_ext": "caption_extension", "trigger_word": "trigger_word",
                               "default_caption": "default_caption", "repeats": "repeats", "resolution": "resolution",
                               "max_aspect_ratio": "buckets", "flip": "flip", "prepend_trigger": "prepend_trigger",
@@ -115,19 +117,25 @@ def config_handle(subject, quick_preset, rank, alpha, steps, learning_rate, opti
                   gradient_accumulation, dtype, gradient_checkpointing, save_every, seed, advanced="",
                   preview_every=0, preview_prompts="") -> ConfigHandle:
     """The node's widget values as engine overrides (also used for the vRAM bar before the graph runs)."""
-    overrides = parse_advanced(advanced or "")
+    typed = parse_advanced(advanced or "")
+    widgets = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                   gradient_accumulation=gradient_accumulation, save_every=save_every, preview_every=preview_every)
+    widgets = {k: v for k, v in widgets.items() if v}  # 0 leaves the option to the presets, or to advanced
     prompts = [line.strip() for line in (preview_prompts or "").splitlines() if line.strip()]
     if prompts:
-        overrides["preview_prompts"] = prompts
-    explicit = dict(rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                    gradient_accumulation=gradient_accumulation, save_every=save_every, preview_every=preview_every)
-    overrides.update({k: v for k, v in explicit.items() if v})
+        widgets["preview_prompts"] = prompts
     if optimizer != PRESET:
-        overrides["optimizer"] = optimizer
+        widgets["optimizer"] = optimizer
     if gradient_checkpointing != PRESET:
-        overrides["gradient_checkpointing"] = gradient_checkpointing == "on"
-    overrides.update(dtype=dtype, seed=seed)
-    if rank and not alpha:
+        widgets["gradient_checkpointing"] = gradient_checkpointing == "on"
+    widgets.update(dtype=dtype, seed=seed)
+    both = [k for k in typed if k in widgets or k in ("subject_preset", "quick_preset")]
+    if both:
+        raise ConfigError("remove from advanced the options set elsewhere: "
+                          + "; ".join(f"{k} is set by {SET_ELSEWHERE[k]}" for k in both)
+                          + " (a widget at 0 or preset leaves its option to advanced)")
+    overrides = typed | widgets
+    if rank and "alpha" not in overrides:
         overrides["alpha"] = float(rank)  # alpha = rank: scale 1, the usual choice
     quick = None if quick_preset == "none" else quick_preset
     return ConfigHandle(subject_preset=subject, quick_preset=quick, overrides=overrides)
@@ -152,7 +160,7 @@ def parse_advanced(text: str) -> dict:
     if unknown:
         raise ConfigError(f"unknown advanced option(s) {', '.join(unknown)}; see `python -m flux2_train train --help`"
                           " for the names (with _ instead of -)")
-    owned = [k for k in values if k in SET_ELSEWHERE]
+    owned = [k for k in values if k in SET_ELSEWHERE and k not in _CONFIG_WIDGETS]  # those: `config_handle`
     if owned:
         raise ConfigError("remove from advanced the options set elsewhere: "
                           + "; ".join(f"{k} is set by {SET_ELSEWHERE[k]}" for k in owned))

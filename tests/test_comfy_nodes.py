@@ -570,10 +570,15 @@ def test_an_advanced_option_name_yaml_reads_as_a_boolean_or_number_is_refused_sa
 def test_an_option_a_widget_sets_is_refused_in_the_advanced_box_naming_that_widget(nodes, line, where):
     from flux2_train.errors import ConfigError
 
+    handle = nodes.config_node.config_handle
     with pytest.raises(ConfigError, match="remove from advanced the options set elsewhere") as caught:
-        nodes.config_node.config_handle("character", "fast", 0, 0.0, 0, 0.0, "preset", 0, 0, "auto", "preset", 0, 7,
-                                        advanced=f"lora_dropout: 0.1\n{line}")
+        handle("character", "fast", 16, 0.0, 0, 0.0, "preset", 0, 0, "auto", "preset", 0, 7,
+               advanced=f"lora_dropout: 0.1\n{line}")
     assert where in str(caught.value)
+    # A widget at 0 (or preset) leaves its option to the advanced box, as it always did.
+    config = handle("character", "fast", 0, 0.0, 0, 0.0, "preset", 0, 0, "auto", "preset", 0, 7,
+                    advanced="rank: 32\nlearning_rate: 5.0e-5\noptimizer: prodigy")
+    assert config.overrides | dict(rank=32, learning_rate=5e-5, optimizer="prodigy") == config.overrides
 
 
 def test_every_widget_of_the_config_and_dataset_nodes_is_refused_in_the_advanced_box(nodes):

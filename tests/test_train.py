@@ -102,8 +102,9 @@ def test_resume_continues_with_the_same_loss_sequence(demo_dataset, tiny_pipelin
 
 
 def test_a_seed_as_large_as_comfyuis_seed_widget_gives_trains(demo_dataset, tiny_pipeline_dir, tmp_path):
-    result = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=1, save_every=0, seed=2**64 - 1),
-                   tiny_pipeline_dir)
+    result = train(make_cfg(demo_dataset, tiny_pipeline_dir, tmp_path, steps=1, save_every=0, seed=2**64 - 1,
+                            validation_split=0.2, preview_every=1, preview_resolution=64, preview_steps=1,
+                            preview_prompts=["r0b0t", "r0b0t on a table"]), tiny_pipeline_dir)
     assert len(result.losses) == 1 and math.isfinite(result.losses[0])
 
 
