@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from . import seeds
 from .flow import flow_loss, noisy_latents, shift_sigmas, velocity_target
 
 # A short prompt per subject preset, around the trigger word: what the LoRA should show.
@@ -67,7 +68,7 @@ def split_validation(n_samples: int, fraction: float, seed: int) -> tuple[list[i
     if fraction <= 0 or n_samples < 2:
         return list(range(n_samples)), []
     held_count = min(n_samples - 1, max(1, round(n_samples * fraction)))
-    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed((seed + 7919) % (2**63 - 1))).tolist()
+    order = torch.randperm(n_samples, generator=seeds.generator(seed + 7919)).tolist()
     held = sorted(order[:held_count])
     held_set = set(held)
     return [i for i in range(n_samples) if i not in held_set], held
@@ -148,7 +149,7 @@ def sample_latents(backbone, text: torch.Tensor, negative: torch.Tensor | None, 
     embedding turns on classifier-free guidance with scale `guidance`.
     """
     side = size // 16
-    x = torch.randn((1, 128, side, side), generator=torch.Generator().manual_seed(seed % (2**63 - 1))).to(device)
+    x = torch.randn((1, 128, side, side), generator=seeds.generator(seed)).to(device)
     sigmas = flux2_sigmas(steps, side * side)
     cfg_scale = guidance if (not guidance_input and negative is not None and guidance > 1) else 1.0
     text = text[None].to(device, weight_dtype)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import seeds
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def initial_lora_weights(name: str, in_features: int, out_features: int, rank: i
     are visited, so the diffusers model and ComfyUI's model (which fuses some
     layers) start from the same adapter for the same seed.
     """
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+    g = seeds.generator(seed * 1_000_003 + zlib.crc32(name.encode()))
     a = torch.randn(rank, in_features, generator=g) / rank
     return a, torch.zeros(out_features, rank)
 

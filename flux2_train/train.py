@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from . import seeds
 from .cache import CachedDataset, FeatureCache, check_unchanged, prepare_cache
 from .config import TrainConfig, check_output_folders, check_run_name, save_yaml
 from .data import DatasetReport, scan_dataset_for
@@ -220,7 +221,7 @@ class MicroBatch:
 
 
 def _micro_generator(seed: int, micro_step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) % (2**63 - 1))
+    return seeds.generator(seed * 1_000_003 + micro_step)
 
 
 class EpochPlan:
@@ -238,7 +239,7 @@ class EpochPlan:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
-        g = torch.Generator().manual_seed((self.seed * 7919 + epoch) % (2**63 - 1))
+        g = seeds.generator(self.seed * 7919 + epoch)
         batches = []
         for bucket in sorted(self.by_bucket):
             idx = self.by_bucket[bucket]
